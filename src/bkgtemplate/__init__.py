@@ -1,0 +1,1 @@
+"""Template background models for IACT data with gammapy 2.x."""
