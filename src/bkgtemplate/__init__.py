@@ -1,1 +1,25 @@
-"""Template background models for IACT data with gammapy 2.x."""
+"""Template background models for IACT data with gammapy 2.x.
+
+The pipeline, one module per stage: `runs` (what each run contributes), `fov` and
+`exclusion` (geometry), `histograms` (counts and exposure), `smoothing`, `estimator`
+(`BackgroundModelEstimator`), `conditions` (models over zenith and optical efficiency),
+`evaluation` (held-out checks), `store` (a new gammapy data store) and `plotting`.
+"""
+
+from .estimator import BackgroundModelEstimator, default_energy_axis, default_fov_axes, default_offset_axis
+from .exclusion import Exclusion
+from .histograms import BackgroundHistograms, HistogramSpec
+from .runs import RunError, RunInfo, collect_runs
+
+__all__ = [
+    "BackgroundHistograms",
+    "BackgroundModelEstimator",
+    "Exclusion",
+    "HistogramSpec",
+    "RunError",
+    "RunInfo",
+    "collect_runs",
+    "default_energy_axis",
+    "default_fov_axes",
+    "default_offset_axis",
+]

@@ -1,0 +1,319 @@
+"""Counts and exposure histograms: filled run by run, summed, turned into a rate.
+
+The filling is written as pure functions of a `RunInfo` and a `HistogramSpec`, so that
+runs can be processed in any order and in parallel and the sums are the same.
+"""
+
+import logging
+from dataclasses import dataclass, field
+import numpy as np
+import astropy.units as u
+from astropy.table import Table
+from gammapy.irf import Background2D, Background3D
+from gammapy.maps import MapAxes, MapAxis
+from .exclusion import Exclusion, bin_points, ring_points
+from .fov import (
+    SIDEREAL_RATE,
+    fov_altaz_to_radec,
+    fov_radec_to_altaz,
+    fov_radec_to_sky,
+    fov_solid_angle,
+    offset_solid_angle,
+    parallactic_angle,
+    sky_to_fov_radec,
+)
+from .runs import read_events
+
+__all__ = ["HistogramSpec", "BackgroundHistograms", "fill_run", "fill_runs"]
+
+log = logging.getLogger(__name__)
+
+RATE_UNIT = u.Unit("s-1 MeV-1 sr-1")
+EXPOSURE_UNIT = u.Unit("s MeV sr")
+# Relative slack when comparing bin edges with SAFE_ENERGY_LO (float32 values in the files).
+THRESHOLD_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    """What to histogram: the axes, the FoV alignment, thresholds and exclusion.
+
+    Parameters
+    ----------
+    energy_axis : `~gammapy.maps.MapAxis`
+        Reconstructed energy axis.
+    spatial_axes : tuple of `~gammapy.maps.MapAxis`
+        ``(offset,)`` for a 2D model or ``(fov_lon, fov_lat)`` for a 3D model.
+    fov_alignment : {"ALTAZ", "RADEC"}
+        Alignment of 3D field-of-view coordinates.
+    safe_threshold : bool
+        Use only energy bins above each run's ``SAFE_ENERGY_LO``.
+    exclusion : `~bkgtemplate.exclusion.Exclusion` or None
+        Regions cut out of counts and exposure.
+    exclusion_spacing : float
+        Spacing of the points that estimate excluded solid-angle fractions, in rad.
+    rotation_step : float
+        Largest field rotation within one time step for ALTAZ exclusion, in rad.
+    """
+
+    energy_axis: MapAxis
+    spatial_axes: tuple
+    fov_alignment: str = "ALTAZ"
+    safe_threshold: bool = True
+    exclusion: Exclusion = None
+    exclusion_spacing: float = np.deg2rad(0.02)
+    rotation_step: float = np.deg2rad(1.0)
+
+    @property
+    def is_3d(self):
+        return len(self.spatial_axes) == 2
+
+    @property
+    def axes(self):
+        return MapAxes([self.energy_axis, *self.spatial_axes])
+
+    @property
+    def solid_angle(self):
+        if self.is_3d:
+            return fov_solid_angle(*self.spatial_axes)
+        return offset_solid_angle(self.spatial_axes[0])
+
+    @property
+    def max_radius(self):
+        """Largest angular distance of a bin corner from the pointing, in rad."""
+        if self.is_3d:
+            lon, lat = (np.abs(axis.edges.to_value("rad")).max() for axis in self.spatial_axes)
+            return float(np.hypot(lon, lat))
+        return float(self.spatial_axes[0].edges.to_value("rad").max())
+
+
+def _used_energy_bins(run, spec):
+    if not spec.safe_threshold:
+        return np.ones(spec.energy_axis.nbin, dtype=bool)
+    e_lo = spec.energy_axis.edges[:-1].to_value("TeV")
+    return e_lo >= run.safe_energy_lo * (1 - THRESHOLD_RTOL)
+
+
+def _parallactic(run, time):
+    hour_angle = run.hour_angle + SIDEREAL_RATE * (np.asarray(time) - run.tstart)
+    return parallactic_angle(hour_angle, run.dec_apparent, run.latitude)
+
+
+def _spatial_index(run, spec, ra, dec, time):
+    """Flat spatial bin index of each event, -1 outside the axes."""
+    lon, lat = sky_to_fov_radec(ra, dec, run.ra_pnt, run.dec_pnt)
+    if not spec.is_3d:
+        offset = np.arccos(np.clip(np.cos(lon) * np.cos(lat), -1, 1))
+        return _digitize(offset, spec.spatial_axes[0])
+    if spec.fov_alignment == "ALTAZ":
+        lon, lat = fov_radec_to_altaz(lon, lat, _parallactic(run, time))
+    i_lon = _digitize(lon, spec.spatial_axes[0])
+    i_lat = _digitize(lat, spec.spatial_axes[1])
+    inside = (i_lon >= 0) & (i_lat >= 0)
+    return np.where(inside, i_lon * spec.spatial_axes[1].nbin + i_lat, -1)
+
+
+def _digitize(values, axis):
+    edges = axis.edges.to_value("rad" if axis.unit.physical_type == "angle" else axis.unit)
+    idx = np.searchsorted(edges, values, side="right") - 1
+    return np.where((idx >= 0) & (idx < axis.nbin), idx, -1)
+
+
+def _kept_fraction(run, spec):
+    """Fraction of each spatial bin's solid angle outside the exclusion, averaged over the run."""
+    n_spatial = int(np.prod([axis.nbin for axis in spec.spatial_axes]))
+    if spec.exclusion is None or not spec.exclusion.touches(run.ra_pnt, run.dec_pnt, spec.max_radius):
+        return np.ones(n_spatial)
+    if spec.is_3d:
+        edges = [axis.edges.to_value("rad") for axis in spec.spatial_axes]
+        lon, lat, index = bin_points(*edges, spec.exclusion_spacing)
+    else:
+        lon, lat, index = ring_points(spec.spatial_axes[0].edges.to_value("rad"), spec.exclusion_spacing)
+        # rings are symmetric: reverse the longitude to follow the gammapy FoV convention
+        lon = -lon
+    angles = [None]
+    if spec.is_3d and spec.fov_alignment == "ALTAZ":
+        angles = _rotation_steps(run, spec.rotation_step)
+    kept = np.zeros(n_spatial)
+    for angle in angles:
+        lon_radec, lat_radec = (lon, lat) if angle is None else fov_altaz_to_radec(lon, lat, angle)
+        ra, dec = fov_radec_to_sky(lon_radec, lat_radec, run.ra_pnt, run.dec_pnt)
+        excluded = spec.exclusion.excluded(ra, dec, run.ra_pnt, run.dec_pnt)
+        kept += np.bincount(index, weights=~excluded, minlength=n_spatial)
+    return kept / np.bincount(index, minlength=n_spatial) / len(angles)
+
+
+def _rotation_steps(run, max_step):
+    """Parallactic angles at the middle of equal time steps in which the field turns by < ``max_step``."""
+    grid = np.linspace(run.tstart, run.tstop, 61)
+    rotation = np.abs(np.diff(np.unwrap(_parallactic(run, grid)))).sum()
+    n_steps = max(1, int(np.ceil(rotation / max_step)))
+    edges = np.linspace(run.tstart, run.tstop, n_steps + 1)
+    return _parallactic(run, (edges[:-1] + edges[1:]) / 2)
+
+
+def fill_run(run, spec):
+    """Counts and exposure of one run.
+
+    Parameters
+    ----------
+    run : `~bkgtemplate.runs.RunInfo`
+        The run.
+    spec : `HistogramSpec`
+        What to histogram.
+
+    Returns
+    -------
+    counts : `~numpy.ndarray`
+        Event counts per bin.
+    exposure : `~numpy.ndarray`
+        ONTIME x dE x dOmega (kept fraction) per bin, in s MeV sr; zero in energy bins
+        below the run's safe threshold.
+    """
+    events = read_events(run)
+    shape = spec.axes.shape
+    n_spatial = int(np.prod(shape[1:]))
+
+    i_energy = _digitize(events["energy"], spec.energy_axis)
+    i_spatial = _spatial_index(run, spec, events["ra"], events["dec"], events["time"])
+    keep = (i_energy >= 0) & (i_spatial >= 0)
+    if spec.exclusion is not None and spec.exclusion.touches(run.ra_pnt, run.dec_pnt, spec.max_radius):
+        keep &= ~spec.exclusion.excluded(events["ra"], events["dec"], run.ra_pnt, run.dec_pnt)
+    flat = i_energy[keep] * n_spatial + i_spatial[keep]
+    counts = np.bincount(flat, minlength=np.prod(shape)).reshape(shape).astype(float)
+
+    used = _used_energy_bins(run, spec)
+    counts[~used] = 0
+    d_energy = spec.energy_axis.bin_width.to_value("MeV") * used
+    solid_angle = spec.solid_angle.to_value("sr").ravel() * _kept_fraction(run, spec)
+    exposure = run.ontime * np.outer(d_energy, solid_angle).reshape(shape)
+    return counts, exposure
+
+
+def fill_runs(runs, spec):
+    """Summed counts and exposure of several runs, one run in memory at a time.
+
+    Parameters
+    ----------
+    runs : list of `~bkgtemplate.runs.RunInfo`
+        Runs.
+    spec : `HistogramSpec`
+        What to histogram.
+
+    Returns
+    -------
+    counts, exposure : `~numpy.ndarray`
+        Sums over the runs (see `fill_run`).
+    """
+    counts = np.zeros(spec.axes.shape)
+    exposure = np.zeros(spec.axes.shape)
+    for run in runs:
+        run_counts, run_exposure = fill_run(run, spec)
+        counts += run_counts
+        exposure += run_exposure
+    return counts, exposure
+
+
+@dataclass
+class BackgroundHistograms:
+    """Counts and exposure of a background estimate, and the rate they give.
+
+    Parameters
+    ----------
+    axes : `~gammapy.maps.MapAxes`
+        Energy and spatial axes (offset, or fov_lon and fov_lat).
+    counts : `~numpy.ndarray`
+        Event counts per bin.
+    exposure : `~astropy.units.Quantity`
+        ONTIME x dE x dOmega per bin, in s MeV sr.
+    fov_alignment : {"ALTAZ", "RADEC"}
+        Alignment of 3D field-of-view coordinates.
+    obs_ids : list of int
+        Runs that contributed.
+    skipped : `~astropy.table.Table`
+        Runs skipped, with the reason.
+    """
+
+    axes: MapAxes
+    counts: np.ndarray
+    exposure: u.Quantity
+    fov_alignment: str = "ALTAZ"
+    obs_ids: list = field(default_factory=list)
+    skipped: Table = field(default_factory=lambda: Table(names=["OBS_ID", "REASON"], dtype=[int, str]))
+
+    @property
+    def is_3d(self):
+        return "fov_lon" in self.axes.names
+
+    @property
+    def rate(self):
+        """Background rate counts / exposure, NaN where there is no exposure, in s-1 MeV-1 sr-1."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate = np.where(self.exposure.value > 0, self.counts / self.exposure.value, np.nan)
+        return (rate / self.exposure.unit).to(RATE_UNIT)
+
+    @property
+    def rate_error(self):
+        """Poisson error sqrt(counts) / exposure, in s-1 MeV-1 sr-1."""
+        return self.rate * np.where(self.counts > 0, 1 / np.sqrt(np.maximum(self.counts, 1)), np.nan)
+
+    @property
+    def relative_error(self):
+        """Relative statistical error 1 / sqrt(counts), NaN where there are no counts."""
+        with np.errstate(divide="ignore"):
+            return np.where(self.counts > 0, 1 / np.sqrt(self.counts), np.nan)
+
+    def to_irf(self, rate=None):
+        """Background IRF with the missing bins filled.
+
+        Bins without counts or exposure are filled by gammapy's ``interp_missing_data``
+        along energy (linear in log rate); bins that cannot be interpolated (beyond the
+        last event in energy, or never observed) are set to zero. Both are logged.
+
+        Parameters
+        ----------
+        rate : `~astropy.units.Quantity`, optional
+            Rate to use instead of counts / exposure (e.g. a smoothed one). Default is None.
+
+        Returns
+        -------
+        bkg : `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
+            The model, with no NaN or inf.
+        """
+        rate = self.rate if rate is None else rate.to(RATE_UNIT)
+        data = np.where(np.isfinite(rate.value), rate.value, 0.0)
+        kwargs = dict(axes=self.axes, data=data, unit=RATE_UNIT)
+        if self.is_3d:
+            bkg = Background3D(fov_alignment=self.fov_alignment, **kwargs)
+        else:
+            bkg = Background2D(**kwargs)
+        missing = bkg.data == 0
+        bkg.interp_missing_data(axis_name="energy")
+        bkg.data = np.nan_to_num(bkg.data, nan=0.0, posinf=0.0, neginf=0.0)
+        n_filled = int(np.sum(missing & (bkg.data > 0)))
+        n_zero = int(np.sum(bkg.data == 0))
+        if n_filled or n_zero:
+            log.info(
+                f"{n_filled} empty bins interpolated along energy, {n_zero} of {bkg.data.size} bins set to zero"
+            )
+        bkg.meta.update(self.meta)
+        return bkg
+
+    @property
+    def meta(self):
+        """Header keywords describing the estimate (FOVALIGN, number of runs, ontime)."""
+        meta = {"NRUNS": len(self.obs_ids), "NEVENTS": int(self.counts.sum())}
+        if self.is_3d:
+            meta["FOVALIGN"] = self.fov_alignment
+        return meta
+
+    def __add__(self, other):
+        if self.axes != other.axes or self.fov_alignment != other.fov_alignment:
+            raise ValueError("Cannot add background histograms with different axes or alignment.")
+        return BackgroundHistograms(
+            axes=self.axes,
+            counts=self.counts + other.counts,
+            exposure=self.exposure + other.exposure,
+            fov_alignment=self.fov_alignment,
+            obs_ids=self.obs_ids + other.obs_ids,
+        )
