@@ -5,7 +5,7 @@ runs can be processed in any order and in parallel and the sums are the same.
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import numpy as np
 import astropy.units as u
 from astropy.table import Table
@@ -170,7 +170,8 @@ def fill_run(run, spec):
         ONTIME x dE x dOmega (kept fraction) per bin, in s MeV sr; zero in energy bins
         below the run's safe threshold.
     """
-    events = read_events(run)
+    events, (ra_pnt, dec_pnt) = read_events(run)
+    run = replace(run, ra_pnt=ra_pnt, dec_pnt=dec_pnt)
     shape = spec.axes.shape
     n_spatial = int(np.prod(shape[1:]))
 

@@ -200,6 +200,8 @@ def read_events(run):
     -------
     events : dict of `~numpy.ndarray`
         ``energy`` in TeV, ``ra`` and ``dec`` in rad, ``time`` in s.
+    pointing : tuple of float
+        RA_PNT and DEC_PNT of the EVENTS header (obs-index values if absent), in rad.
     """
     path = Path(run.path)
     if not path.is_file():
@@ -208,7 +210,7 @@ def read_events(run):
         with fits.open(path, memmap=False) as hdulist:
             if run.hdu not in hdulist:
                 raise RunError(f"Run {run.obs_id}: {path} has no {run.hdu} HDU.")
-            data = hdulist[run.hdu].data
+            header, data = hdulist[run.hdu].header, hdulist[run.hdu].data
             columns = data.columns
             events = {
                 "energy": u.Quantity(data["ENERGY"], columns["ENERGY"].unit or "TeV").to_value("TeV"),
@@ -216,6 +218,11 @@ def read_events(run):
                 "dec": np.deg2rad(data["DEC"].astype(float)),
                 "time": data["TIME"].astype(float),
             }
+            # the header keeps the pointing in double precision, the obs index often in float32
+            pointing = (
+                np.deg2rad(header.get("RA_PNT", np.rad2deg(run.ra_pnt))),
+                np.deg2rad(header.get("DEC_PNT", np.rad2deg(run.dec_pnt))),
+            )
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error, KeyError, TypeError) as error:
         raise RunError(f"Run {run.obs_id}: cannot read events from {path} ({error}).") from error
 
@@ -223,7 +230,7 @@ def read_events(run):
     if not finite.all():
         log.warning(f"Run {run.obs_id}: {np.sum(~finite)} events with NaN energy or direction dropped.")
         events = {name: values[finite] for name, values in events.items()}
-    return events
+    return events, pointing
 
 
 def obs_table_rows(data_store, obs_ids):

@@ -1,0 +1,172 @@
+"""Counts and exposure of single runs, checked against hand calculations."""
+
+import numpy as np
+import astropy.units as u
+from astropy.coordinates import AltAz, EarthLocation, HADec, SkyCoord
+from astropy.table import Table
+from astropy.time import Time
+from numpy.testing import assert_allclose
+import pytest
+from gammapy.maps import MapAxis
+from gammapy.utils.coordinates import FoVAltAzFrame
+from regions import CircleSkyRegion
+from bkgtemplate.exclusion import Exclusion
+from bkgtemplate.fov import fov_solid_angle
+from bkgtemplate.histograms import HistogramSpec, fill_run
+from bkgtemplate.runs import RunError, RunInfo
+
+HESS = EarthLocation(lon=16.5002 * u.deg, lat=-23.2718 * u.deg, height=1835 * u.m)
+POINTING = SkyCoord(228.61, -58.77, unit="deg")
+MJDREF = Time(51910.00074287037, format="mjd", scale="tt")
+TSTART = 101962602.0
+ONTIME = 1682.0
+ENERGY = MapAxis.from_edges([0.5, 1, 2, 4] * u.TeV, name="energy")
+OFFSET = MapAxis.from_edges([0, 0.5, 1.0, 2.0] * u.deg, name="offset")
+
+
+def write_run(path, energy, sky, time=None, safe_energy_lo=0.0):
+    """A one-HDU events file and the RunInfo pointing at it."""
+    time = np.full(len(energy), TSTART + ONTIME / 2) if time is None else time
+    table = Table(
+        {"TIME": time * u.s, "RA": sky.ra.to("deg"), "DEC": sky.dec.to("deg"), "ENERGY": energy * u.TeV},
+        meta={"EXTNAME": "EVENTS"},
+    )
+    table.write(path, format="fits", overwrite=True)
+    hadec = POINTING.transform_to(HADec(location=HESS, obstime=MJDREF + TSTART * u.s))
+    return RunInfo(
+        obs_id=1,
+        path=str(path),
+        hdu="EVENTS",
+        ontime=ONTIME,
+        safe_energy_lo=safe_energy_lo,
+        ra_pnt=POINTING.ra.rad,
+        dec_pnt=POINTING.dec.rad,
+        tstart=TSTART,
+        tstop=TSTART + ONTIME,
+        hour_angle=hadec.ha.rad,
+        dec_apparent=hadec.dec.rad,
+        latitude=HESS.lat.rad,
+    )
+
+
+def ring_area(r1, r2):
+    return 2 * np.pi * (np.cos(np.deg2rad(r1)) - np.cos(np.deg2rad(r2)))
+
+
+def test_counts_and_exposure_hand_values(tmp_path):
+    # events at offsets 0.2, 0.7, 0.7, 1.5 deg and energies in bins 0, 1, 1, 2; one beyond the axes
+    offsets = [0.2, 0.7, 0.7, 1.5, 2.2] * u.deg
+    sky = POINTING.directional_offset_by([0, 90, 200, 300, 10] * u.deg, offsets)
+    run = write_run(tmp_path / "run.fits", np.array([0.7, 1.5, 1.2, 3.0, 1.0]), sky)
+    counts, exposure = fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
+
+    expected = np.zeros((3, 3))
+    expected[0, 0] = expected[2, 2] = 1
+    expected[1, 1] = 2
+    assert_allclose(counts, expected)
+
+    d_energy = np.array([0.5, 1, 2]) * 1e6  # MeV
+    solid_angle = np.array([ring_area(0, 0.5), ring_area(0.5, 1), ring_area(1, 2)])
+    assert_allclose(exposure, ONTIME * d_energy[:, None] * solid_angle[None, :], rtol=1e-12)
+
+
+def test_safe_threshold_masks_counts_and_exposure(tmp_path):
+    sky = POINTING.directional_offset_by([0, 0, 0] * u.deg, [0.3, 0.3, 0.3] * u.deg)
+    # the threshold as float32, as in the files: 1 TeV is the lower edge of bin 1 and must count
+    run = write_run(tmp_path / "run.fits", np.array([0.7, 1.5, 3.0]), sky, safe_energy_lo=float(np.float32(1.0)))
+    counts, exposure = fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
+    assert_allclose(counts[:, 0], [0, 1, 1])
+    assert np.all(exposure[0] == 0) and np.all(exposure[1:] > 0)
+
+    counts, exposure = fill_run(run, HistogramSpec(ENERGY, (OFFSET,), safe_threshold=False))
+    assert_allclose(counts[:, 0], [1, 1, 1])
+    assert np.all(exposure > 0)
+
+
+def test_exclusion_circle_at_pointing_removes_inner_rings(tmp_path):
+    sky = POINTING.directional_offset_by([0, 0] * u.deg, [0.3, 1.5] * u.deg)
+    run = write_run(tmp_path / "run.fits", np.array([0.7, 0.7]), sky)
+    exclusion = Exclusion([CircleSkyRegion(POINTING, 1.0 * u.deg)])
+    counts, exposure = fill_run(run, HistogramSpec(ENERGY, (OFFSET,), exclusion=exclusion))
+    assert_allclose(counts[0], [0, 0, 1])
+    _, full = fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
+    assert_allclose(exposure[:, :2], 0, atol=0)
+    assert_allclose(exposure[:, 2], full[:, 2], rtol=1e-12)
+
+
+def test_exclusion_circle_inside_ring_hand_fraction(tmp_path):
+    # a circle of radius 0.2 deg centred at offset 1.5 deg lies fully inside the 1-2 deg ring
+    center = POINTING.directional_offset_by(40 * u.deg, 1.5 * u.deg)
+    inside = center.directional_offset_by([0, 180] * u.deg, [0.1, 0.05] * u.deg)
+    outside = POINTING.directional_offset_by(220 * u.deg, 1.5 * u.deg)
+    sky = SkyCoord([inside.ra[0], inside.ra[1], outside.ra], [inside.dec[0], inside.dec[1], outside.dec])
+    run = write_run(tmp_path / "run.fits", np.array([0.7, 0.7, 0.7]), sky)
+    exclusion = Exclusion([CircleSkyRegion(center, 0.2 * u.deg)])
+    counts, exposure = fill_run(run, HistogramSpec(ENERGY, (OFFSET,), exclusion=exclusion))
+    _, full = fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
+
+    assert_allclose(counts[0], [0, 0, 1])
+    expected_kept = 1 - ring_area(0, 0.2) / ring_area(1, 2)
+    assert_allclose(exposure[:, 2] / full[:, 2], expected_kept, rtol=1e-3)
+    assert_allclose(exposure[:, :2], full[:, :2], rtol=1e-12)
+
+
+def test_altaz_3d_bins_follow_gammapy_frame(tmp_path):
+    """Events land in the (fov_lon, fov_lat) bins gammapy's FoVAltAzFrame puts them in."""
+    rng = np.random.default_rng(3)
+    n = 400
+    time = TSTART + rng.uniform(0, ONTIME, n)
+    sky = POINTING.directional_offset_by(rng.uniform(0, 360, n) * u.deg, rng.uniform(0, 2.0, n) * u.deg)
+    run = write_run(tmp_path / "run.fits", np.full(n, 0.7), sky, time=time)
+    lon_axis = MapAxis.from_bounds(-2, 2, 8, unit="deg", name="fov_lon")
+    lat_axis = MapAxis.from_bounds(-2, 2, 8, unit="deg", name="fov_lat")
+    counts, _ = fill_run(run, HistogramSpec(ENERGY, (lon_axis, lat_axis), fov_alignment="ALTAZ"))
+
+    obstime = MJDREF + time * u.s
+    origin = POINTING.transform_to(AltAz(location=HESS, obstime=obstime))
+    fov = sky.transform_to(FoVAltAzFrame(origin=origin, location=HESS, obstime=obstime))
+    expected, _, _ = np.histogram2d(
+        fov.fov_lon.wrap_at(180 * u.deg).deg, fov.fov_lat.deg, bins=[lon_axis.edges.value, lat_axis.edges.value]
+    )
+    # events within 0.002 deg of an edge may fall either side
+    assert np.abs(counts[0] - expected).sum() <= 2
+    assert counts[0].sum() == expected.sum()
+
+
+@pytest.mark.parametrize("alignment", ["ALTAZ", "RADEC"])
+def test_3d_excluded_solid_angle_is_the_circle_area(tmp_path, alignment):
+    """However the field rotates, the excluded solid angle summed over bins is the circle's area."""
+    sky = POINTING.directional_offset_by([0] * u.deg, [0.3] * u.deg)
+    run = write_run(tmp_path / "run.fits", np.array([0.7]), sky)
+    lon_axis = MapAxis.from_bounds(-2, 2, 20, unit="deg", name="fov_lon")
+    lat_axis = MapAxis.from_bounds(-2, 2, 20, unit="deg", name="fov_lat")
+    center = POINTING.directional_offset_by(70 * u.deg, 1.0 * u.deg)
+    spec = HistogramSpec(ENERGY, (lon_axis, lat_axis), fov_alignment=alignment)
+    excluded_spec = HistogramSpec(
+        ENERGY, (lon_axis, lat_axis), fov_alignment=alignment, exclusion=Exclusion([CircleSkyRegion(center, 0.4 * u.deg)])
+    )
+    _, full = fill_run(run, spec)
+    _, cut = fill_run(run, excluded_spec)
+    d_energy = ENERGY.bin_width[0].to_value("MeV")
+    excluded_solid_angle = (full[0] - cut[0]).sum() / (ONTIME * d_energy)
+    assert_allclose(excluded_solid_angle, ring_area(0, 0.4), rtol=5e-3)
+    assert_allclose(full[0], ONTIME * d_energy * fov_solid_angle(lon_axis, lat_axis).value, rtol=1e-12)
+
+
+def test_unreadable_run_names_run_and_file(tmp_path):
+    sky = POINTING.directional_offset_by([0] * u.deg, [0.3] * u.deg)
+    run = write_run(tmp_path / "run.fits", np.array([0.7]), sky)
+    (tmp_path / "run.fits").write_bytes(b"not a fits file")
+    with pytest.raises(RunError, match=r"Run 1: cannot read events from .*run.fits"):
+        fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
+    (tmp_path / "run.fits").unlink()
+    with pytest.raises(RunError, match=r"Run 1: events file .*run.fits does not exist"):
+        fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
+
+
+def test_nan_events_are_dropped_with_a_warning(tmp_path, caplog):
+    sky = POINTING.directional_offset_by([0, 0] * u.deg, [0.3, 0.3] * u.deg)
+    run = write_run(tmp_path / "run.fits", np.array([0.7, np.nan]), sky)
+    counts, _ = fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
+    assert counts.sum() == 1
+    assert "Run 1: 1 events with NaN energy or direction dropped" in caplog.text
