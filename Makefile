@@ -1,0 +1,34 @@
+# Two commands for users (see README): `make run` executes the notebooks, `make test` runs the
+# tests and the notebooks. Both create .venv first; it is reinstalled only when pyproject.toml changes.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(wildcard notebooks)
+PYTEST_ARGS ?=
+
+# The project folder's data, unless the user points GAMMAPY_DATA elsewhere. Absolute, because the
+# notebooks run with notebooks/ as their working directory.
+ifeq ($(origin GAMMAPY_DATA),undefined)
+ifneq ($(wildcard ../shared/gammapy-data),)
+export GAMMAPY_DATA := $(abspath ../shared/gammapy-data)
+endif
+endif
+
+.PHONY: venv run test
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e ".[notebooks,test]"
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/python scripts/run_notebooks.py --output-dir output
+
+# Paths given explicitly, so pyproject's `testpaths` does not keep nbval from the notebooks.
+test: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax -p no:cacheprovider --durations=15 $(PYTEST_ARGS)

@@ -1,0 +1,295 @@
+"""The files around the package say the same as pyproject.toml and the README: environment files,
+Binder, the Makefile, CI and the notebook runner."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import types
+from pathlib import Path
+import nbformat
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
+REPO = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+README = (REPO / "README.md").read_text()
+ATTRIBUTION = (
+    "This work made use of data from the H.E.S.S. DL3 public test data release 1 "
+    "(HESS DL3 DR1, H.E.S.S. collaboration, 2018)."
+)
+TEST_COMMAND = "make test"
+RUN_COMMAND = "make run"
+
+
+def pyproject_requirements(*extras):
+    lines = list(PYPROJECT["project"]["dependencies"])
+    for extra in extras:
+        lines += PYPROJECT["project"]["optional-dependencies"][extra]
+    return [Requirement(line) for line in lines]
+
+
+def conda_to_pep440(spec):
+    """A conda version spec ("=2.1", ">=1,<2", "2.1.*") as a PEP 440 specifier set."""
+    spec = spec.replace(" ", "")
+    if not spec:
+        return SpecifierSet()
+    if re.fullmatch(r"=[^=<>!].*", spec):  # conda "=2.1" means 2.1.*
+        spec = "==" + spec[1:].removesuffix(".*") + ".*"
+    elif re.fullmatch(r"[0-9].*", spec):
+        spec = "==" + spec
+    return SpecifierSet(spec)
+
+
+def environment_requirements(path):
+    """{name: (specifier set, extras)} of a conda environment file, its pip section included."""
+    environment = yaml.safe_load(path.read_text())
+    found = {}
+    for entry in environment["dependencies"]:
+        if isinstance(entry, dict):
+            for line in entry.get("pip", []):
+                if line.startswith("-"):
+                    continue
+                requirement = Requirement(line)
+                found[canonicalize_name(requirement.name)] = (
+                    requirement.specifier,
+                    requirement.extras,
+                )
+        else:
+            name, spec = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*(.*)", entry).groups()
+            found[canonicalize_name(name)] = (conda_to_pep440(spec), set())
+    return environment, found
+
+
+@pytest.mark.parametrize(
+    "filename, extras",
+    [
+        ("environment.yml", ("notebooks", "test")),
+        ("binder/environment.yml", ("notebooks",)),
+    ],
+)
+def test_environment_files_follow_pyproject(filename, extras):
+    environment, found = environment_requirements(REPO / filename)
+    assert environment["name"] == "bkgtemplate"
+    problems = []
+    for requirement in pyproject_requirements(*extras):
+        name = canonicalize_name(requirement.name)
+        if name not in found:
+            problems.append(f"{requirement} missing")
+            continue
+        specifier, entry_extras = found[name]
+        if specifier != requirement.specifier or not requirement.extras <= set(entry_extras):
+            problems.append(f"{requirement} given as {name}{sorted(entry_extras)}{specifier}")
+    assert not problems, f"{filename} differs from pyproject.toml: {problems}"
+
+
+def test_environment_python_matches_requires_python():
+    requires = SpecifierSet(PYPROJECT["project"]["requires-python"])
+    for filename in ["environment.yml", "binder/environment.yml"]:
+        _, found = environment_requirements(REPO / filename)
+        specifier, _ = found["python"]
+        versions = [spec.version.removesuffix(".*") for spec in specifier]
+        assert versions and all(version in requires for version in versions), filename
+
+
+def test_conda_to_pep440():
+    assert conda_to_pep440("=2.1") == SpecifierSet("==2.1.*")
+    assert conda_to_pep440(">=0.10,<0.12") == SpecifierSet(">=0.10,<0.12")
+    assert conda_to_pep440("2.1") == SpecifierSet("==2.1")
+    assert conda_to_pep440("") == SpecifierSet()
+
+
+@pytest.mark.parametrize("name", ["postBuild", "start"])
+def test_binder_scripts_executable(name):
+    path = REPO / "binder" / name
+    assert path.read_text().startswith("#!/usr/bin/env bash\n")
+    assert os.access(path, os.X_OK), f"chmod +x binder/{name}"
+    # what a fresh clone gets is the mode git records, not the one on this disk
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        return
+    staged = subprocess.run(
+        ["git", "ls-files", "--stage", f"binder/{name}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    if staged:
+        assert staged.startswith("100755"), f"git update-index --chmod=+x binder/{name}"
+
+
+def test_binder_postbuild():
+    text = (REPO / "binder" / "postBuild").read_text()
+    assert re.search(r"^set -e", text, re.M)
+    assert re.search(r"pip install (.* )?-e \.$", text, re.M)
+    assert "gammapy download datasets --out" in text
+    assert "hess-dl3-dr1" in text
+
+
+def test_binder_start():
+    text = (REPO / "binder" / "start").read_text()
+    assert "export GAMMAPY_DATA=" in text
+    assert text.strip().splitlines()[-1] == 'exec "$@"'
+
+
+def test_readme():
+    assert "https://mybinder.org/badge_logo.svg" in README
+    assert "(https://mybinder.org/v2/gh/" in README
+    assert ATTRIBUTION in " ".join(README.split())
+    assert "No scientific publications may be derived from the data" in README
+    for command in [RUN_COMMAND, TEST_COMMAND]:
+        assert re.search(rf"^{command}$", README, re.M), f"README lacks the line {command!r}"
+
+
+def test_ci_runs_the_readme_test_command():
+    text = (REPO / ".ci" / "run").read_text()
+    assert re.search(r"^set -euo pipefail$", text, re.M)
+    assert re.search(rf"^{TEST_COMMAND}( |$)", text, re.M), f".ci/run does not call {TEST_COMMAND}"
+    assert "BKGTEMPLATE_REQUIRE_HESS=1" in text
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_test_command():
+    dry = subprocess.run(
+        ["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    command = dry.strip().splitlines()[-1]
+    assert "MPLBACKEND=Agg" in command
+    assert re.search(r"-m pytest tests( notebooks)? --nbval-lax", command), command
+
+
+def test_package_does_not_know_the_project_folder():
+    for path in (REPO / "src" / "bkgtemplate").rglob("*.py"):
+        assert "../shared" not in path.read_text(), f"{path.name} mentions ../shared"
+
+
+HESS_TESTS = """
+import pytest
+
+@pytest.fixture
+def hess_dir():  # stands in for the conftest's fixture without importing gammapy
+    pytest.skip("data absent")
+
+def test_with_fixture(hess_dir):
+    pass
+
+@pytest.mark.hess
+def test_marked():
+    pytest.skip("no data")
+
+@pytest.mark.hess
+@pytest.mark.xfail(reason="expected")
+def test_xfail():
+    assert False
+
+def test_plain():
+    pytest.skip("not a real-data test")
+"""
+
+
+@pytest.mark.parametrize("require", ["0", "1"])
+def test_require_hess_turns_skips_into_failures(tmp_path, require):
+    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_hess.py").write_text(HESS_TESTS)
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    hess: real data\n")
+    env = dict(
+        os.environ,
+        BKGTEMPLATE_REQUIRE_HESS=require,
+        GAMMAPY_DATA=str(tmp_path / "none"),
+        PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",  # nbval's import alone takes seconds
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = result.stdout
+    assert "ran=0 skipped=2" in out, out
+    if require == "1":
+        assert result.returncode == 1, out
+        assert "ERROR test_hess.py::test_with_fixture" in out
+        assert "FAILED test_hess.py::test_marked" in out
+        assert "BKGTEMPLATE_REQUIRE_HESS is set but this real-data (hess) test was skipped" in out
+    else:
+        assert result.returncode == 0, out
+        assert "SKIPPED" in out and "FAILED" not in out
+    assert "XFAIL test_hess.py::test_xfail" in out
+    assert "SKIPPED [1] test_hess.py" in out  # test_plain is never turned into a failure
+
+
+def write_notebook(path, parameters):
+    kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook = nbformat.v4.new_notebook(metadata={"kernelspec": kernelspec})
+    cell = nbformat.v4.new_code_cell(parameters)
+    cell.metadata["tags"] = ["parameters"]
+    record = (
+        "import json, pathlib\n"
+        "pathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)\n"
+        "names = [n for n in ('data_dir', 'output_dir', 'source_targets') if n in globals()]\n"
+        f"(pathlib.Path(output_dir) / '{path.stem}.json').write_text(\n"
+        "    json.dumps({n: globals()[n] for n in names}))\n"
+    )
+    notebook.cells = [cell, nbformat.v4.new_code_cell(record)]
+    nbformat.write(notebook, path)
+
+
+@pytest.mark.slow
+def test_run_notebooks_script(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import run_notebooks
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    assert run_notebooks.main(["--notebooks-dir", str(notebooks)]) == 0  # none yet: a warning
+
+    write_notebook(notebooks / "01_first.ipynb", "data_dir = None\noutput_dir = 'output'\n")
+    write_notebook(
+        notebooks / "02_second.ipynb",
+        "data_dir = None\noutput_dir = 'output'\nsource_targets = ['Crab']\n",
+    )
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ["obs-index.fits.gz", "hdu-index.fits.gz"]:
+        (store / name).touch()
+
+    output = tmp_path / "output"
+    args = ["--notebooks-dir", str(notebooks), "--output-dir", str(output)]
+    assert run_notebooks.main(args + ["--data-dir", str(store)]) == 0
+    assert sorted(p.name for p in (output / "executed").iterdir()) == [
+        "01_first.ipynb",
+        "02_second.ipynb",
+    ]
+    first = json.loads((output / "01_first.json").read_text())
+    assert first == {"data_dir": str(store), "output_dir": str(output)}
+    second = json.loads((output / "02_second.json").read_text())
+    assert second["source_targets"] == ["Crab"]  # real data: the notebook's own default
+
+    # without data: the simulated archive, with its source target where a notebook declares one
+    def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=False):
+        assert seed == 0 and overwrite
+        path.mkdir(parents=True)
+        for name in ["obs-index.fits.gz", "hdu-index.fits.gz"]:
+            (path / name).touch()
+        return path
+
+    simulate = types.ModuleType("bkgtemplate.simulate")
+    simulate.simulate_archive = simulate_archive
+    monkeypatch.setitem(sys.modules, "bkgtemplate.simulate", simulate)
+    monkeypatch.delenv("GAMMAPY_DATA", raising=False)
+    assert run_notebooks.main(args) == 0
+    first = json.loads((output / "01_first.json").read_text())
+    assert first["data_dir"] == str(output / "simulated-archive")
+    assert "source_targets" not in first
+    second = json.loads((output / "02_second.json").read_text())
+    assert second["source_targets"] == ["Simulated source"]
+
+    assert run_notebooks.main(args + ["--data-dir", str(tmp_path / "nowhere")]) == 1
