@@ -6,10 +6,13 @@ The pipeline, one module per stage: `runs` (what each run contributes), `fov` an
 `evaluation` (held-out checks), `store` (a new gammapy data store) and `plotting`.
 """
 
+from importlib.metadata import version
 from .estimator import BackgroundModelEstimator, default_energy_axis, default_fov_axes, default_offset_axis
 from .exclusion import Exclusion
 from .histograms import BackgroundHistograms, HistogramSpec
 from .runs import RunError, RunInfo, collect_runs
+
+__version__ = version("bkgtemplate")
 
 __all__ = [
     "BackgroundHistograms",

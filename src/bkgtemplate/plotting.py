@@ -697,7 +697,8 @@ def plot_zenith_dependence(
     ax = plt.gca() if ax is None else ax
     x_values, y_values = _column(obs_table, x), _column(obs_table, y)
     kwargs.setdefault("s", 15)
-    kwargs.setdefault("color", "C0")
+    if "c" not in kwargs:
+        kwargs.setdefault("color", "C0")
     ax.scatter(x_values.value, y_values.value, label=label, **kwargs)
     if highlight is not None:
         highlight = np.asarray(highlight, dtype=bool)
