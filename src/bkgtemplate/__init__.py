@@ -7,7 +7,14 @@ The pipeline, one module per stage: `runs` (what each run contributes), `fov` an
 """
 
 from importlib.metadata import version
-from .estimator import BackgroundModelEstimator, default_energy_axis, default_fov_axes, default_offset_axis
+from .estimator import (
+    BackgroundModelEstimator,
+    default_energy_axis,
+    default_fov_axes,
+    default_offset_axis,
+    make_energy_axis,
+    make_offset_axis,
+)
 from .exclusion import Exclusion
 from .histograms import BackgroundHistograms, HistogramSpec
 from .runs import RunError, RunInfo, collect_runs
@@ -25,4 +32,6 @@ __all__ = [
     "default_energy_axis",
     "default_fov_axes",
     "default_offset_axis",
+    "make_energy_axis",
+    "make_offset_axis",
 ]

@@ -11,12 +11,20 @@ from .histograms import EXPOSURE_UNIT, BackgroundHistograms, HistogramSpec, fill
 from .runs import RunError, collect_runs
 from .smoothing import smooth_rate
 
-__all__ = ["BackgroundModelEstimator", "default_energy_axis", "default_offset_axis", "default_fov_axes"]
+__all__ = [
+    "BackgroundModelEstimator",
+    "default_energy_axis",
+    "default_fov_axes",
+    "default_offset_axis",
+    "make_energy_axis",
+    "make_offset_axis",
+]
 
 log = logging.getLogger(__name__)
 
 FOV_ALIGNMENTS = ["ALTAZ", "RADEC"]
 ON_ERROR = ["raise", "skip"]
+MAX_FOV_RADIUS = 10 * u.deg
 
 
 def default_energy_axis():
@@ -32,6 +40,52 @@ def default_offset_axis():
 def default_fov_axes():
     """Field-of-view axes: -2.5 to 2.5 deg in 20 bins each."""
     return [MapAxis.from_bounds(-2.5, 2.5, nbin=20, unit="deg", name=name) for name in ("fov_lon", "fov_lat")]
+
+
+def make_energy_axis(energy_min, energy_max, nbin):
+    """Log-spaced reconstructed energy axis, with errors that name the bad parameter.
+
+    Parameters
+    ----------
+    energy_min, energy_max : `~astropy.units.Quantity` or float
+        Axis bounds; floats are in TeV.
+    nbin : int
+        Number of bins.
+
+    Returns
+    -------
+    axis : `~gammapy.maps.MapAxis`
+        Energy axis named "energy".
+    """
+    energy_min, energy_max = u.Quantity(energy_min, "TeV"), u.Quantity(energy_max, "TeV")
+    if not 0 < energy_min < energy_max:
+        raise ValueError(f"Need 0 < energy_min < energy_max, got energy_min={energy_min}, energy_max={energy_max}.")
+    if int(nbin) < 1:
+        raise ValueError(f"The number of energy bins must be at least 1, got {nbin}.")
+    return MapAxis.from_energy_bounds(energy_min, energy_max, nbin=int(nbin), name="energy")
+
+
+def make_offset_axis(offset_max, nbin):
+    """Offset axis from 0 to ``offset_max`` in equal bins, with errors that name the bad parameter.
+
+    Parameters
+    ----------
+    offset_max : `~astropy.units.Quantity` or float
+        Largest offset; floats are in deg.
+    nbin : int
+        Number of bins.
+
+    Returns
+    -------
+    axis : `~gammapy.maps.MapAxis`
+        Offset axis named "offset".
+    """
+    offset_max = u.Quantity(offset_max, "deg")
+    if not 0 * u.deg < offset_max <= MAX_FOV_RADIUS:
+        raise ValueError(f"offset_max must be in (0, {MAX_FOV_RADIUS}] (an IACT field of view), got {offset_max}.")
+    if int(nbin) < 1:
+        raise ValueError(f"The number of offset bins must be at least 1, got {nbin}.")
+    return MapAxis.from_bounds(0, offset_max.value, nbin=int(nbin), unit="deg", name="offset")
 
 
 def _check_axis(axis, name, unit):
@@ -149,9 +203,9 @@ class BackgroundModelEstimator(ParallelMixin):
                 raise ValueError(f"The offset axis starts at {offset_axis.edges.min()}; offsets are >= 0.")
             spatial = (offset_axis,)
         for axis in spatial:
-            if np.abs(axis.edges).max() > 10 * u.deg:
+            if np.abs(axis.edges).max() > MAX_FOV_RADIUS:
                 raise ValueError(
-                    f"The {axis.name} axis reaches {np.abs(axis.edges).max()}, beyond any IACT field of view (10 deg)."
+                    f"The {axis.name} axis reaches {np.abs(axis.edges).max()}, beyond any IACT field of view ({MAX_FOV_RADIUS})."
                 )
         if str(fov_alignment).upper() not in FOV_ALIGNMENTS:
             raise ValueError(f"Unknown fov_alignment {fov_alignment!r}; choose one of {FOV_ALIGNMENTS}.")
@@ -174,7 +228,8 @@ class BackgroundModelEstimator(ParallelMixin):
 
     def __str__(self):
         axes = ", ".join(f"{axis.name} ({axis.nbin} bins)" for axis in self.spec.axes)
-        return f"{self.tag}: {axes}, alignment {self.spec.fov_alignment}, n_jobs {self.n_jobs}"
+        alignment = f", {self.spec.fov_alignment} aligned" if self.spec.is_3d else ""
+        return f"{self.tag}: {axes}{alignment}, n_jobs {self.n_jobs}"
 
     def fill_histograms(self, data_store, obs_ids=None):
         """Counts and exposure summed over runs, one run in memory at a time.
@@ -200,7 +255,7 @@ class BackgroundModelEstimator(ParallelMixin):
             [(chunk, self.spec, self.on_error) for chunk in _chunks(runs, n_chunks)],
             backend=self.parallel_backend,
             pool_kwargs=dict(processes=self.n_jobs),
-            task_name="Background runs",
+            task_name=f"Groups of runs ({len(runs)} runs)",
         )
         counts = np.sum([result[0] for result in results], axis=0)
         exposure = np.sum([result[1] for result in results], axis=0)
