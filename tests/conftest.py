@@ -80,4 +80,17 @@ def hess_store(hess_dir):
     return open_data_store(hess_dir)
 
 
-# Fixtures on the simulated archive (``simulated_archive``) go below.
+@pytest.fixture(scope="session")
+def simulated_archive(tmp_path_factory):
+    """The default simulated archive (24 off runs, 6 source runs, seed 0), simulated once."""
+    from bkgtemplate.simulate import simulate_archive
+
+    return simulate_archive(tmp_path_factory.mktemp("sim") / "archive", seed=0)
+
+
+@pytest.fixture(scope="session")
+def simulated_store(simulated_archive):
+    """`~gammapy.data.DataStore` of the simulated archive."""
+    from gammapy.data import DataStore
+
+    return DataStore.from_dir(simulated_archive)
