@@ -553,6 +553,7 @@ def _plan_runs(rng, n_off_runs, n_source_runs, truth):
     table["DEADC"] = deadc
     table["TSTART"] = tstart * u.s
     table["TSTOP"] = (tstart + ontime) * u.s
+    table["DATE-OBS"] = [isot[:10] for isot in (_reference_time() + tstart * u.s).utc.isot]
     table["N_TELS"] = np.full(n_runs, 4, dtype=np.int64)
     table["TELLIST"] = np.full(n_runs, "1,2,3,4")
     table["QUALITY"] = np.zeros(n_runs, dtype=np.int64)
