@@ -170,3 +170,18 @@ def test_nan_events_are_dropped_with_a_warning(tmp_path, caplog):
     counts, _ = fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
     assert counts.sum() == 1
     assert "Run 1: 1 events with NaN energy or direction dropped" in caplog.text
+
+
+def test_reverse_lon_radec_mirrors_radec(tmp_path):
+    """gammapy's alignment of the released H.E.S.S. models is RADEC with fov_lon mirrored."""
+    rng = np.random.default_rng(5)
+    sky = POINTING.directional_offset_by(rng.uniform(0, 360, 300) * u.deg, rng.uniform(0, 2.0, 300) * u.deg)
+    run = write_run(tmp_path / "run.fits", np.full(300, 0.7), sky)
+    lon_axis = MapAxis.from_bounds(-2, 2, 8, unit="deg", name="fov_lon")
+    lat_axis = MapAxis.from_bounds(-2, 2, 8, unit="deg", name="fov_lat")
+    exclusion = Exclusion([CircleSkyRegion(POINTING.directional_offset_by(60 * u.deg, 1 * u.deg), 0.5 * u.deg)])
+    radec = fill_run(run, HistogramSpec(ENERGY, (lon_axis, lat_axis), fov_alignment="RADEC", exclusion=exclusion))
+    reverse = fill_run(run, HistogramSpec(ENERGY, (lon_axis, lat_axis), fov_alignment="REVERSE_LON_RADEC", exclusion=exclusion))
+    for a, b in zip(radec, reverse):
+        assert_allclose(a, b[:, ::-1, :], rtol=1e-12)
+    assert radec[0].sum() > 0 and not np.allclose(radec[1], reverse[1])

@@ -7,6 +7,7 @@ The pipeline, one module per stage: `runs` (what each run contributes), `fov` an
 """
 
 from importlib.metadata import version
+from .conditions import BackgroundModelCollection, EmptyBinError, ObservingConditionsEstimator, RunHistograms
 from .estimator import (
     BackgroundModelEstimator,
     default_energy_axis,
@@ -18,15 +19,20 @@ from .estimator import (
 from .exclusion import Exclusion
 from .histograms import BackgroundHistograms, HistogramSpec
 from .runs import RunError, RunInfo, collect_runs
+from .store import write_background_store
 
 __version__ = version("bkgtemplate")
 
 __all__ = [
     "BackgroundHistograms",
+    "BackgroundModelCollection",
     "BackgroundModelEstimator",
+    "EmptyBinError",
     "Exclusion",
     "HistogramSpec",
+    "ObservingConditionsEstimator",
     "RunError",
+    "RunHistograms",
     "RunInfo",
     "collect_runs",
     "default_energy_axis",
@@ -34,4 +40,5 @@ __all__ = [
     "default_offset_axis",
     "make_energy_axis",
     "make_offset_axis",
+    "write_background_store",
 ]

@@ -262,7 +262,7 @@ class BackgroundModelEstimator(ParallelMixin):
         done = sorted(obs_id for result in results for obs_id in result[2])
         skipped = Table(rows=[row for result in results for row in result[3]] or None, names=["OBS_ID", "REASON"], dtype=[int, str])
         if len(skipped):
-            log.warning(f"{len(skipped)} of {len(runs)} runs skipped: {list(skipped['OBS_ID'])}")
+            log.warning(f"{len(skipped)} of {len(runs)} runs skipped: {[int(obs_id) for obs_id in skipped['OBS_ID']]}")
         if not done:
             raise RunError("No run could be used; see the warnings above for each run.")
         log.info(f"Background estimate from {len(done)} runs, {int(counts.sum())} events")

@@ -46,12 +46,40 @@ def sky_to_fov_radec(ra, dec, ra_pnt, dec_pnt):
     fov_lon, fov_lat : `~numpy.ndarray`
         Field-of-view coordinates, in rad.
     """
-    d_ra = ra - ra_pnt
-    cos_dec = np.cos(dec)
-    x = np.cos(dec_pnt) * cos_dec * np.cos(d_ra) + np.sin(dec_pnt) * np.sin(dec)
-    y = cos_dec * np.sin(d_ra)
-    z = np.cos(dec_pnt) * np.sin(dec) - np.sin(dec_pnt) * cos_dec * np.cos(d_ra)
+    x, y, z = _fov_radec_vector(ra, dec, ra_pnt, dec_pnt)
     return -np.arctan2(y, x), np.arctan2(z, np.hypot(x, y))
+
+
+def _fov_radec_vector(ra, dec, ra_pnt, dec_pnt):
+    """Unit vector of sky positions in the RADEC-aligned FoV frame (x to the pointing, y not reversed)."""
+    d_ra = ra - ra_pnt
+    # each per-event sine and cosine once: in float64 they cost more than the rest together
+    cos_dec, sin_dec, cos_d_ra = np.cos(dec), np.sin(dec), np.cos(d_ra)
+    x = np.cos(dec_pnt) * cos_dec * cos_d_ra + np.sin(dec_pnt) * sin_dec
+    y = cos_dec * np.sin(d_ra)
+    z = np.cos(dec_pnt) * sin_dec - np.sin(dec_pnt) * cos_dec * cos_d_ra
+    return x, y, z
+
+
+def _sky_to_fov_altaz(ra, dec, ra_pnt, dec_pnt, parallactic):
+    """`fov_radec_to_altaz` of `sky_to_fov_radec` in one step, rotating the unit vector.
+
+    Same result to rounding, without converting to RADEC-aligned angles and back.
+    """
+    x, y, z = _fov_radec_vector(ra, dec, ra_pnt, dec_pnt)
+    cos_q, sin_q = np.cos(parallactic), np.sin(parallactic)
+    y_rot = sin_q * z - cos_q * y
+    z_rot = sin_q * y + cos_q * z
+    return -np.arctan2(y_rot, x), np.arctan2(z_rot, np.hypot(x, y_rot))
+
+
+def _offset_haversine(ra, dec, ra_pnt, dec_pnt):
+    """``sin(offset / 2) ** 2`` of sky positions from the pointing, increasing with the offset.
+
+    The haversine formula: three per-event sines and cosines, and exact at small offsets.
+    """
+    sin_d_dec, sin_d_ra = np.sin((dec - dec_pnt) / 2), np.sin((ra - ra_pnt) / 2)
+    return sin_d_dec * sin_d_dec + np.cos(dec_pnt) * np.cos(dec) * (sin_d_ra * sin_d_ra)
 
 
 def fov_radec_to_sky(fov_lon, fov_lat, ra_pnt, dec_pnt):

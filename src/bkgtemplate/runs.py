@@ -111,6 +111,16 @@ def _reference_time(table):
     return Time(mjdref, format="mjd", scale=scale)
 
 
+def _events_rows(hdu_table):
+    """HDU-index rows of type "events", per OBS_ID, found in one pass over the table."""
+    rows = {}
+    hdu_types = np.char.strip(np.asarray(hdu_table["HDU_TYPE"]).astype(str))
+    obs_id_column = np.asarray(hdu_table["OBS_ID"])
+    for row in np.flatnonzero(hdu_types == "events"):
+        rows.setdefault(int(obs_id_column[row]), []).append(int(row))
+    return rows
+
+
 def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     """Collect the `RunInfo` of the selected runs from the obs and HDU index tables.
 
@@ -163,10 +173,18 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     location = _location(obs_table)
     times = _reference_time(obs_table) + tstart * u.s
     hadec = SkyCoord(ra * u.rad, dec * u.rad).transform_to(HADec(location=location, obstime=times))
+    # converted once: indexing a SkyCoord or an EarthLocation per run costs more than reading a run
+    hour_angle, dec_apparent, latitude = hadec.ha.rad, hadec.dec.rad, float(location.lat.rad)
+    events_rows = _events_rows(data_store.hdu_table)
 
     runs = []
     for idx, obs_id in enumerate(obs_ids):
-        hdu = data_store.hdu_table.hdu_location(obs_id, hdu_type="events")
+        rows = events_rows.get(obs_id, [])
+        if len(rows) == 1:
+            hdu = data_store.hdu_table.location_info(rows[0])
+        else:
+            # none or several: gammapy's lookup, with its warning
+            hdu = data_store.hdu_table.hdu_location(obs_id, hdu_type="events")
         if hdu is None:
             raise RunError(f"Run {obs_id} has no events row in the HDU index; drop it from the selection.")
         runs.append(
@@ -180,9 +198,9 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
                 dec_pnt=float(dec[idx]),
                 tstart=float(tstart[idx]),
                 tstop=float(tstop[idx]),
-                hour_angle=float(hadec.ha[idx].rad),
-                dec_apparent=float(hadec.dec[idx].rad),
-                latitude=float(location.lat.rad),
+                hour_angle=float(hour_angle[idx]),
+                dec_apparent=float(dec_apparent[idx]),
+                latitude=latitude,
             )
         )
     return runs
@@ -208,14 +226,18 @@ def read_events(run):
         raise RunError(f"Run {run.obs_id}: events file {path} does not exist.")
     try:
         with fits.open(path, memmap=False) as hdulist:
-            if run.hdu not in hdulist:
-                raise RunError(f"Run {run.obs_id}: {path} has no {run.hdu} HDU.")
-            header, data = hdulist[run.hdu].header, hdulist[run.hdu].data
-            columns = data.columns
+            try:
+                hdu = hdulist[run.hdu]
+            except KeyError:
+                _check_complete(path, run)
+                raise RunError(f"Run {run.obs_id}: {path} has no {run.hdu} HDU.") from None
+            header, data = hdu.header, hdu.data
+            energy, energy_unit = data["ENERGY"], u.Unit(data.columns["ENERGY"].unit or "TeV")
+            # each column converted in one pass, and not at all when it is already in TeV
             events = {
-                "energy": u.Quantity(data["ENERGY"], columns["ENERGY"].unit or "TeV").to_value("TeV"),
-                "ra": np.deg2rad(data["RA"].astype(float)),
-                "dec": np.deg2rad(data["DEC"].astype(float)),
+                "energy": energy if energy_unit == u.TeV else u.Quantity(energy, energy_unit).to_value("TeV"),
+                "ra": np.deg2rad(data["RA"], dtype=float),
+                "dec": np.deg2rad(data["DEC"], dtype=float),
                 "time": data["TIME"].astype(float),
             }
             # the header keeps the pointing in double precision, the obs index often in float32
@@ -233,7 +255,26 @@ def read_events(run):
     return events, pointing
 
 
+def _check_complete(path, run):
+    """Raise a `RunError` if a gzipped file ends early (astropy then just lists fewer HDUs)."""
+    if path.suffix != ".gz":
+        return
+    try:
+        with gzip.open(path) as stream:
+            while stream.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        raise RunError(f"Run {run.obs_id}: cannot read events from {path} (truncated: {error}).") from None
+
+
 def obs_table_rows(data_store, obs_ids):
     """Obs-index rows of ``obs_ids`` in that order, as a `~astropy.table.Table`."""
-    rows = data_store.obs_table.select_obs_id(obs_ids)
-    return Table(rows[[list(rows["OBS_ID"]).index(obs_id) for obs_id in obs_ids]])
+    # one pass over the index: ObservationTable.select_obs_id searches it once per run
+    table = data_store.obs_table
+    position = {}
+    for idx, obs_id in enumerate(np.asarray(table["OBS_ID"]).tolist()):
+        position.setdefault(int(obs_id), idx)
+    missing = [obs_id for obs_id in obs_ids if obs_id not in position]
+    if missing:
+        raise ValueError(f"Run {missing[0]} is not in the obs index.")
+    return Table(table[[position[obs_id] for obs_id in obs_ids]])
