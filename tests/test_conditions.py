@@ -379,3 +379,18 @@ def test_hess_default_collection_store_round_trip(hess_store, tutorial_off, tmp_
     expected = collection.model_for(zenith=row["ZEN_PNT"], muoneff=row["MUONEFF"], AZ_PNT=row["AZ_PNT"])
     bkg = store.obs(23523, required_irf="all-optional").bkg
     assert_allclose(bkg.quantity.to_value(RATE), expected.quantity.to_value(RATE), rtol=1e-6)
+
+
+def test_interpolation_uses_only_models_measured_at_each_energy():
+    """Below a high-zenith bin's lowest measured energy, the low-zenith model alone is used."""
+    axes = MapAxes([MapAxis.from_energy_bounds("1 TeV", "100 TeV", nbin=4, name="energy"), axes_2d()["offset"]])
+    low, high = constant_model(1, axes), constant_model(3, axes)
+    energy_edges = low.axes["energy"].edges.to_value("TeV")
+    low.meta["EMEASMIN"], high.meta["EMEASMIN"] = energy_edges[0], energy_edges[2]
+    collection = BackgroundModelCollection([low, high], {"ZEN_PNT": [0, 20, 40]}, centres={"ZEN_PNT": [10, 30]})
+    # halfway in cos(zenith): plain weights 0.5 / 0.5 where both are measured
+    zenith = np.rad2deg(np.arccos((np.cos(np.deg2rad(10)) + np.cos(np.deg2rad(30))) / 2))
+    data = collection.model_for(zenith=zenith).data
+    assert data.shape[0] == 4
+    assert_allclose(data[:2], 1)
+    assert_allclose(data[2:], 2)

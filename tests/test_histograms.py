@@ -7,7 +7,7 @@ from astropy.table import Table
 from astropy.time import Time
 from numpy.testing import assert_allclose
 import pytest
-from gammapy.maps import MapAxis
+from gammapy.maps import MapAxes, MapAxis
 from gammapy.utils.coordinates import FoVAltAzFrame
 from regions import CircleSkyRegion
 from bkgtemplate.exclusion import Exclusion
@@ -185,3 +185,22 @@ def test_reverse_lon_radec_mirrors_radec(tmp_path):
     for a, b in zip(radec, reverse):
         assert_allclose(a, b[:, ::-1, :], rtol=1e-12)
     assert radec[0].sum() > 0 and not np.allclose(radec[1], reverse[1])
+
+
+def test_model_extrapolates_unmeasured_energies_as_power_laws():
+    """Zeros next to measured bins would make gammapy's log interpolation collapse."""
+    from bkgtemplate.histograms import BackgroundHistograms
+
+    energy = MapAxis.from_energy_bounds("0.1 TeV", "100 TeV", nbin=6, name="energy")
+    offset = MapAxis.from_edges([0, 1, 2] * u.deg, name="offset")
+    e = energy.center.to_value("TeV")[:, None]
+    exposure = np.ones((6, 2))
+    exposure[:2] = 0  # below every run's threshold
+    counts = np.where(exposure > 0, 1e4 * e**-2.7, 0)
+    counts[5] = 0  # no event in the last bin
+    histograms = BackgroundHistograms(MapAxes([energy, offset]), counts, exposure * u.Unit("s MeV sr"))
+    bkg = histograms.to_irf()
+    rate = bkg.quantity.to_value("s-1 MeV-1 sr-1")
+    assert_allclose(rate[:5], 1e4 * e[:5] ** -2.7 * np.ones((1, 2)), rtol=1e-10)
+    assert_allclose(rate[5], 1e4 * e[5] ** -2.7 * np.ones(2), rtol=1e-10)
+    assert_allclose(bkg.meta["EMEASMIN"], energy.edges[2].to_value("TeV"))

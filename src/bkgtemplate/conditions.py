@@ -31,7 +31,7 @@ from gammapy.irf import Background2D, Background3D
 from gammapy.maps import MapAxes
 from gammapy.utils.parallel import run_multiprocessing
 from gammapy.utils.scripts import make_path
-from .estimator import BackgroundModelEstimator
+from .estimator import BackgroundModelEstimator, _each_chunk, map_run_chunks
 from .histograms import EXPOSURE_UNIT, RATE_UNIT, BackgroundHistograms, fill_run
 from .runs import RunError, collect_runs, obs_table_rows
 
@@ -63,6 +63,11 @@ DEFAULT_CORRECTIONS = {MUONEFF: "power-law", AZIMUTH: "cos"}
 CORRECTION_KINDS = ("power-law", "cos", "linear")
 # FITS keywords of a collection (8 characters at most, so no HIERARCH cards)
 _COLLECTION_KEY = "BKGCOLL"
+
+
+def _expand(values, ndim):
+    """An energy-axis array shaped to broadcast against (energy, spatial...) data."""
+    return np.reshape(values, (-1,) + (1,) * (ndim - 1))
 
 
 class EmptyBinError(ValueError):
@@ -319,22 +324,6 @@ class ConditionCorrection:
         return f"{self.column} linear: rate x exp({self.coefficient:.3f} x ({self.column} - {self.reference:.4g}))"
 
 
-def _fill_chunk_separately(runs, spec, on_error):
-    """Counts and exposure of each run of a chunk, kept apart."""
-    results, skipped = [], []
-    for run in runs:
-        try:
-            counts, exposure = fill_run(run, spec)
-        except RunError as error:
-            if on_error == "raise":
-                raise
-            log.warning(f"{error} Run skipped.")
-            skipped.append((run.obs_id, str(error)))
-            continue
-        results.append((run.obs_id, counts, exposure))
-    return results, skipped
-
-
 @dataclass
 class RunHistograms:
     """Counts and exposure of each run separately, with the runs' obs-index rows.
@@ -410,15 +399,7 @@ class RunHistograms:
         spec = BackgroundModelEstimator().spec if spec is None else spec
         runs = collect_runs(data_store, obs_ids, safe_threshold=spec.safe_threshold)
         n_jobs = 1 if n_jobs is None else max(1, int(n_jobs))
-        n_chunks = min(len(runs), 8 * n_jobs)
-        chunks = [runs[i::n_chunks] for i in range(n_chunks)]
-        results = run_multiprocessing(
-            _fill_chunk_separately,
-            [(chunk, spec, on_error) for chunk in chunks if chunk],
-            backend=parallel_backend,
-            pool_kwargs=dict(processes=n_jobs),
-            task_name="Background runs",
-        )
+        results = map_run_chunks(_each_chunk, runs, spec, on_error, n_jobs, parallel_backend)
         by_id = {obs_id: (c, x) for chunk, _ in results for obs_id, c, x in chunk}
         skipped = [row for _, rows in results for row in rows]
         done = [run.obs_id for run in runs if run.obs_id in by_id]
@@ -723,10 +704,16 @@ class BackgroundModelCollection:
         return self._combine(bins[0], weights[0], factor, values)
 
     def _combine(self, bins, weights, factor, values):
-        data = np.zeros(self.models[0].data.shape)
-        for index, weight in zip(bins, weights):
-            if weight > 0:
-                data += weight * self.models[index].quantity.to_value(RATE_UNIT)
+        # Per energy bin, only the models measured there (at or above their EMEASMIN) share
+        # the weight: a high-zenith bin has no exposure near low-zenith thresholds, and its
+        # extrapolated rate there should not dilute a measured one.
+        energy = self.models[0].axes["energy"].edges[:-1].to_value("TeV")
+        used = [(self.models[int(i)], w) for i, w in zip(bins, weights) if w > 0]
+        measured = np.array([w * (energy >= m.meta.get("EMEASMIN", 0.0) * (1 - 1e-6)) for m, w in used])
+        plain = np.array([np.full(len(energy), w) for _, w in used])
+        norm = measured.sum(axis=0)
+        effective = np.where(norm > 0, measured / np.where(norm > 0, norm, 1), plain)
+        data = sum(_expand(w, m.data.ndim) * m.quantity.to_value(RATE_UNIT) for (m, _), w in zip(used, effective))
         template = self.models[int(bins[np.argmax(weights)])]
         meta = {key: value for key, value in template.meta.items() if not key.startswith(("BIN", "NRUNS", "NEVENTS"))}
         meta.update({f"COND{i + 1}": column for i, column in enumerate(values)})
@@ -734,6 +721,7 @@ class BackgroundModelCollection:
         meta.update({f"WBIN{i + 1}": int(index) for i, index in enumerate(bins)})
         meta.update({f"WEIGHT{i + 1}": float(weight) for i, weight in enumerate(weights)})
         meta["CORRFAC"] = factor
+        meta["EMEASMIN"] = min(m.meta.get("EMEASMIN", 0.0) for m, _ in used)
         bkg = type(template)(
             axes=template.axes, data=data * factor, unit=RATE_UNIT, meta=meta, fov_alignment=template.fov_alignment
         )

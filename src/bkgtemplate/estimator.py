@@ -13,6 +13,7 @@ from .smoothing import smooth_rate
 
 __all__ = [
     "BackgroundModelEstimator",
+    "map_run_chunks",
     "default_energy_axis",
     "default_fov_axes",
     "default_offset_axis",
@@ -100,29 +101,74 @@ def _check_axis(axis, name, unit):
     return axis
 
 
-def _chunks(runs, n_chunks):
-    """Split runs into ``n_chunks`` interleaved groups of similar size."""
-    return [runs[i::n_chunks] for i in range(n_chunks) if runs[i::n_chunks]]
+def _fill_or_skip(run, spec, on_error):
+    """Counts and exposure of a run, or, when skipping, the reason it could not be read."""
+    try:
+        return fill_run(run, spec)
+    except RunError as error:
+        if on_error == "raise":
+            raise
+        log.warning(f"{error} Run skipped.")
+        return str(error)
 
 
-def _fill_chunk(runs, spec, on_error):
-    """Summed counts and exposure of a group of runs; runs that fail are reported, not raised, when skipping."""
-    counts = np.zeros(spec.axes.shape)
-    exposure = np.zeros(spec.axes.shape)
+def _sum_chunk(runs, spec, on_error):
+    """Summed counts and exposure of a group of runs, the runs used and the runs skipped."""
+    counts, exposure = np.zeros(spec.axes.shape), np.zeros(spec.axes.shape)
     done, skipped = [], []
     for run in runs:
-        try:
-            run_counts, run_exposure = fill_run(run, spec)
-        except RunError as error:
-            if on_error == "raise":
-                raise
-            log.warning(f"{error} Run skipped.")
-            skipped.append((run.obs_id, str(error)))
+        result = _fill_or_skip(run, spec, on_error)
+        if isinstance(result, str):
+            skipped.append((run.obs_id, result))
             continue
-        counts += run_counts
-        exposure += run_exposure
+        counts += result[0]
+        exposure += result[1]
         done.append(run.obs_id)
     return counts, exposure, done, skipped
+
+
+def _each_chunk(runs, spec, on_error):
+    """Counts and exposure of each run of a group kept apart, and the runs skipped."""
+    results = [(run.obs_id, _fill_or_skip(run, spec, on_error)) for run in runs]
+    skipped = [(obs_id, result) for obs_id, result in results if isinstance(result, str)]
+    return [(obs_id, *result) for obs_id, result in results if not isinstance(result, str)], skipped
+
+
+def map_run_chunks(worker, runs, spec, on_error="raise", n_jobs=1, parallel_backend=None):
+    """Apply ``worker(chunk, spec, on_error)`` to groups of runs, in parallel with gammapy.
+
+    A few interleaved groups per process: balanced load, a progress bar that moves, and a
+    number of results (hence memory) that does not grow with the number of runs.
+
+    Parameters
+    ----------
+    worker : callable
+        Module-level function of (runs, spec, on_error), e.g. `_sum_chunk`.
+    runs : list of `~bkgtemplate.runs.RunInfo`
+        Runs.
+    spec : `~bkgtemplate.histograms.HistogramSpec`
+        What to histogram.
+    on_error : {"raise", "skip"}, optional
+        What to do with a run whose events cannot be read. Default is "raise".
+    n_jobs : int, optional
+        Number of processes. Default is 1.
+    parallel_backend : {"multiprocessing", "ray"}, optional
+        Parallel backend. Default is None (gammapy's default).
+
+    Returns
+    -------
+    results : list
+        The worker's result for each group.
+    """
+    n_chunks = min(len(runs), 8 * max(1, n_jobs))
+    chunks = [runs[i::n_chunks] for i in range(n_chunks)]
+    return run_multiprocessing(
+        worker,
+        [(chunk, spec, on_error) for chunk in chunks if chunk],
+        backend=parallel_backend,
+        pool_kwargs=dict(processes=n_jobs),
+        task_name=f"Groups of runs ({len(runs)} runs)",
+    )
 
 
 class BackgroundModelEstimator(ParallelMixin):
@@ -247,16 +293,7 @@ class BackgroundModelEstimator(ParallelMixin):
             Counts, exposure and rate.
         """
         runs = collect_runs(data_store, obs_ids, safe_threshold=self.spec.safe_threshold)
-        # a few chunks per process: balanced load, a progress bar that moves, and a
-        # memory use that does not grow with the number of runs
-        n_chunks = min(len(runs), 8 * max(1, self.n_jobs))
-        results = run_multiprocessing(
-            _fill_chunk,
-            [(chunk, self.spec, self.on_error) for chunk in _chunks(runs, n_chunks)],
-            backend=self.parallel_backend,
-            pool_kwargs=dict(processes=self.n_jobs),
-            task_name=f"Groups of runs ({len(runs)} runs)",
-        )
+        results = map_run_chunks(_sum_chunk, runs, self.spec, self.on_error, self.n_jobs, self.parallel_backend)
         counts = np.sum([result[0] for result in results], axis=0)
         exposure = np.sum([result[1] for result in results], axis=0)
         done = sorted(obs_id for result in results for obs_id in result[2])

@@ -26,7 +26,7 @@ from .fov import (
 )
 from .runs import read_events
 
-__all__ = ["HistogramSpec", "BackgroundHistograms", "fill_run", "fill_runs"]
+__all__ = ["HistogramSpec", "BackgroundHistograms", "fill_run"]
 
 log = logging.getLogger(__name__)
 
@@ -225,28 +225,22 @@ def fill_run(run, spec):
     return counts, exposure
 
 
-def fill_runs(runs, spec):
-    """Summed counts and exposure of several runs, one run in memory at a time.
-
-    Parameters
-    ----------
-    runs : list of `~bkgtemplate.runs.RunInfo`
-        Runs.
-    spec : `HistogramSpec`
-        What to histogram.
-
-    Returns
-    -------
-    counts, exposure : `~numpy.ndarray`
-        Sums over the runs (see `fill_run`).
-    """
-    counts = np.zeros(spec.axes.shape)
-    exposure = np.zeros(spec.axes.shape)
-    for run in runs:
-        run_counts, run_exposure = fill_run(run, spec)
-        counts += run_counts
-        exposure += run_exposure
-    return counts, exposure
+def _extrapolate_ends(rate, energy):
+    """Fill the zeros before the first and after the last positive rate with power laws."""
+    measured = np.flatnonzero(rate > 0)
+    if len(measured) == 0:
+        return rate
+    rate = rate.copy()
+    log_e, log_rate = np.log(energy), np.log(rate, where=rate > 0, out=np.zeros_like(rate))
+    for end, inner, outside in [
+        (measured[0], measured[:2], slice(0, measured[0])),
+        (measured[-1], measured[-2:], slice(measured[-1] + 1, None)),
+    ]:
+        slope = 0.0
+        if len(inner) == 2:
+            slope = min(np.diff(log_rate[inner])[0] / np.diff(log_e[inner])[0], 0.0)
+        rate[outside] = np.exp(log_rate[end] + slope * (log_e[outside] - log_e[end]))
+    return rate
 
 
 @dataclass
@@ -301,9 +295,14 @@ class BackgroundHistograms:
     def to_irf(self, rate=None):
         """Background IRF with the missing bins filled.
 
-        Bins without counts or exposure are filled by gammapy's ``interp_missing_data``
-        along energy (linear in log rate); bins that cannot be interpolated (beyond the
-        last event in energy, or never observed) are set to zero. Both are logged.
+        Bins without counts or exposure between measured energies are filled by gammapy's
+        ``interp_missing_data`` along energy (linear in log rate). Below the first and above
+        the last measured energy of each spatial bin the rate is extrapolated as a power law
+        from the two nearest measured bins (never rising away from them): gammapy interpolates
+        the model in log rate between bin centres, so a zero next to a measured bin would
+        make it predict almost no background in the outer half of that bin. Spatial bins
+        never observed are set to zero. ``EMEASMIN`` in the meta is the lowest energy (TeV)
+        with exposure: below it the model is an extrapolation.
 
         Parameters
         ----------
@@ -324,20 +323,22 @@ class BackgroundHistograms:
             bkg = Background2D(**kwargs)
         missing = bkg.data == 0
         bkg.interp_missing_data(axis_name="energy")
-        bkg.data = np.nan_to_num(bkg.data, nan=0.0, posinf=0.0, neginf=0.0)
+        filled = np.nan_to_num(bkg.data, nan=0.0, posinf=0.0, neginf=0.0)
+        bkg.data = np.apply_along_axis(_extrapolate_ends, 0, filled, self.axes["energy"].center.to_value("TeV"))
         n_filled = int(np.sum(missing & (bkg.data > 0)))
         n_zero = int(np.sum(bkg.data == 0))
         if n_filled or n_zero:
-            log.info(
-                f"{n_filled} empty bins interpolated along energy, {n_zero} of {bkg.data.size} bins set to zero"
-            )
+            log.info(f"{n_filled} empty bins filled along energy, {n_zero} of {bkg.data.size} bins set to zero")
         bkg.meta.update(self.meta)
         return bkg
 
     @property
     def meta(self):
-        """Header keywords describing the estimate (FOVALIGN, number of runs, ontime)."""
+        """Header keywords: number of runs and events, lowest energy with exposure, FOVALIGN."""
         meta = {"NRUNS": len(self.obs_ids), "NEVENTS": int(self.counts.sum())}
+        measured = self.exposure.value.reshape(len(self.exposure), -1).sum(axis=1) > 0
+        if measured.any():
+            meta["EMEASMIN"] = float(self.axes["energy"].edges[:-1][measured][0].to_value("TeV"))
         if self.is_3d:
             meta["FOVALIGN"] = self.fov_alignment
         return meta
