@@ -156,8 +156,11 @@ def test_ci_runs_the_readme_test_command():
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_make_test_command():
+    # when the tests themselves run under `make test`, the parent make's variables would make
+    # this one print "Entering/Leaving directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     dry = subprocess.run(
-        ["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, check=True
+        ["make", "-n", "--no-print-directory", "test"], cwd=REPO, capture_output=True, text=True, check=True, env=env
     ).stdout
     command = dry.strip().splitlines()[-1]
     assert "MPLBACKEND=Agg" in command
