@@ -196,11 +196,15 @@ def test_model_extrapolates_unmeasured_energies_as_power_laws():
     e = energy.center.to_value("TeV")[:, None]
     exposure = np.ones((6, 2))
     exposure[:2] = 0  # below every run's threshold
-    counts = np.where(exposure > 0, 1e4 * e**-2.7, 0)
+    counts = np.where(exposure > 0, 1e4 * e**-2.7 * [1, 2], 0)
     counts[5] = 0  # no event in the last bin
     histograms = BackgroundHistograms(MapAxes([energy, offset]), counts, exposure * u.Unit("s MeV sr"))
-    bkg = histograms.to_irf()
-    rate = bkg.quantity.to_value("s-1 MeV-1 sr-1")
-    assert_allclose(rate[:5], 1e4 * e[:5] ** -2.7 * np.ones((1, 2)), rtol=1e-10)
-    assert_allclose(rate[5], 1e4 * e[5] ** -2.7 * np.ones(2), rtol=1e-10)
-    assert_allclose(bkg.meta["EMEASMIN"], energy.edges[2].to_value("TeV"))
+    rate = histograms.to_irf().quantity.to_value("s-1 MeV-1 sr-1")
+    # the slopes of the summed spectrum (index 2.7) continue each offset's own rate
+    assert_allclose(rate, 1e4 * e**-2.7 * [1, 2], rtol=1e-10)
+    assert_allclose(histograms.to_irf().meta["EMEASMIN"], energy.edges[2].to_value("TeV"))
+
+    # a single event does not set the slope: the last bin with >= 10 events and its neighbour do
+    counts[4] = [1, 0]
+    rate = BackgroundHistograms(MapAxes([energy, offset]), counts, exposure * u.Unit("s MeV sr")).to_irf().data
+    assert rate[5, 0] < rate[4, 0] and rate[5, 1] < rate[3, 1]

@@ -225,21 +225,20 @@ def fill_run(run, spec):
     return counts, exposure
 
 
-def _extrapolate_ends(rate, energy):
-    """Fill the zeros before the first and after the last positive rate with power laws."""
+def _extrapolate_ends(rate, log_energy, slopes):
+    """Fill the zeros before the first and after the last positive rate with power laws.
+
+    ``slopes`` are the logarithmic slopes used below and above the measured range.
+    """
     measured = np.flatnonzero(rate > 0)
     if len(measured) == 0:
         return rate
     rate = rate.copy()
-    log_e, log_rate = np.log(energy), np.log(rate, where=rate > 0, out=np.zeros_like(rate))
-    for end, inner, outside in [
-        (measured[0], measured[:2], slice(0, measured[0])),
-        (measured[-1], measured[-2:], slice(measured[-1] + 1, None)),
+    for end, outside, slope in [
+        (measured[0], slice(0, measured[0]), slopes[0]),
+        (measured[-1], slice(measured[-1] + 1, None), slopes[1]),
     ]:
-        slope = 0.0
-        if len(inner) == 2:
-            slope = min(np.diff(log_rate[inner])[0] / np.diff(log_e[inner])[0], 0.0)
-        rate[outside] = np.exp(log_rate[end] + slope * (log_e[outside] - log_e[end]))
+        rate[outside] = rate[end] * np.exp(slope * (log_energy[outside] - log_energy[end]))
     return rate
 
 
@@ -298,9 +297,10 @@ class BackgroundHistograms:
         Bins without counts or exposure between measured energies are filled by gammapy's
         ``interp_missing_data`` along energy (linear in log rate). Below the first and above
         the last measured energy of each spatial bin the rate is extrapolated as a power law
-        from the two nearest measured bins (never rising away from them): gammapy interpolates
-        the model in log rate between bin centres, so a zero next to a measured bin would
-        make it predict almost no background in the outer half of that bin. Spatial bins
+        with the slope of the field-of-view averaged spectrum at that end (`_end_slopes`):
+        gammapy interpolates the model in log rate between bin centres, so a zero next to a
+        measured bin would make it predict almost no background in the outer half of that
+        bin. Spatial bins
         never observed are set to zero. ``EMEASMIN`` in the meta is the lowest energy (TeV)
         with exposure: below it the model is an extrapolation.
 
@@ -324,13 +324,30 @@ class BackgroundHistograms:
         missing = bkg.data == 0
         bkg.interp_missing_data(axis_name="energy")
         filled = np.nan_to_num(bkg.data, nan=0.0, posinf=0.0, neginf=0.0)
-        bkg.data = np.apply_along_axis(_extrapolate_ends, 0, filled, self.axes["energy"].center.to_value("TeV"))
+        log_energy = np.log(self.axes["energy"].center.to_value("TeV"))
+        bkg.data = np.apply_along_axis(_extrapolate_ends, 0, filled, log_energy, self._end_slopes(log_energy))
         n_filled = int(np.sum(missing & (bkg.data > 0)))
         n_zero = int(np.sum(bkg.data == 0))
         if n_filled or n_zero:
             log.info(f"{n_filled} empty bins filled along energy, {n_zero} of {bkg.data.size} bins set to zero")
         bkg.meta.update(self.meta)
         return bkg
+
+    def _end_slopes(self, log_energy, min_counts=10):
+        """Spectral slopes at the low and high end of the field-of-view averaged rate.
+
+        Each from the two outermost energy bins with at least ``min_counts`` events (single
+        events would make the slope arbitrary), and never rising away from the measured range.
+        """
+        counts = self.counts.reshape(len(self.counts), -1).sum(axis=1)
+        exposure = self.exposure.value.reshape(len(self.counts), -1).sum(axis=1)
+        good = np.flatnonzero((counts >= min_counts) & (exposure > 0))
+        if len(good) < 2:
+            return 0.0, 0.0
+        log_rate = np.log(counts[good] / exposure[good])
+        low = (log_rate[1] - log_rate[0]) / (log_energy[good[1]] - log_energy[good[0]])
+        high = (log_rate[-1] - log_rate[-2]) / (log_energy[good[-1]] - log_energy[good[-2]])
+        return min(low, 0.0), min(high, 0.0)
 
     @property
     def meta(self):
