@@ -470,3 +470,31 @@ def test_hess_store_moves_with_its_data(hess_dir, tmp_path, monkeypatch):
         assert_allclose(obs.bkg.data, models[name].data, rtol=1e-12)
         assert len(obs.events.table) > 0
         assert obs.aeff.data.max() > 0
+
+
+def test_simulated_store_assigns_zenith_bins_at_their_edges(simulated_store, tmp_path, caplog):
+    """Built on the simulated archive: a run exactly on an edge gets the upper bin, runs below
+    the first edge the nearest bin with a warning, and gammapy reads back each run's model."""
+    from bkgtemplate import ObservingConditionsEstimator
+
+    table = simulated_store.obs_table
+    zenith = np.asarray(table["ZEN_PNT"], dtype=float)
+    off = np.asarray(table["TARGET_NAME"] == "Off data")
+    edge = float(np.sort(zenith[off])[off.sum() // 2])
+    edges = [float(zenith.min()) + 0.5, edge, 90.0]
+    maker = ObservingConditionsEstimator(bins={"ZEN_PNT": edges}, interpolate=(), corrections={})
+    with caplog.at_level("WARNING"):
+        collection = maker.run(simulated_store, table["OBS_ID"][off])
+        models, assignment = collection.to_store_inputs(table, interpolate=False)
+    assert "outside" in caplog.text
+
+    path = write_background_store(simulated_store, models, assignment, tmp_path / "store")
+    store = DataStore.from_dir(path)
+    hdu_names = {int(row["OBS_ID"]): row["HDU_NAME"].strip() for row in store.hdu_table if row["HDU_TYPE"] == "bkg"}
+    for obs_id, value in zip(table["OBS_ID"], zenith):
+        expected = 0 if value < edge else 1
+        assert hdu_names[int(obs_id)] == collection.bin_names[expected], (obs_id, value, edge)
+    on_edge = int(table["OBS_ID"][np.flatnonzero(zenith == edge)[0]])
+    assert hdu_names[on_edge] == collection.bin_names[1]
+    bkg = store.obs(on_edge, required_irf="all-optional").bkg
+    np.testing.assert_allclose(bkg.data, collection.models[1].data, rtol=1e-6)
