@@ -139,7 +139,7 @@ def main(argv=None):
     output_dir = Path(args.output_dir).absolute()
     print(f"\n{len(executed)} notebooks executed in {time.perf_counter() - start:.0f} s.")
     print(f"Executed notebooks: {output_dir / 'executed'}")
-    print(f"Results (models, figures, tables): {output_dir}")
+    print(f"Results (models, tables, the new data store): {output_dir}")
     return 0
 
 
