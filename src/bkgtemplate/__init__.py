@@ -2,8 +2,10 @@
 
 The pipeline, one module per stage: `runs` (what each run contributes), `fov` and
 `exclusion` (geometry), `histograms` (counts and exposure), `smoothing`, `estimator`
-(`BackgroundModelEstimator`), `conditions` (models over zenith and optical efficiency),
-`evaluation` (held-out checks), `store` (a new gammapy data store) and `plotting`.
+(`BackgroundModelEstimator`), `conditions` (models over zenith and optical efficiency; the
+work in `condition_bins`, `corrections`, `run_histograms`, `collection` and
+`conditions_estimator`), `evaluation` (held-out checks), `store` (a new gammapy data store) and
+`plotting`.
 """
 
 from importlib.metadata import version

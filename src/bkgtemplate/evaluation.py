@@ -38,9 +38,11 @@ from astropy.table import Table, vstack
 from gammapy.irf import Background3D
 from gammapy.utils.pbar import progress_bar
 from regions import CircleSkyRegion
-from .conditions import BackgroundModelCollection, RunHistograms, column_values
+from .collection import BackgroundModelCollection
+from .condition_bins import column_values
 from .exclusion import Exclusion
 from .histograms import EXPOSURE_UNIT, RATE_UNIT, HistogramSpec, fill_run
+from .run_histograms import RunHistograms
 from .runs import collect_runs, obs_table_rows
 
 __all__ = [
