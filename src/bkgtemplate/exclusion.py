@@ -9,7 +9,7 @@ the excluded fraction of its solid angle, estimated on a fine grid of equal-area
 import logging
 import numpy as np
 import astropy.units as u
-from astropy.coordinates import SkyCoord
+from astropy.coordinates import SkyCoord, angular_separation
 from astropy.wcs import WCS
 from gammapy.maps import WcsNDMap
 from regions import CircleSkyRegion, SkyRegion
@@ -79,19 +79,14 @@ class Exclusion:
         for region in self.regions:
             if isinstance(region, CircleSkyRegion):
                 # exact great-circle distance: cheaper and exact for the common case
-                excluded |= _separation(ra, dec, region.center) < region.radius.to_value("rad")
+                center = region.center.icrs
+                separation = angular_separation(ra, dec, center.ra.rad, center.dec.rad)
+                excluded |= separation < region.radius.to_value("rad")
             else:
                 if coords is None:
                     coords = SkyCoord(ra * u.rad, dec * u.rad, frame="icrs")
                 excluded |= region.contains(coords, _tangent_wcs(ra_pnt, dec_pnt))
         return excluded
-
-
-def _separation(ra, dec, center):
-    center = center.icrs
-    ra0, dec0 = center.ra.rad, center.dec.rad
-    sin_half = np.sin((dec - dec0) / 2) ** 2 + np.cos(dec) * np.cos(dec0) * np.sin((ra - ra0) / 2) ** 2
-    return 2 * np.arcsin(np.sqrt(np.clip(sin_half, 0, 1)))
 
 
 def _tangent_wcs(ra_pnt, dec_pnt):

@@ -154,8 +154,6 @@ def _padded_index(values, edges):
 def _kept_fraction(run, spec):
     """Fraction of each spatial bin's solid angle outside the exclusion, averaged over the run."""
     n_spatial = int(np.prod([axis.nbin for axis in spec.spatial_axes]))
-    if spec.exclusion is None or not spec.exclusion.touches(run.ra_pnt, run.dec_pnt, spec.max_radius):
-        return np.ones(n_spatial)
     if spec.is_3d:
         edges = [axis.edges.to_value("rad") for axis in spec.spatial_axes]
         lon, lat, index = bin_points(*edges, spec.exclusion_spacing)
@@ -163,8 +161,6 @@ def _kept_fraction(run, spec):
             lon = -lon
     else:
         lon, lat, index = ring_points(spec.spatial_axes[0].edges.to_value("rad"), spec.exclusion_spacing)
-        # rings are symmetric: reverse the longitude to follow the gammapy FoV convention
-        lon = -lon
     angles = [None]
     if spec.is_3d and spec.fov_alignment == "ALTAZ":
         angles = _rotation_steps(run, spec.rotation_step)
@@ -212,7 +208,8 @@ def fill_run(run, spec):
     padded = tuple(len(edges) + 1 for edges in [binning["energy_edges"], *binning["spatial_edges"]])
     flat = _padded_index(events["energy"], binning["energy_edges"]) * int(np.prod(padded[1:]))
     flat += _spatial_index(run, spec, events["ra"], events["dec"], events["time"])
-    if spec.exclusion is not None and spec.exclusion.touches(run.ra_pnt, run.dec_pnt, spec.max_radius):
+    excluding = spec.exclusion is not None and spec.exclusion.touches(run.ra_pnt, run.dec_pnt, spec.max_radius)
+    if excluding:
         flat[spec.exclusion.excluded(events["ra"], events["dec"], run.ra_pnt, run.dec_pnt)] = 0
     inner = (slice(1, -1),) * len(padded)
     counts = np.bincount(flat, minlength=int(np.prod(padded))).reshape(padded)[inner].astype(float)
@@ -220,7 +217,7 @@ def fill_run(run, spec):
     used = _used_energy_bins(run, spec)
     counts[~used] = 0
     d_energy = binning["d_energy"] * used
-    solid_angle = binning["solid_angle"] * _kept_fraction(run, spec)
+    solid_angle = binning["solid_angle"] * (_kept_fraction(run, spec) if excluding else 1.0)
     exposure = run.ontime * np.outer(d_energy, solid_angle).reshape(counts.shape)
     return counts, exposure
 
@@ -359,14 +356,3 @@ class BackgroundHistograms:
         if self.is_3d:
             meta["FOVALIGN"] = self.fov_alignment
         return meta
-
-    def __add__(self, other):
-        if self.axes != other.axes or self.fov_alignment != other.fov_alignment:
-            raise ValueError("Cannot add background histograms with different axes or alignment.")
-        return BackgroundHistograms(
-            axes=self.axes,
-            counts=self.counts + other.counts,
-            exposure=self.exposure + other.exposure,
-            fov_alignment=self.fov_alignment,
-            obs_ids=self.obs_ids + other.obs_ids,
-        )

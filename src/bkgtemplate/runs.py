@@ -97,7 +97,7 @@ def _require(table, name, unit, obs_ids, what):
 def _location(table):
     meta = {**HESS_LOCATION, **{k: table.meta[k] for k in HESS_LOCATION if k in table.meta}}
     if not all(k in table.meta for k in HESS_LOCATION):
-        log.debug("Obs index has no GEOLON/GEOLAT/ALTITUDE: assuming the H.E.S.S. site")
+        log.warning("The obs index has no GEOLON/GEOLAT/ALTITUDE: assuming the H.E.S.S. site for the field rotation.")
     return EarthLocation(
         lon=float(meta["GEOLON"]) * u.deg,
         lat=float(meta["GEOLAT"]) * u.deg,
