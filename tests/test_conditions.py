@@ -17,8 +17,10 @@ from bkgtemplate.conditions import (
     ObservingConditionsEstimator,
     RunHistograms,
     assign_bins,
+    column_values,
     equal_livetime_edges,
     interpolation_weights,
+    north_component,
 )
 
 RATE = u.Unit("s-1 MeV-1 sr-1")
@@ -183,13 +185,16 @@ def test_fits_round_trip(tmp_path, kind):
             "BKG_ZEN_PNT0_MUONEFF1",
             "BKG_ZEN_PNT1_MUONEFF0",
             "BKG_ZEN_PNT1_MUONEFF1",
+            "CORRECTIONS",
             "RUNS",
         ]
         header = hdulist["BKG_ZEN_PNT1_MUONEFF0"].header
         assert (header["BINCOL1"], header["BINIDX1"], header["BINLO1"], header["BINHI1"]) == ("ZEN_PNT", 1, 20, 40)
         assert_allclose([header["BINCEN1"], header["BINCEN2"]], [30, 0.9])
         assert (header["BINCOL2"], header["BINLO2"], header["BINHI2"]) == ("MUONEFF", 0.8, 1.0)
-        assert hdulist[0].header["CORCOL1"] == "AZ_PNT"
+        corrections = Table.read(hdulist["CORRECTIONS"])
+        assert list(corrections["COLUMN"]) == ["AZ_PNT"] and not corrections["ENERGY_DEPENDENT"][0]
+        assert_allclose(corrections["COEFFICIENT"][0], [-0.1, -0.1])  # one value per energy bin
     # gammapy reads one bin on its own
     irf = Background3D if kind == "3d" else Background2D
     bkg = irf.read(filename, hdu="BKG_ZEN_PNT1_MUONEFF1")
@@ -332,6 +337,8 @@ def test_bad_configuration():
         ObservingConditionsEstimator(interpolate=("AZ_PNT",))
     with pytest.raises(TypeError, match="BackgroundModelEstimator"):
         ObservingConditionsEstimator(estimator="2d")
+    with pytest.raises(ValueError, match=r"energy_dependent names \['MUONEFF'\], which have no correction"):
+        ObservingConditionsEstimator(corrections={"ZEN_PNT": "cos"}, energy_dependent=("MUONEFF",))
     with pytest.raises(ValueError, match="3 models for 4 bins"):
         BackgroundModelCollection([constant_model(1)] * 3, {"ZEN_PNT": [0, 1, 2], "MUONEFF": [0, 1, 2]})
 
@@ -366,9 +373,15 @@ def test_hess_default_collection_store_round_trip(hess_store, tutorial_off, tmp_
     table = hess_store.obs_table
     # same estimator axes as the tutorial maker: its run histograms serve the default too
     collection = ObservingConditionsEstimator().make_collection(tutorial_off[1])
-    assert [c.column for c in collection.corrections] == ["MUONEFF", "AZ_PNT"]
-    assert 0.1 < collection.corrections[0].coefficient < 1.0
-    assert -0.2 < collection.corrections[1].coefficient < 0
+    zenith, north, muoneff = collection.corrections
+    assert [c.column for c in collection.corrections] == ["ZEN_PNT", "NORTH_PNT", "MUONEFF"]
+    # at a fixed energy above threshold the rate rises with zenith (falls with cos(zenith)):
+    # between 20 and 40 deg by a factor 1.5 to 3 in each energy bin from 0.4 to 25 TeV
+    energy = collection.models[0].axes["energy"].edges[:-1].to_value("TeV")
+    rise = zenith.factor([40.0])[0] / zenith.factor([20.0])[0]
+    assert np.all((rise[(energy >= 0.39) & (energy < 25)] > 1.5) & (rise[(energy >= 0.39) & (energy < 25)] < 3.2))
+    assert -0.5 < north.coefficient < -0.1  # pointing north: less background
+    assert 0 < muoneff.coefficient < 1.0
 
     collection.write(tmp_path / "collection.fits")
     read = BackgroundModelCollection.read(tmp_path / "collection.fits")
@@ -394,3 +407,94 @@ def test_interpolation_uses_only_models_measured_at_each_energy():
     assert data.shape[0] == 4
     assert_allclose(data[:2], 1)
     assert_allclose(data[2:], 2)
+
+
+def test_north_component_hand_values_and_derived_column():
+    assert_allclose(north_component([30, 30, 0, 60], [0, 180, 90, 90]), [0.5, -0.5, 0, 0], atol=1e-12)
+    table = Table({"ZEN_PNT": [30.0, 90.0] * u.deg, "AZ_PNT": [60.0, 0.0] * u.deg})
+    assert_allclose(column_values(table, "NORTH_PNT"), [0.25, 1.0], atol=1e-12)
+    assert_allclose(column_values(table[0], "NORTH_PNT"), 0.25, atol=1e-12)  # one row too
+    with pytest.raises(KeyError, match="no column 'AZ_PNT'"):
+        column_values(Table({"ZEN_PNT": [30.0]}), "NORTH_PNT")
+
+
+def zenith_runs(zenith, slopes, reference=0.9, exposure=None):
+    """Runs whose rate in energy bin e is 1e-6 x shape x exp(slopes[e] x (cos(zenith) - reference)), exactly."""
+    runs = make_runs(zenith)
+    x = np.cos(np.radians(np.asarray(zenith, float)))
+    factor = np.exp(np.asarray(slopes)[None, :] * (x[:, None] - reference))
+    if exposure is not None:
+        runs.exposure = runs.exposure * np.asarray(exposure, float)[:, :, None]
+    runs.counts = 1e-6 * np.array([[1.0, 0.5], [0.1, 0.05]]) * factor[:, :, None] * runs.exposure.value
+    return runs
+
+
+def test_energy_dependent_correction_recovers_known_slopes():
+    zenith = [5, 15, 25, 35, 45, 50]
+    runs = zenith_runs(zenith, slopes=[-4.0, -1.5])
+    maker = ObservingConditionsEstimator(bins={}, corrections={"ZEN_PNT": "cos"})
+    assert maker.energy_dependent == ("ZEN_PNT",)  # the default for a zenith correction
+    collection = maker.make_collection(runs)
+    (correction,) = collection.corrections
+    assert correction.energy_dependent
+    assert_allclose(correction.coefficient, [-4.0, -1.5], atol=2e-3)
+    # the reference is the livetime-weighted mean cos(zenith) of the runs (equal livetimes here)
+    assert_allclose(correction.reference, np.mean(np.cos(np.radians(zenith))), rtol=1e-12)
+    for i, z in enumerate(zenith):
+        bkg = collection.model_for(zenith=z)
+        assert_allclose(bkg.quantity.to_value(RATE) * runs.exposure.value[i], runs.counts[i], rtol=5e-3)
+    # one coefficient for all energies lies between the two
+    shared = ObservingConditionsEstimator(bins={}, corrections={"ZEN_PNT": "cos"}, energy_dependent=())
+    (single,) = shared.make_collection(runs).corrections
+    assert not single.energy_dependent and -4.0 < single.coefficient < -1.5
+
+
+def test_correction_clipped_to_the_runs_that_measured_each_energy():
+    zenith = [10, 20, 30, 40]
+    # the 40 deg run has no exposure in the first energy bin (below its threshold)
+    exposure = np.ones((4, 2))
+    exposure[3, 0] = 0
+    runs = zenith_runs(zenith, slopes=[-3.0, -3.0], exposure=exposure)
+    collection = ObservingConditionsEstimator(bins={}, corrections={"ZEN_PNT": "cos"}).make_collection(runs)
+    (correction,) = collection.corrections
+    assert_allclose(correction.clip_min, np.cos(np.radians([30, 40])), rtol=1e-12)
+    assert_allclose(correction.clip_max, np.cos(np.radians(10)), rtol=1e-12)
+    # beyond the measured range the factor stays at its edge: never extrapolated
+    assert_allclose(correction.factor([30, 55])[1, 0], correction.factor([30])[0, 0], rtol=1e-12)
+    assert_allclose(correction.factor([40, 55])[:, 1], correction.factor([40, 40])[:, 1], rtol=1e-12)
+    assert_allclose(correction.factor([0])[0], correction.factor([10])[0], rtol=1e-12)
+    # a scalar correction is clipped to the range of all runs
+    muoneff = ObservingConditionsEstimator(bins={}, corrections={"MUONEFF": "power-law"}).make_collection(
+        make_runs([10, 20], muoneff=[0.9, 1.1], rate=[1e-6 * 0.9**2, 1e-6 * 1.1**2])
+    )
+    (index,) = muoneff.corrections
+    assert_allclose(index.coefficient, 2, atol=2e-3)
+    assert_allclose(index.factor(1.5), index.factor(1.1), rtol=1e-12)
+
+
+def test_energy_dependent_fits_round_trip(tmp_path):
+    correction = ConditionCorrection(
+        "ZEN_PNT", "cos", reference=np.array([0.9, 0.85]), coefficient=np.array([-4.0, -2.0]),
+        clip_min=np.array([0.7, 0.6]), clip_max=np.array([1.0, 1.0]),
+    )
+    north = ConditionCorrection("NORTH_PNT", "linear", reference=0.1, coefficient=-0.3, clip_min=-0.8, clip_max=0.8)
+    collection = BackgroundModelCollection(
+        [constant_model(1), constant_model(2)],
+        {"ZEN_PNT": [0, 20, 40]},
+        centres={"ZEN_PNT": [10, 50]},
+        corrections=[correction, north],
+    )
+    collection.write(tmp_path / "c.fits")
+    read = BackgroundModelCollection.read(tmp_path / "c.fits")
+    assert read.corrections == [correction, north]
+    assert read.corrections[0].energy_dependent and not read.corrections[1].energy_dependent
+    # NORTH_PNT from ZEN_PNT and AZ_PNT, or given directly
+    bkg = read.model_for(zenith=30, AZ_PNT=0)
+    x = np.clip(np.cos(np.radians(30)), [0.7, 0.6], 1.0) - [0.9, 0.85]
+    w = (np.cos(np.radians(10)) - np.cos(np.radians(30))) / (np.cos(np.radians(10)) - np.cos(np.radians(50)))
+    expected = (1 + w) * np.exp(np.array([-4.0, -2.0]) * x) * np.exp(-0.3 * (0.5 - 0.1))
+    assert_allclose(bkg.data, expected[:, None] * np.ones((2, 2)), rtol=1e-12)
+    assert_allclose(read.model_for(zenith=30, NORTH_PNT=0.5).data, bkg.data, rtol=1e-12)
+    assert_allclose(bkg.meta["CORRFAC"], expected[0] / (1 + w), rtol=1e-12)  # at 1 TeV: energy bin [1, 3.16] TeV
+    with pytest.raises(ValueError, match=r"Give a value for NORTH_PNT \(or for ZEN_PNT and AZ_PNT\)"):
+        read.model_for(zenith=30)

@@ -142,32 +142,43 @@ def hess_evaluation(hess_store):
     return runs, off, fields, regions
 
 
+def held_out_samples(table):
+    """Summary per sample, and the bias and scatter of the off and source-field runs together."""
+    summary = {row["SAMPLE"]: row for row in summarize(table)}
+    pooled = robust_summary(table["RATIO"][np.isin(table["SAMPLE"], ["off (leave-one-out)", "source fields"])])
+    return summary, pooled
+
+
 def test_hess_default_configuration_held_out(hess_evaluation):
     runs, off, fields, _ = hess_evaluation
     table = held_out_evaluation(ObservingConditionsEstimator(), runs, off, fields)
-    summary = {row["SAMPLE"]: row for row in summarize(table)}
+    summary, pooled = held_out_samples(table)
     assert [summary[s]["N_RUNS"] for s in ("off (leave-one-out)", "source fields", "RX J1713.7-3946")] == [45, 45, 15]
-    # the target, on the source-field runs (Crab, PKS 2155-304, MSH 15-52)
-    assert summary["source fields"]["BIAS"] <= 0.08
-    assert summary["source fields"]["SCATTER"] <= 0.10
-    # leave-one-out off runs: unbiased; their run-to-run scatter (weather) stays near 0.15
-    assert summary["off (leave-one-out)"]["BIAS"] <= 0.08
-    assert summary["off (leave-one-out)"]["SCATTER"] <= 0.20
-    pooled = robust_summary(table["RATIO"])
-    assert pooled["bias"] <= 0.08 and pooled["scatter"] <= 0.13
+    # the target on the runs not used to build the models: off runs left out one at a time and
+    # the Crab, PKS 2155-304 and MSH 15-52 runs (measured: 0.001 / 0.093)
+    assert pooled["bias"] <= 0.08 and pooled["scatter"] <= 0.10
+    assert summary["source fields"]["BIAS"] <= 0.08  # measured 0.001
+    assert summary["source fields"]["SCATTER"] <= 0.10  # measured 0.085
+    # the off runs alone scatter by 0.110, as much as when they are predicted by a collection
+    # built from all of them (in-sample 0.110): run-to-run variation the obs index does not record
+    assert summary["off (leave-one-out)"]["BIAS"] <= 0.08  # measured 0.003
+    assert summary["off (leave-one-out)"]["SCATTER"] <= 0.12
 
 
-def test_hess_default_beats_tutorial_and_single_model(hess_evaluation):
+def test_hess_default_beats_tutorial_single_model_and_fixed_corrections(hess_evaluation):
     runs, off, fields, _ = hess_evaluation
     pooled = {}
     for name, maker in {
         "single": ObservingConditionsEstimator(bins={}, corrections={}),
         "tutorial": ObservingConditionsEstimator(interpolate=(), corrections={}),
+        # energy-independent corrections in MUONEFF and cos(AZ_PNT): the previous default
+        "fixed": ObservingConditionsEstimator(corrections={"MUONEFF": "power-law", "AZ_PNT": "cos"}),
         "default": ObservingConditionsEstimator(),
     }.items():
-        pooled[name] = robust_summary(held_out_evaluation(maker, runs, off, fields)["RATIO"])
-    assert pooled["default"]["scatter"] < pooled["tutorial"]["scatter"] < pooled["single"]["scatter"]
-    assert pooled["default"]["scatter"] < 0.5 * pooled["tutorial"]["scatter"]
+        pooled[name] = held_out_samples(held_out_evaluation(maker, runs, off, fields))[1]
+    scatter = {name: stats["scatter"] for name, stats in pooled.items()}
+    assert scatter["default"] < scatter["fixed"] < scatter["tutorial"] < scatter["single"]
+    assert scatter["default"] < 0.5 * scatter["tutorial"]
 
 
 def test_hess_released_models_in_their_own_axes(hess_store, hess_evaluation):

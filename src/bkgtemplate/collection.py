@@ -15,6 +15,7 @@ from gammapy.irf import Background2D, Background3D
 from gammapy.utils.scripts import make_path
 from .condition_bins import (
     AZIMUTH,
+    DERIVED_COLUMNS,
     DEFAULT_INTERPOLATE,
     MUONEFF,
     ZENITH,
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # FITS keywords of a collection (8 characters at most, so no HIERARCH cards)
 _COLLECTION_KEY = "BKGCOLL"
+# energy at which CORRFAC and BKG_NORM report an energy-dependent correction factor
+_NORM_ENERGY = 1 * u.TeV
 
 
 def _expand(values, ndim):
@@ -128,6 +131,15 @@ class BackgroundModelCollection:
         return len(self.models)
 
     @property
+    def condition_columns(self):
+        """Columns whose values a run's model needs: the binned and the corrected ones."""
+        return list(dict.fromkeys(self.columns + [correction.column for correction in self.corrections]))
+
+    def _norm_energy_index(self):
+        edges = self.models[0].axes["energy"].edges
+        return int(np.clip(np.searchsorted(edges, _NORM_ENERGY, side="right") - 1, 0, len(edges) - 2))
+
+    @property
     def bin_names(self):
         """HDU name of each bin, e.g. "BKG_ZEN_PNT0" ("BKG_ALL" for a single model)."""
         return [_bin_name(self.columns, np.unravel_index(i, self.shape)) for i in range(self.n_bins)]
@@ -155,10 +167,19 @@ class BackgroundModelCollection:
         return str(self)
 
     def _values(self, values, required):
-        """Values per column from keywords (zenith and muoneff are aliases), as float arrays."""
+        """Values per column from keywords (derived columns from their sources), as float arrays."""
         out = {}
         for column in required:
-            if column not in values or values[column] is None:
+            if values.get(column) is None and column in DERIVED_COLUMNS:
+                sources, function = DERIVED_COLUMNS[column]
+                if all(values.get(source) is not None for source in sources):
+                    source_values = self._values(values, sources)
+                    out[column] = np.atleast_1d(function(*(source_values[source] for source in sources)))
+                    continue
+                raise ValueError(
+                    f"Give a value for {column} (or for {' and '.join(sources)}): the collection needs {required}."
+                )
+            if values.get(column) is None:
                 raise ValueError(f"Give a value for {column}: the collection needs {required}.")
             value = values[column]
             if isinstance(value, u.Quantity):
@@ -186,12 +207,24 @@ class BackgroundModelCollection:
         return _bin_weights(self.bin_edges, centres_x, self.interpolate, values)
 
     def correction_factor(self, values):
-        """Product of the corrections for each run (1 without corrections)."""
+        """Product of the corrections for each run and energy bin, shape ``(n, n_energy)`` (1 without corrections).
+
+        Parameters
+        ----------
+        values : dict of {str: `~numpy.ndarray`}
+            Value of every corrected column (in its unit) for each of ``n`` runs.
+
+        Returns
+        -------
+        factor : `~numpy.ndarray`
+            Correction factor.
+        """
         values = self._values(values, [correction.column for correction in self.corrections])
-        factor = 1.0
+        n = max((len(v) for v in values.values()), default=1)
+        factor = np.ones((n, self.models[0].axes["energy"].nbin))
         for correction in self.corrections:
-            factor = factor * correction.factor(values[correction.column])
-        return np.atleast_1d(factor)
+            factor = factor * correction.factor(values[correction.column]).reshape(n, -1)
+        return factor
 
     def model_for(self, zenith=None, muoneff=None, **values):
         """The background model of one set of observing conditions.
@@ -220,10 +253,9 @@ class BackgroundModelCollection:
             values[ZENITH] = zenith
         if muoneff is not None:
             values[MUONEFF] = muoneff
-        needed = list(dict.fromkeys(self.columns + [correction.column for correction in self.corrections]))
-        values = {column: v[0] for column, v in self._values(values, needed).items()}
+        values = {column: v[0] for column, v in self._values(values, self.condition_columns).items()}
         bins, weights = self.weights({column: values[column] for column in self.columns})
-        factor = float(self.correction_factor(values)[0])
+        factor = self.correction_factor(values)[0]
         return self._combine(bins[0], weights[0], factor, values)
 
     def _combine(self, bins, weights, factor, values):
@@ -243,10 +275,14 @@ class BackgroundModelCollection:
         meta.update({f"CONDVAL{i + 1}": float(value) for i, value in enumerate(values.values())})
         meta.update({f"WBIN{i + 1}": int(index) for i, index in enumerate(bins)})
         meta.update({f"WEIGHT{i + 1}": float(weight) for i, weight in enumerate(weights)})
-        meta["CORRFAC"] = factor
+        meta["CORRFAC"] = float(factor[self._norm_energy_index()])
         meta["EMEASMIN"] = min(m.meta.get("EMEASMIN", 0.0) for m, _ in used)
         return type(template)(
-            axes=template.axes, data=data * factor, unit=RATE_UNIT, meta=meta, fov_alignment=template.fov_alignment
+            axes=template.axes,
+            data=data * _expand(factor, data.ndim),
+            unit=RATE_UNIT,
+            meta=meta,
+            fov_alignment=template.fov_alignment,
         )
 
     def assign(self, obs_table):
@@ -263,7 +299,8 @@ class BackgroundModelCollection:
             One row per run: OBS_ID; BKG_BIN (flat index of the bin holding the run, nearest
             bin outside all bins) and BKG_HDU (its HDU name); per binned column ``<col>_BIN``;
             per interpolated column ``<col>_LO`` and ``<col>_HI`` (partner bins) and ``<col>_W``
-            (weight of ``<col>_HI``); BKG_NORM, the product of the corrections.
+            (weight of ``<col>_HI``); BKG_NORM, the product of the corrections (at 1 TeV for
+            energy-dependent ones).
         """
         n = len(obs_table)
         values = {column: column_values(obs_table, column) for column in self.columns}
@@ -288,7 +325,7 @@ class BackgroundModelCollection:
         table["BKG_BIN"] = flat
         table["BKG_HDU"] = [self.bin_names[i] for i in flat]
         corrected = {c.column: column_values(obs_table, c.column) for c in self.corrections}
-        table["BKG_NORM"] = self.correction_factor(corrected) * np.ones(n) if self.corrections else np.ones(n)
+        table["BKG_NORM"] = self.correction_factor(corrected)[:, self._norm_energy_index()] * np.ones(n)
         return table
 
     def to_store_inputs(self, obs_table, interpolate=True):
@@ -319,19 +356,19 @@ class BackgroundModelCollection:
                 )
             models = {name: model for name, model in zip(self.bin_names, self.models)}
             return models, assignment
-        needed = list(dict.fromkeys(self.columns + [c.column for c in self.corrections]))
+        needed = self.condition_columns
         values = {column: column_values(obs_table, column) for column in needed}
         centres_x = {column: interpolation_variable(column, self.centres[column]) for column in self.columns}
         bins, weights = _bin_weights(
             self.bin_edges, centres_x, self.interpolate, {c: values[c] for c in self.columns}, n=len(obs_table)
         )
         factors = self.correction_factor({c.column: values[c.column] for c in self.corrections})
-        factors = np.broadcast_to(factors, (len(obs_table),))
+        factors = np.broadcast_to(factors, (len(obs_table), factors.shape[1]))
         models = {}
         names = []
         for i, obs_id in enumerate(assignment["OBS_ID"]):
             name = f"BKG_{int(obs_id)}"
-            models[name] = self._combine(bins[i], weights[i], float(factors[i]), {c: values[c][i] for c in needed})
+            models[name] = self._combine(bins[i], weights[i], factors[i], {c: values[c][i] for c in needed})
             names.append(name)
         assignment["BKG_HDU"] = names
         return models, assignment
@@ -342,9 +379,11 @@ class BackgroundModelCollection:
         Returns
         -------
         hdulist : `~astropy.io.fits.HDUList`
-            Primary HDU (columns, interpolation, corrections), one BinTable HDU per bin (the
-            model's ``to_table_hdu`` with BINCOLn, BINIDXn, BINLOn, BINHIn, BINCENn, BINUNIn in the
-            header), and a RUNS table if known.
+            Primary HDU (columns, interpolation), one BinTable HDU per bin (the model's
+            ``to_table_hdu`` with BINCOLn, BINIDXn, BINLOn, BINHIn, BINCENn, BINUNIn in the
+            header), a CORRECTIONS table (one row per correction: COLUMN, KIND,
+            ENERGY_DEPENDENT, and REFERENCE, COEFFICIENT, CLIP_MIN, CLIP_MAX per energy bin)
+            if there are corrections, and a RUNS table if known.
         """
         primary = fits.PrimaryHDU()
         header = primary.header
@@ -355,12 +394,7 @@ class BackgroundModelCollection:
             header[f"BINUNI{i}"] = self.units[column]
             header[f"NBIN{i}"] = len(self.bin_edges[column]) - 1
             header[f"INTERP{i}"] = (column in self.interpolate, "interpolated between bin centres")
-        header["NCORR"] = (len(self.corrections), "number of rate corrections")
-        for i, correction in enumerate(self.corrections, start=1):
-            header[f"CORCOL{i}"] = correction.column
-            header[f"CORKIND{i}"] = correction.kind
-            header[f"CORREF{i}"] = correction.reference
-            header[f"CORCOEF{i}"] = correction.coefficient
+        header["NCORR"] = (len(self.corrections), "number of rate corrections (CORRECTIONS HDU)")
         hdus = [primary]
         for flat, (name, model) in enumerate(zip(self.bin_names, self.models)):
             hdu = model.to_table_hdu()
@@ -374,9 +408,37 @@ class BackgroundModelCollection:
                 hdu.header[f"BINHI{i}"] = float(self.bin_edges[column][idx + 1])
                 hdu.header[f"BINCEN{i}"] = float(self.centres[column][idx])
             hdus.append(hdu)
+        if self.corrections:
+            hdus.append(fits.BinTableHDU(self._corrections_table(), name="CORRECTIONS"))
         if self.runs is not None:
             hdus.append(fits.BinTableHDU(Table(self.runs), name="RUNS"))
         return fits.HDUList(hdus)
+
+    def _corrections_table(self):
+        n_energy = self.models[0].axes["energy"].nbin
+        per_energy = ("REFERENCE", "COEFFICIENT", "CLIP_MIN", "CLIP_MAX")
+        table = Table(
+            {
+                "COLUMN": [c.column for c in self.corrections],
+                "KIND": [c.kind for c in self.corrections],
+                "ENERGY_DEPENDENT": [c.energy_dependent for c in self.corrections],
+            }
+        )
+        for name in per_energy:
+            table[name] = [np.broadcast_to(getattr(c, name.lower()), (n_energy,)) for c in self.corrections]
+        return table
+
+    @staticmethod
+    def _corrections_from_table(table):
+        corrections = []
+        for row in table:
+            arrays = {
+                name: np.array(row[name.upper()], dtype=float) for name in ("reference", "coefficient", "clip_min", "clip_max")
+            }
+            if not row["ENERGY_DEPENDENT"]:
+                arrays = {name: float(array[0]) for name, array in arrays.items()}
+            corrections.append(ConditionCorrection(column=str(row["COLUMN"]), kind=str(row["KIND"]), **arrays))
+        return corrections
 
     def write(self, filename, overwrite=False):
         """Write to a FITS file (see `to_hdulist`).
@@ -400,15 +462,7 @@ class BackgroundModelCollection:
         units = {column: header[f"BINUNI{i}"] for i, column in enumerate(columns, start=1)}
         shape = tuple(header[f"NBIN{i}"] for i in range(1, len(columns) + 1))
         interpolate = tuple(column for i, column in enumerate(columns, start=1) if header[f"INTERP{i}"])
-        corrections = [
-            ConditionCorrection(
-                column=header[f"CORCOL{i}"],
-                kind=header[f"CORKIND{i}"],
-                reference=float(header[f"CORREF{i}"]),
-                coefficient=float(header[f"CORCOEF{i}"]),
-            )
-            for i in range(1, header["NCORR"] + 1)
-        ]
+        corrections = cls._corrections_from_table(Table.read(hdulist["CORRECTIONS"])) if header["NCORR"] else []
         names = [_bin_name(columns, np.unravel_index(i, shape)) for i in range(int(np.prod(shape)))]
         edges = {column: np.full(n + 1, np.nan) for column, n in zip(columns, shape)}
         centres = {column: np.full(n, np.nan) for column, n in zip(columns, shape)}

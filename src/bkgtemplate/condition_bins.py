@@ -4,7 +4,8 @@ Pure functions on obs-index columns (zenith ``ZEN_PNT``, ``MUONEFF`` or any nume
 `column_values` reads a column, `assign_bins` finds the bin of each value,
 `interpolation_weights` gives the two bins a value is interpolated between (in cos(zenith) for
 ``ZEN_PNT``, see `interpolation_variable`) and `equal_livetime_edges` makes bins of equal
-livetime. Used by `~bkgtemplate.conditions.BackgroundModelCollection` and
+livetime. Besides the obs-index columns, `column_values` derives ``NORTH_PNT``, the north
+component of the pointing direction (see `north_component`). Used by `~bkgtemplate.conditions.BackgroundModelCollection` and
 `~bkgtemplate.conditions.ObservingConditionsEstimator`.
 """
 
@@ -14,12 +15,14 @@ import numpy as np
 import astropy.units as u
 
 __all__ = [
+    "DERIVED_COLUMNS",
     "EmptyBinError",
     "assign_bins",
     "column_values",
     "equal_livetime_edges",
     "interpolation_variable",
     "interpolation_weights",
+    "north_component",
 ]
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 ZENITH = "ZEN_PNT"
 MUONEFF = "MUONEFF"
 AZIMUTH = "AZ_PNT"
+NORTH = "NORTH_PNT"
 TUTORIAL_ZENITH_EDGES = (0.0, 20.0, 40.0, 90.0)
 """Zenith bin edges of the original gammapy tutorial, in deg."""
 DEFAULT_BINS = {ZENITH: TUTORIAL_ZENITH_EDGES}
@@ -37,21 +41,59 @@ class EmptyBinError(ValueError):
     """A bin of observing conditions holds no run."""
 
 
-def column_values(table, column):
-    """Values of an obs-index column as floats, in the column's own unit (deg for angles).
+def north_component(zenith, azimuth):
+    """North component of the unit vector toward the pointing, ``sin(zenith) cos(azimuth)``.
+
+    It is +sin(zenith) pointing north, -sin(zenith) pointing south and 0 at the zenith, where
+    the azimuth has no meaning. The geomagnetic field acts on the showers through the angle
+    between their axis and the field, whose cosine is a sum of cos(zenith) and this term (for
+    a field in the magnetic meridian); a correction in it is the north-south asymmetry of the
+    background that vanishes toward the zenith.
 
     Parameters
     ----------
-    table : `~astropy.table.Table`
-        Obs index (or rows of it).
+    zenith, azimuth : `~numpy.ndarray`
+        Zenith angle and azimuth (from north through east), in deg.
+
+    Returns
+    -------
+    north : `~numpy.ndarray`
+        North component, in [-1, 1].
+
+    Examples
+    --------
+    >>> from bkgtemplate.conditions import north_component
+    >>> north_component([30, 30, 0], [0, 180, 90]).round(3)
+    array([ 0.5, -0.5,  0. ])
+    """
+    zenith, azimuth = np.deg2rad(np.asarray(zenith, dtype=float)), np.deg2rad(np.asarray(azimuth, dtype=float))
+    return np.sin(zenith) * np.cos(azimuth)
+
+
+DERIVED_COLUMNS = {NORTH: ((ZENITH, AZIMUTH), north_component)}
+"""Columns `column_values` computes from obs-index columns: name -> (source columns, function)."""
+
+
+def column_values(table, column):
+    """Values of an obs-index column as floats, in the column's own unit (deg for angles).
+
+    A column in `DERIVED_COLUMNS` that the table lacks is computed from its source columns.
+
+    Parameters
+    ----------
+    table : `~astropy.table.Table` or `~astropy.table.Row`
+        Obs index (or rows of it, or one row).
     column : str
-        Column name, e.g. "ZEN_PNT".
+        Column name, e.g. "ZEN_PNT", or a derived column ("NORTH_PNT").
 
     Returns
     -------
     values : `~numpy.ndarray`
         Values, NaN where masked.
     """
+    if column not in table.colnames and column in DERIVED_COLUMNS:
+        sources, function = DERIVED_COLUMNS[column]
+        return function(*(column_values(table, source) for source in sources))
     if column not in table.colnames:
         raise KeyError(f"The obs table has no column {column!r}; it has {table.colnames}.")
     col = table[column]
@@ -62,6 +104,8 @@ def column_values(table, column):
 
 
 def _unit(table, column):
+    if column not in table.colnames and column in DERIVED_COLUMNS:
+        return ""
     unit = getattr(table[column], "unit", None)
     return "" if unit is None else u.Unit(unit).to_string()
 

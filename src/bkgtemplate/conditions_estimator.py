@@ -11,6 +11,7 @@ import astropy.units as u
 from astropy.table import Table
 from .collection import BackgroundModelCollection
 from .condition_bins import (
+    DERIVED_COLUMNS,
     DEFAULT_BINS,
     DEFAULT_INTERPOLATE,
     EmptyBinError,
@@ -23,7 +24,7 @@ from .condition_bins import (
     equal_livetime_edges,
     interpolation_variable,
 )
-from .corrections import CORRECTION_KINDS, DEFAULT_CORRECTIONS, fit_corrections
+from .corrections import CORRECTION_KINDS, DEFAULT_CORRECTIONS, DEFAULT_ENERGY_DEPENDENT, fit_corrections
 from .estimator import BackgroundModelEstimator
 from .histograms import EXPOSURE_UNIT, BackgroundHistograms
 from .run_histograms import RunHistograms
@@ -42,8 +43,11 @@ class ObservingConditionsEstimator:
     (the bins' rates depend on the coefficients through the corrected exposure).
 
     The defaults were chosen by held-out performance on the H.E.S.S. DL3 DR1 runs (see
-    `bkgtemplate.evaluation`): the tutorial zenith bins, interpolated linearly in cos(zenith),
-    with a fitted MUONEFF power law and a north-south azimuth term (``cos(AZ_PNT)``).
+    `bkgtemplate.evaluation`): the tutorial zenith bins, interpolated linearly in cos(zenith);
+    an energy-dependent correction in cos(zenith), which follows how fast the rate changes
+    with zenith at each energy (steepest near the thresholds, where a bin's model is measured
+    only by its lowest-zenith runs); a north-south term in ``NORTH_PNT`` =
+    sin(zenith) cos(azimuth); and a MUONEFF power law.
 
     Parameters
     ----------
@@ -57,8 +61,12 @@ class ObservingConditionsEstimator:
     interpolate : tuple of str, optional
         Binned columns interpolated between bin centres. Default is ("ZEN_PNT", "MUONEFF").
     corrections : dict of {str: {"power-law", "cos", "linear"}}, optional
-        Fitted rate corrections per column (see `ConditionCorrection`). Default is
-        ``{"MUONEFF": "power-law", "AZ_PNT": "cos"}``; give ``{}`` for none.
+        Fitted rate corrections per column (see `ConditionCorrection`), obs-index columns or
+        the derived ``NORTH_PNT``. Default is
+        ``{"ZEN_PNT": "cos", "NORTH_PNT": "linear", "MUONEFF": "power-law"}``; give ``{}`` for none.
+    energy_dependent : tuple of str, optional
+        Corrected columns whose correction gets one coefficient per energy bin; the others get
+        one coefficient. Default is None (("ZEN_PNT",) if ZEN_PNT is corrected).
     merge_empty : bool, optional
         Merge a bin without runs with its neighbour (the one with less livetime) instead of
         raising `EmptyBinError`. In a grid of several columns the bin is merged along the last
@@ -67,28 +75,29 @@ class ObservingConditionsEstimator:
     Notes
     -----
     Held-out bias ``|median(obs/pred) - 1|`` and scatter ``1.4826 x MAD(obs/pred)`` on the
-    H.E.S.S. DL3 DR1 runs (E > 0.5 TeV, offsets < 2 deg, see `bkgtemplate.evaluation`): the 45 off
-    runs by leave-one-out, the 45 Crab, PKS 2155-304 and MSH 15-52 runs from all off runs, and
-    all 105 runs pooled (with the 15 RX J1713.7-3946 runs):
+    H.E.S.S. DL3 DR1 runs (E > 0.5 TeV, offsets < 2 deg, the default axes, see
+    `bkgtemplate.evaluation`): the 45 off runs by leave-one-out, the 45 Crab, PKS 2155-304 and
+    MSH 15-52 runs from all off runs, and these 90 runs together:
 
-    ==========================================  =============  =============  =============
-    configuration                               off runs       source fields  all pooled
-    ==========================================  =============  =============  =============
-    one model                                   0.141 / 0.339  0.505 / 0.356  0.060 / 0.553
-    tutorial zenith bins, bin of the run        0.052 / 0.297  0.273 / 0.443  0.121 / 0.423
-    tutorial bins, interpolated in cos(zenith)  0.003 / 0.150  0.082 / 0.098  0.072 / 0.183
-    same + MUONEFF power law                    0.009 / 0.177  0.026 / 0.090  0.045 / 0.127
-    same + cos(AZ_PNT)                          0.011 / 0.145  0.029 / 0.094  0.044 / 0.133
-    same + both (the default)                   0.002 / 0.158  0.022 / 0.094  0.005 / 0.116
-    MUONEFF bins [0.8, 0.97, 1.3] interpolated  0.003 / 0.142  0.185 / 0.159  0.129 / 0.246
-    4 equal-livetime zenith bins + both         0.011 / 0.186  0.063 / 0.114  0.063 / 0.142
-    ==========================================  =============  =============  =============
+    ===============================================  =============  =============  =============
+    configuration                                    off runs       source fields  together
+    ===============================================  =============  =============  =============
+    one model                                        0.141 / 0.339  0.505 / 0.355  0.149 / 0.653
+    tutorial zenith bins, bin of the run             0.053 / 0.297  0.273 / 0.443  0.064 / 0.356
+    tutorial bins, interpolated in cos(zenith)       0.003 / 0.150  0.082 / 0.099  0.040 / 0.133
+    same + MUONEFF power law + cos(AZ_PNT)           0.003 / 0.158  0.022 / 0.094  0.018 / 0.108
+    same + MUONEFF power law + NORTH_PNT             0.003 / 0.157  0.046 / 0.093  0.026 / 0.114
+    same + energy-dependent zenith (the default)     0.003 / 0.110  0.001 / 0.085  0.001 / 0.093
+    one model + the default corrections              0.009 / 0.126  0.021 / 0.090  0.017 / 0.100
+    4 equal-livetime zenith bins + same              0.021 / 0.105  0.034 / 0.088  0.026 / 0.099
+    released H.E.S.S. models (off runs not held out) 0.003 / 0.087  0.044 / 0.068  0.034 / 0.084
+    ===============================================  =============  =============  =============
 
-    Interpolation in cos(zenith) matters most (the rate above 0.5 TeV doubles from 10 to 50 deg).
-    The fitted MUONEFF index (about 0.4) and the north-south term (about -0.1: runs pointing
-    north have about 20 % less background than runs pointing south at the same zenith) come
-    from the off runs alone. The off-run scatter stays near 0.15 with every configuration: a
-    regression of it on all obs-index columns leaves 0.11 in-sample (weather is not in the index).
+    Interpolation in cos(zenith) and the energy-dependent zenith correction matter most (the
+    rate above 0.5 TeV doubles from 20 to 40 deg). ``NORTH_PNT`` describes the north-south
+    asymmetry better than ``cos(AZ_PNT)``, which also acts on runs pointing at the zenith. The
+    off runs predicted by a collection built from all of them (not held out) scatter by 0.110
+    as well: the rest is run-to-run variation (weather) that the obs index does not record.
 
     Examples
     --------
@@ -104,7 +113,9 @@ class ObservingConditionsEstimator:
 
     tag = "ObservingConditionsEstimator"
 
-    def __init__(self, estimator=None, bins=None, interpolate=None, corrections=None, merge_empty=False):
+    def __init__(
+        self, estimator=None, bins=None, interpolate=None, corrections=None, energy_dependent=None, merge_empty=False
+    ):
         if estimator is None:
             estimator = BackgroundModelEstimator()
         if not isinstance(estimator, BackgroundModelEstimator):
@@ -133,13 +144,22 @@ class ObservingConditionsEstimator:
             if kind not in CORRECTION_KINDS:
                 raise ValueError(f"Unknown correction {kind!r} for {column}; choose one of {CORRECTION_KINDS}.")
         self.corrections = dict(corrections)
+        if energy_dependent is None:
+            energy_dependent = [column for column in DEFAULT_ENERGY_DEPENDENT if column in self.corrections]
+        uncorrected = [column for column in energy_dependent if column not in self.corrections]
+        if uncorrected:
+            raise ValueError(
+                f"energy_dependent names {uncorrected}, which have no correction; corrections are {list(self.corrections)}."
+            )
+        self.energy_dependent = tuple(energy_dependent)
         self.merge_empty = bool(merge_empty)
 
     def __str__(self):
         bins = {c: (v if isinstance(v, int) else v.tolist()) for c, v in self.bins.items()}
         return (
             f"{self.tag}: bins {bins}, interpolate {[c for c in self.interpolate if c in self.bins]}, "
-            f"corrections {self.corrections}, merge_empty {self.merge_empty}"
+            f"corrections {self.corrections}, energy-dependent {list(self.energy_dependent)}, "
+            f"merge_empty {self.merge_empty}"
         )
 
     def run(self, data_store, obs_ids=None):
@@ -250,7 +270,9 @@ class _Builder:
         table = run_histograms.obs_table
         self.obs_ids = np.array(run_histograms.obs_ids)
         self.units = {column: _unit(table, column) for column in edges}
-        missing = [column for column in maker.corrections if column not in table.colnames]
+        missing = [
+            column for column in maker.corrections if column not in table.colnames and column not in DERIVED_COLUMNS
+        ]
         if missing:
             raise KeyError(
                 f"The obs table has no {missing} for the corrections {maker.corrections}; "
@@ -264,9 +286,10 @@ class _Builder:
                 raise ValueError(f"Runs {[int(i) for i in bad]} have no valid {column} in the obs table.")
         self.livetime = run_histograms.livetime
         self.layout = _Layout.make(edges, self.units, self.values, self.obs_ids)
+        # (run, energy, pixel): corrections act per energy bin
         shape = run_histograms.counts.shape
-        self.counts = run_histograms.counts.reshape(shape[0], -1)
-        self.exposure = run_histograms.exposure.to_value(EXPOSURE_UNIT).reshape(shape[0], -1)
+        self.counts = run_histograms.counts.reshape(shape[0], shape[1], -1)
+        self.exposure = run_histograms.exposure.to_value(EXPOSURE_UNIT).reshape(shape[0], shape[1], -1)
         self._full = None
 
     def build(self, use=None, merge_empty=None):
@@ -307,6 +330,7 @@ class _Builder:
             self.exposure[use],
             layout.cells[use],
             weights_matrix,
+            energy_dependent=self.maker.energy_dependent,
         )
         factors = self._factors(corrections)
         counts, exposure = self._cell_sums(layout, use, factors)
@@ -338,9 +362,10 @@ class _Builder:
         return matrix
 
     def _factors(self, corrections):
-        factors = np.ones(len(self.obs_ids))
+        """Correction factor of each run in each energy bin, shape (n_runs, n_energy)."""
+        factors = np.ones(self.counts.shape[:2])
         for correction in corrections:
-            factors = factors * correction.factor(self.values[correction.column])
+            factors = factors * correction.factor(self.values[correction.column]).reshape(len(self.obs_ids), -1)
         return factors
 
     def _cell_sums(self, layout, use, factors):
@@ -359,10 +384,10 @@ class _Builder:
         return self._sums(layout, use, factors)
 
     def _sums(self, layout, use, factors):
-        counts = np.zeros((layout.n_cells, self.counts.shape[1]))
+        counts = np.zeros((layout.n_cells,) + self.counts.shape[1:])
         exposure = np.zeros_like(counts)
         np.add.at(counts, layout.cells[use], self.counts[use])
-        np.add.at(exposure, layout.cells[use], self.exposure[use] * factors[use, None])
+        np.add.at(exposure, layout.cells[use], self.exposure[use] * factors[use, :, None])
         return counts, exposure
 
     def _collection(self, layout, centres_x, corrections, counts, exposure, use):

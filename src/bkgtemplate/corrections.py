@@ -2,28 +2,34 @@
 
 A `ConditionCorrection` multiplies the rate by ``exp(coefficient x g(value))``:
 ``"power-law"`` ``g = log(value / reference)``, i.e. rate proportional to
-``(MUONEFF / reference) ** index``; ``"cos"`` ``g = cos(value) - reference`` for an azimuth in
-deg (the north-south asymmetry the geomagnetic field gives); ``"linear"``
-``g = value - reference``. `fit_corrections` fits the coefficients to the runs' counts.
+``(MUONEFF / reference) ** index``; ``"cos"`` ``g = cos(value) - reference`` for an angle in
+deg (cos(zenith), or the north-south asymmetry of an azimuth); ``"linear"``
+``g = value - reference``. The coefficient is one number, or one per energy bin (an
+*energy-dependent* correction, e.g. how the rate at each energy changes with cos(zenith)).
+The transformed value is clipped to the range of the runs that built the correction (at each
+energy, those with exposure there), so that a correction is never extrapolated beyond them.
+`fit_corrections` fits the coefficients to the runs' counts.
 """
 
 import logging
 from dataclasses import dataclass, replace
 import numpy as np
 from scipy.optimize import minimize
-from .condition_bins import AZIMUTH, MUONEFF
+from .condition_bins import MUONEFF, NORTH, ZENITH
 
 __all__ = ["ConditionCorrection", "fit_corrections"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CORRECTIONS = {MUONEFF: "power-law", AZIMUTH: "cos"}
+DEFAULT_CORRECTIONS = {ZENITH: "cos", NORTH: "linear", MUONEFF: "power-law"}
 """Default corrections, chosen by held-out performance on the H.E.S.S. DL3 DR1 runs (see
 `ObservingConditionsEstimator`)."""
+DEFAULT_ENERGY_DEPENDENT = (ZENITH,)
+"""Corrections with one coefficient per energy bin by default."""
 CORRECTION_KINDS = ("power-law", "cos", "linear")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConditionCorrection:
     """A multiplicative correction of the rate, ``exp(coefficient x g(value))``.
 
@@ -34,22 +40,45 @@ class ConditionCorrection:
     kind : {"power-law", "cos", "linear"}
         ``g = log(value / reference)`` (rate proportional to ``(value / reference) ** coefficient``),
         ``g = cos(value) - reference`` (value in deg) or ``g = value - reference``.
-    reference : float
-        Reference value (value for "power-law", cos(value) for "cos"); g is 0 there.
-    coefficient : float
-        Fitted coefficient (the index for "power-law").
+    reference : float or `~numpy.ndarray`
+        Reference value (value for "power-law", cos(value) for "cos"), where g is 0; one per
+        energy bin for an energy-dependent correction.
+    coefficient : float or `~numpy.ndarray`, optional
+        Fitted coefficient (the index for "power-law"); one per energy bin for an
+        energy-dependent correction. Default is 0.
+    clip_min, clip_max : float or `~numpy.ndarray`, optional
+        Range of the transformed value (log(value) for "power-law", cos(value) for "cos", the
+        value for "linear") over the runs that built the correction, per energy bin or for
+        all; values outside are clipped to it. Default is no clipping.
     """
 
     column: str
     kind: str
     reference: float
     coefficient: float = 0.0
+    clip_min: float = -np.inf
+    clip_max: float = np.inf
 
     def __post_init__(self):
         if self.kind not in CORRECTION_KINDS:
             raise ValueError(
                 f"Unknown correction kind {self.kind!r} for {self.column}; choose one of {CORRECTION_KINDS}."
             )
+
+    def __eq__(self, other):
+        if not isinstance(other, ConditionCorrection):
+            return NotImplemented
+        numbers = ("reference", "coefficient", "clip_min", "clip_max")
+        return (self.column, self.kind) == (other.column, other.kind) and all(
+            np.array_equal(getattr(self, name), getattr(other, name)) for name in numbers
+        )
+
+    __hash__ = None  # a correction may hold arrays
+
+    @property
+    def energy_dependent(self):
+        """True if any parameter has one value per energy bin."""
+        return any(np.ndim(p) > 0 for p in (self.reference, self.coefficient, self.clip_min, self.clip_max))
 
     @staticmethod
     def transform(kind, values):
@@ -65,21 +94,33 @@ class ConditionCorrection:
 
     @classmethod
     def reference_of(cls, kind, values, weights):
-        """Reference: livetime-weighted mean of the transformed value (geometric mean for a power law)."""
+        """Reference: weighted mean of the transformed value (geometric mean for a power law)."""
         mean = np.average(cls.transform(kind, values), weights=weights)
         return float(np.exp(mean)) if kind == "power-law" else float(mean)
 
+    def _reference_transformed(self):
+        return np.log(self.reference) if self.kind == "power-law" else np.asarray(self.reference, dtype=float)
+
     def variable(self, values):
-        """g(value): zero at the reference."""
-        if self.kind == "power-law":
-            return self.transform(self.kind, values) - np.log(self.reference)
-        return self.transform(self.kind, values) - self.reference
+        """g(value), zero at the reference: shape ``values.shape``, plus an energy axis last if energy-dependent."""
+        transformed = self.transform(self.kind, values)
+        if self.energy_dependent:
+            transformed = transformed[..., np.newaxis]
+        return np.clip(transformed, self.clip_min, self.clip_max) - self._reference_transformed()
 
     def factor(self, values):
-        """Correction factor ``exp(coefficient x g(value))``."""
+        """Correction factor ``exp(coefficient x g(value))`` (see `variable` for the shape)."""
         return np.exp(self.coefficient * self.variable(values))
 
     def __str__(self):
+        if self.energy_dependent:
+            coefficients = np.asarray(self.coefficient) * np.ones(np.shape(self.reference))
+            measured = np.isfinite(np.asarray(self.clip_min) * np.ones_like(coefficients))
+            span = coefficients[measured] if measured.any() else coefficients
+            return (
+                f"{self.column} {self.kind}, energy-dependent: coefficient per energy bin "
+                f"{span.min():.3f} to {span.max():.3f}"
+            )
         if self.kind == "power-law":
             return f"{self.column} power law: rate x ({self.column} / {self.reference:.4g}) ** {self.coefficient:.3f}"
         if self.kind == "cos":
@@ -89,12 +130,39 @@ class ConditionCorrection:
         return f"{self.column} linear: rate x exp({self.coefficient:.3f} x ({self.column} - {self.reference:.4g}))"
 
 
+def _template(column, kind, values, livetime, measured, energy_dependent):
+    """A correction with its references and clip ranges from the runs, coefficient 0.
 
-def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_matrix):
+    ``measured`` (n_runs, n_energy) flags the runs with exposure in each energy bin; an
+    energy-dependent correction gets its reference (livetime-weighted mean) and range per bin
+    from those runs.
+    """
+    transformed = ConditionCorrection.transform(kind, values)
+    if not energy_dependent:
+        reference = ConditionCorrection.reference_of(kind, values, livetime)
+        return ConditionCorrection(column, kind, reference, 0.0, float(transformed.min()), float(transformed.max()))
+    n_energy = measured.shape[1]
+    weights = measured * livetime[:, None]
+    total = weights.sum(axis=0)
+    mean = np.where(total > 0, transformed @ weights / np.where(total > 0, total, 1), np.nan)
+    fallback = np.average(transformed, weights=livetime)
+    mean = np.where(np.isfinite(mean), mean, fallback)
+    reference = np.exp(mean) if kind == "power-law" else mean
+    masked = np.where(measured, transformed[:, None], np.nan)
+    with np.errstate(all="ignore"):
+        clip_min = np.where(measured.any(axis=0), np.nanmin(np.where(measured, masked, np.inf), axis=0), fallback)
+        clip_max = np.where(measured.any(axis=0), np.nanmax(np.where(measured, masked, -np.inf), axis=0), fallback)
+    return ConditionCorrection(column, kind, reference, np.zeros(n_energy), clip_min, clip_max)
+
+
+def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_matrix, energy_dependent=()):
     """Correction coefficients that maximise the Poisson likelihood of the runs' counts.
 
     The bins' rates depend on the coefficients through the corrected exposure, so all
-    coefficients are fitted jointly; the references are the runs' livetime-weighted means.
+    coefficients are fitted jointly, the rates being profiled out (each bin's rate is its counts
+    over its corrected exposure). References are livetime-weighted means over the runs (per
+    energy bin over the runs with exposure there, for energy-dependent corrections), and each
+    correction is clipped to the runs' range.
 
     Parameters
     ----------
@@ -105,13 +173,15 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
     livetime : `~numpy.ndarray`
         Livetime of each run, in s.
     counts : `~numpy.ndarray`
-        Counts of each run, shape ``(n_runs, n_pixels)``.
+        Counts of each run, shape ``(n_runs, n_energy, n_pixels)``.
     exposure : `~numpy.ndarray`
-        Exposure of each run, shape ``(n_runs, n_pixels)``, in s MeV sr.
+        Exposure of each run, same shape, in s MeV sr.
     cells : `~numpy.ndarray` of int
         Flat bin of each run.
     weights_matrix : `~numpy.ndarray`
         Interpolation weight of each run on each bin, shape ``(n_runs, n_bins)``.
+    energy_dependent : tuple of str, optional
+        Columns whose correction gets one coefficient per energy bin. Default is ().
 
     Returns
     -------
@@ -120,32 +190,43 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
     """
     if not kinds:
         return []
+    n_runs, n_energy = counts.shape[:2]
+    measured = exposure.sum(axis=2) > 0
     template = [
-        ConditionCorrection(column, kind, ConditionCorrection.reference_of(kind, values[column], livetime))
+        _template(column, kind, values[column], livetime, measured, column in energy_dependent)
         for column, kind in kinds.items()
     ]
-    g = np.array([c.variable(values[c.column]) for c in template])  # (k, n_runs)
-    one_hot = np.zeros((weights_matrix.shape[1], len(cells)))
-    one_hot[cells, np.arange(len(cells))] = 1
-    counts_cell = one_hot @ counts
-    has_data = counts > 0
+    # g of each correction for each run and energy bin, and its slice of the parameter vector
+    g = np.array([np.broadcast_to(c.variable(values[c.column]).reshape(n_runs, -1), (n_runs, n_energy)) for c in template])
+    sizes = [n_energy if c.energy_dependent else 1 for c in template]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    one_hot = np.zeros((weights_matrix.shape[1], n_runs))
+    one_hot[cells, np.arange(n_runs)] = 1
+    counts_flat = counts.reshape(n_runs, -1)
+    counts_cell = one_hot @ counts_flat
+    has_data = counts_flat > 0
 
-    def negative_log_likelihood(coefficients):
-        factor = np.exp(coefficients @ g)
-        exposure_cell = one_hot @ (exposure * factor[:, None])
+    def log_factor(parameters):
+        coefficients = np.array(
+            [np.broadcast_to(parameters[a:b], (n_energy,)) for a, b in zip(starts[:-1], starts[1:])]
+        )
+        return np.einsum("ke,kne->ne", coefficients, g)
+
+    def negative_log_likelihood(parameters):
+        factor = np.exp(log_factor(parameters))[:, :, None]
+        corrected = (exposure * factor).reshape(n_runs, -1)
+        exposure_cell = one_hot @ corrected
         with np.errstate(divide="ignore", invalid="ignore"):
             rate = np.where(exposure_cell > 0, counts_cell / exposure_cell, 0.0)
-        mu = (weights_matrix @ rate) * factor[:, None] * exposure
+        mu = (weights_matrix @ rate) * corrected
         good = mu > 0
-        return float(np.sum(mu[good]) - np.sum(counts[good & has_data] * np.log(mu[good & has_data])))
+        return float(np.sum(mu[good]) - np.sum(counts_flat[good & has_data] * np.log(mu[good & has_data])))
 
-    start = np.zeros(len(template))
-    result = minimize(
-        negative_log_likelihood,
-        start,
-        method="Nelder-Mead",
-        options=dict(xatol=1e-4, fatol=1e-3, maxiter=2000),
-    )
+    result = minimize(negative_log_likelihood, np.zeros(starts[-1]), method="L-BFGS-B")
     if not result.success:
         log.warning(f"The correction fit did not converge ({result.message}); using its last values.")
-    return [replace(c, coefficient=float(value)) for c, value in zip(template, result.x)]
+    fitted = []
+    for correction, a, b in zip(template, starts[:-1], starts[1:]):
+        coefficient = result.x[a:b].copy() if correction.energy_dependent else float(result.x[a])
+        fitted.append(replace(correction, coefficient=coefficient))
+    return fitted

@@ -235,8 +235,7 @@ def _table(rows):
 
 def _model_for_run(models, obs_row):
     if isinstance(models, BackgroundModelCollection):
-        needed = list(dict.fromkeys(models.columns + [c.column for c in models.corrections]))
-        return models.model_for(**{column: float(obs_row[column]) for column in needed})
+        return models.model_for(**{column: float(column_values(obs_row, column)) for column in models.condition_columns})
     if isinstance(models, dict):
         return models[int(obs_row["OBS_ID"])]
     if callable(models):
