@@ -432,9 +432,8 @@ class BackgroundModelCollection:
     def _corrections_from_table(table):
         corrections = []
         for row in table:
-            arrays = {
-                name: np.array(row[name.upper()], dtype=float) for name in ("reference", "coefficient", "clip_min", "clip_max")
-            }
+            names = ("reference", "coefficient", "clip_min", "clip_max")
+            arrays = {name: np.array(row[name.upper()], dtype=float) for name in names}
             if not row["ENERGY_DEPENDENT"]:
                 arrays = {name: float(array[0]) for name, array in arrays.items()}
             corrections.append(ConditionCorrection(column=str(row["COLUMN"]), kind=str(row["KIND"]), **arrays))

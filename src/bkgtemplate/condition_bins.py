@@ -5,7 +5,8 @@ Pure functions on obs-index columns (zenith ``ZEN_PNT``, ``MUONEFF`` or any nume
 `interpolation_weights` gives the two bins a value is interpolated between (in cos(zenith) for
 ``ZEN_PNT``, see `interpolation_variable`) and `equal_livetime_edges` makes bins of equal
 livetime. Besides the obs-index columns, `column_values` derives ``NORTH_PNT``, the north
-component of the pointing direction (see `north_component`). Used by `~bkgtemplate.conditions.BackgroundModelCollection` and
+component of the pointing direction (see `north_component`). Used by
+`~bkgtemplate.conditions.BackgroundModelCollection` and
 `~bkgtemplate.conditions.ObservingConditionsEstimator`.
 """
 

@@ -114,13 +114,11 @@ class ConditionCorrection:
 
     def __str__(self):
         if self.energy_dependent:
-            coefficients = np.asarray(self.coefficient) * np.ones(np.shape(self.reference))
-            measured = np.isfinite(np.asarray(self.clip_min) * np.ones_like(coefficients))
-            span = coefficients[measured] if measured.any() else coefficients
-            return (
-                f"{self.column} {self.kind}, energy-dependent: coefficient per energy bin "
-                f"{span.min():.3f} to {span.max():.3f}"
-            )
+            # energy bins whose runs span a range; in the others the correction is 1
+            coefficients, clip_min, clip_max = np.broadcast_arrays(self.coefficient, self.clip_min, self.clip_max)
+            fitted = coefficients[clip_max > clip_min]
+            span = f"{fitted.min():.3f} to {fitted.max():.3f}" if len(fitted) else "none fitted"
+            return f"{self.column} {self.kind}, energy-dependent: coefficient per energy bin {span}"
         if self.kind == "power-law":
             return f"{self.column} power law: rate x ({self.column} / {self.reference:.4g}) ** {self.coefficient:.3f}"
         if self.kind == "cos":
@@ -141,18 +139,16 @@ def _template(column, kind, values, livetime, measured, energy_dependent):
     if not energy_dependent:
         reference = ConditionCorrection.reference_of(kind, values, livetime)
         return ConditionCorrection(column, kind, reference, 0.0, float(transformed.min()), float(transformed.max()))
-    n_energy = measured.shape[1]
+    # an energy bin no run measured gets the mean of all runs, and a range of that one point
     weights = measured * livetime[:, None]
     total = weights.sum(axis=0)
-    mean = np.where(total > 0, transformed @ weights / np.where(total > 0, total, 1), np.nan)
     fallback = np.average(transformed, weights=livetime)
-    mean = np.where(np.isfinite(mean), mean, fallback)
+    mean = np.where(total > 0, transformed @ weights / np.where(total > 0, total, 1), fallback)
+    seen = measured.any(axis=0)
+    clip_min = np.where(seen, np.where(measured, transformed[:, None], np.inf).min(axis=0), fallback)
+    clip_max = np.where(seen, np.where(measured, transformed[:, None], -np.inf).max(axis=0), fallback)
     reference = np.exp(mean) if kind == "power-law" else mean
-    masked = np.where(measured, transformed[:, None], np.nan)
-    with np.errstate(all="ignore"):
-        clip_min = np.where(measured.any(axis=0), np.nanmin(np.where(measured, masked, np.inf), axis=0), fallback)
-        clip_max = np.where(measured.any(axis=0), np.nanmax(np.where(measured, masked, -np.inf), axis=0), fallback)
-    return ConditionCorrection(column, kind, reference, np.zeros(n_energy), clip_min, clip_max)
+    return ConditionCorrection(column, kind, reference, np.zeros(len(mean)), clip_min, clip_max)
 
 
 def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_matrix, energy_dependent=()):
@@ -197,7 +193,9 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
         for column, kind in kinds.items()
     ]
     # g of each correction for each run and energy bin, and its slice of the parameter vector
-    g = np.array([np.broadcast_to(c.variable(values[c.column]).reshape(n_runs, -1), (n_runs, n_energy)) for c in template])
+    g = np.array(
+        [np.broadcast_to(c.variable(values[c.column]).reshape(n_runs, -1), (n_runs, n_energy)) for c in template]
+    )
     sizes = [n_energy if c.energy_dependent else 1 for c in template]
     starts = np.concatenate([[0], np.cumsum(sizes)])
     one_hot = np.zeros((weights_matrix.shape[1], n_runs))
@@ -213,16 +211,28 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
         return np.einsum("ke,kne->ne", coefficients, g)
 
     def negative_log_likelihood(parameters):
+        """The profiled Poisson likelihood and its gradient.
+
+        mu = F X (W R) with R = C / (O (X F)) per bin: besides the direct term (mu - N) dlogF,
+        the rates change with the corrected exposure, which adds -(O^T b) X F dlogF with
+        b = R / E x W^T ((1 - N / mu) X F).
+        """
         factor = np.exp(log_factor(parameters))[:, :, None]
         corrected = (exposure * factor).reshape(n_runs, -1)
         exposure_cell = one_hot @ corrected
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rate = np.where(exposure_cell > 0, counts_cell / exposure_cell, 0.0)
+        filled = exposure_cell > 0
+        rate = np.where(filled, counts_cell / np.where(filled, exposure_cell, 1), 0.0)
         mu = (weights_matrix @ rate) * corrected
         good = mu > 0
-        return float(np.sum(mu[good]) - np.sum(counts_flat[good & has_data] * np.log(mu[good & has_data])))
+        value = float(np.sum(mu[good]) - np.sum(counts_flat[good & has_data] * np.log(mu[good & has_data])))
+        residual = np.where(good, 1 - counts_flat / np.where(good, mu, 1), 0.0)
+        b = np.where(filled, rate / np.where(filled, exposure_cell, 1), 0.0) * (weights_matrix.T @ (residual * corrected))
+        h = (residual * mu - (one_hot.T @ b) * corrected).reshape(n_runs, n_energy, -1).sum(axis=2)
+        per_energy = np.einsum("ne,kne->ke", h, g)
+        gradient = np.concatenate([row if size > 1 else [row.sum()] for row, size in zip(per_energy, sizes)])
+        return value, gradient
 
-    result = minimize(negative_log_likelihood, np.zeros(starts[-1]), method="L-BFGS-B")
+    result = minimize(negative_log_likelihood, np.zeros(starts[-1]), jac=True, method="L-BFGS-B")
     if not result.success:
         log.warning(f"The correction fit did not converge ({result.message}); using its last values.")
     fitted = []

@@ -235,7 +235,8 @@ def _table(rows):
 
 def _model_for_run(models, obs_row):
     if isinstance(models, BackgroundModelCollection):
-        return models.model_for(**{column: float(column_values(obs_row, column)) for column in models.condition_columns})
+        values = {column: float(column_values(obs_row, column)) for column in models.condition_columns}
+        return models.model_for(**values)
     if isinstance(models, dict):
         return models[int(obs_row["OBS_ID"])]
     if callable(models):
