@@ -24,11 +24,8 @@ CHECKED = "nbval-check-output"
 
 def checked_outputs(cell):
     """The outputs nbval compares: printed text and results, no warnings on stderr."""
-    return [
-        output
-        for output in cell.get("outputs", [])
-        if (output["output_type"] == "stream" and output["name"] == "stdout") or output["output_type"] == "execute_result"
-    ]
+    outputs = cell.get("outputs", [])
+    return [o for o in outputs if o["output_type"] == "execute_result" or o.get("name") == "stdout"]
 
 
 def refresh(notebook, executed):

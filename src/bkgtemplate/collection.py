@@ -28,7 +28,7 @@ from .condition_bins import (
     interpolation_variable,
     interpolation_weights,
 )
-from .corrections import ConditionCorrection
+from .corrections import NUMBERS, ConditionCorrection
 from .histograms import RATE_UNIT
 
 __all__ = ["BackgroundModelCollection"]
@@ -416,7 +416,6 @@ class BackgroundModelCollection:
 
     def _corrections_table(self):
         n_energy = self.models[0].axes["energy"].nbin
-        per_energy = ("REFERENCE", "COEFFICIENT", "CLIP_MIN", "CLIP_MAX")
         table = Table(
             {
                 "COLUMN": [c.column for c in self.corrections],
@@ -424,16 +423,15 @@ class BackgroundModelCollection:
                 "ENERGY_DEPENDENT": [c.energy_dependent for c in self.corrections],
             }
         )
-        for name in per_energy:
-            table[name] = [np.broadcast_to(getattr(c, name.lower()), (n_energy,)) for c in self.corrections]
+        for name in NUMBERS:
+            table[name.upper()] = [np.broadcast_to(getattr(c, name), (n_energy,)) for c in self.corrections]
         return table
 
     @staticmethod
     def _corrections_from_table(table):
         corrections = []
         for row in table:
-            names = ("reference", "coefficient", "clip_min", "clip_max")
-            arrays = {name: np.array(row[name.upper()], dtype=float) for name in names}
+            arrays = {name: np.array(row[name.upper()], dtype=float) for name in NUMBERS}
             if not row["ENERGY_DEPENDENT"]:
                 arrays = {name: float(array[0]) for name, array in arrays.items()}
             corrections.append(ConditionCorrection(column=str(row["COLUMN"]), kind=str(row["KIND"]), **arrays))

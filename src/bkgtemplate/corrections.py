@@ -27,6 +27,8 @@ DEFAULT_CORRECTIONS = {ZENITH: "cos", NORTH: "linear", MUONEFF: "power-law"}
 DEFAULT_ENERGY_DEPENDENT = (ZENITH,)
 """Corrections with one coefficient per energy bin by default."""
 CORRECTION_KINDS = ("power-law", "cos", "linear")
+NUMBERS = ("reference", "coefficient", "clip_min", "clip_max")
+"""The numbers of a correction: one each, or one per energy bin."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,9 +70,8 @@ class ConditionCorrection:
     def __eq__(self, other):
         if not isinstance(other, ConditionCorrection):
             return NotImplemented
-        numbers = ("reference", "coefficient", "clip_min", "clip_max")
         return (self.column, self.kind) == (other.column, other.kind) and all(
-            np.array_equal(getattr(self, name), getattr(other, name)) for name in numbers
+            np.array_equal(getattr(self, name), getattr(other, name)) for name in NUMBERS
         )
 
     __hash__ = None  # a correction may hold arrays
@@ -78,7 +79,7 @@ class ConditionCorrection:
     @property
     def energy_dependent(self):
         """True if any parameter has one value per energy bin."""
-        return any(np.ndim(p) > 0 for p in (self.reference, self.coefficient, self.clip_min, self.clip_max))
+        return any(np.ndim(getattr(self, name)) > 0 for name in NUMBERS)
 
     @staticmethod
     def transform(kind, values):
