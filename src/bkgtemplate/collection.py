@@ -27,6 +27,7 @@ from .condition_bins import (
     column_values,
     interpolation_variable,
     interpolation_weights,
+    source_columns,
 )
 from .corrections import NUMBERS, ConditionCorrection
 from .histograms import RATE_UNIT
@@ -170,17 +171,14 @@ class BackgroundModelCollection:
         """Values per column from keywords (derived columns from their sources), as float arrays."""
         out = {}
         for column in required:
-            if values.get(column) is None and column in DERIVED_COLUMNS:
-                sources, function = DERIVED_COLUMNS[column]
-                if all(values.get(source) is not None for source in sources):
-                    source_values = self._values(values, sources)
-                    out[column] = np.atleast_1d(function(*(source_values[source] for source in sources)))
-                    continue
-                raise ValueError(
-                    f"Give a value for {column} (or for {' and '.join(sources)}): the collection needs {required}."
-                )
+            sources = source_columns(column)
+            if values.get(column) is None and sources != (column,) and all(values.get(s) is not None for s in sources):
+                derive = DERIVED_COLUMNS[column][1]
+                out[column] = np.atleast_1d(derive(*self._values(values, sources).values()))
+                continue
             if values.get(column) is None:
-                raise ValueError(f"Give a value for {column}: the collection needs {required}.")
+                alternative = f" (or for {' and '.join(sources)})" if sources != (column,) else ""
+                raise ValueError(f"Give a value for {column}{alternative}: the collection needs {required}.")
             value = values[column]
             if isinstance(value, u.Quantity):
                 value = value.to_value(self.units.get(column) or ("deg" if column in (ZENITH, AZIMUTH) else ""))

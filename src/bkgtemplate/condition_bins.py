@@ -24,6 +24,7 @@ __all__ = [
     "interpolation_variable",
     "interpolation_weights",
     "north_component",
+    "source_columns",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ def north_component(zenith, azimuth):
 
 DERIVED_COLUMNS = {NORTH: ((ZENITH, AZIMUTH), north_component)}
 """Columns `column_values` computes from obs-index columns: name -> (source columns, function)."""
+
+
+def source_columns(column):
+    """The obs-index columns a column is read from: its sources if derived, else itself."""
+    return DERIVED_COLUMNS[column][0] if column in DERIVED_COLUMNS else (column,)
 
 
 def column_values(table, column):

@@ -11,7 +11,6 @@ import astropy.units as u
 from astropy.table import Table
 from .collection import BackgroundModelCollection
 from .condition_bins import (
-    DERIVED_COLUMNS,
     DEFAULT_BINS,
     DEFAULT_INTERPOLATE,
     EmptyBinError,
@@ -23,6 +22,7 @@ from .condition_bins import (
     column_values,
     equal_livetime_edges,
     interpolation_variable,
+    source_columns,
 )
 from .corrections import CORRECTION_KINDS, DEFAULT_CORRECTIONS, DEFAULT_ENERGY_DEPENDENT, fit_corrections
 from .estimator import BackgroundModelEstimator
@@ -274,7 +274,7 @@ class _Builder:
         self.obs_ids = np.array(run_histograms.obs_ids)
         self.units = {column: _unit(table, column) for column in edges}
         missing = [
-            column for column in maker.corrections if column not in table.colnames and column not in DERIVED_COLUMNS
+            source for column in maker.corrections for source in source_columns(column) if source not in table.colnames
         ]
         if missing:
             raise KeyError(
