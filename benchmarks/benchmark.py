@@ -33,7 +33,7 @@ import gammapy
 from gammapy.data import DataStore
 from bkgtemplate import BackgroundModelEstimator, default_energy_axis, default_fov_axes, default_offset_axis
 from bkgtemplate.data import find_data_dir
-from bkgtemplate.fov import offset_solid_angle
+from bkgtemplate.geometry import offset_solid_angle
 
 log = logging.getLogger("benchmark")
 

@@ -1,15 +1,16 @@
 """Template background models for IACT data with gammapy 2.x.
 
-The pipeline, one module per stage: `runs` (what each run contributes), `fov` and
-`exclusion` (geometry), `histograms` (counts and exposure), `smoothing`, `estimator`
-(`BackgroundModelEstimator`), `conditions` (models over zenith and optical efficiency; the
-work in `condition_bins`, `corrections`, `run_histograms`, `collection` and
-`conditions_estimator`), `evaluation` (held-out checks), `store` (a new gammapy data store) and
-`plotting`.
+The pipeline, one module per stage: `data` (find a data store, read each run), `geometry`
+(field-of-view coordinates, solid angles, exclusion), `histograms` (counts and exposure run by
+run), `estimator` (`BackgroundModelEstimator`: runs -> a background IRF), `conditions` and
+`corrections` (models over zenith and optical efficiency), `store` (a new gammapy data store in
+which every run has its model), `evaluation` (held-out checks), `plotting` and `simulate` (an
+archive with a known truth).
 """
 
 from importlib.metadata import version
-from .conditions import BackgroundModelCollection, EmptyBinError, ObservingConditionsEstimator, RunHistograms
+from .conditions import BackgroundModelCollection, EmptyBinError, ObservingConditionsEstimator
+from .data import DataNotFoundError, RunError, find_data_dir, open_data_store
 from .estimator import (
     BackgroundModelEstimator,
     default_energy_axis,
@@ -18,9 +19,7 @@ from .estimator import (
     make_energy_axis,
     make_offset_axis,
 )
-from .exclusion import Exclusion
-from .histograms import BackgroundHistograms, HistogramSpec
-from .runs import RunError, RunInfo, collect_runs
+from .histograms import BackgroundHistograms
 from .store import write_background_store
 
 __version__ = version("bkgtemplate")
@@ -29,18 +28,16 @@ __all__ = [
     "BackgroundHistograms",
     "BackgroundModelCollection",
     "BackgroundModelEstimator",
+    "DataNotFoundError",
     "EmptyBinError",
-    "Exclusion",
-    "HistogramSpec",
     "ObservingConditionsEstimator",
     "RunError",
-    "RunHistograms",
-    "RunInfo",
-    "collect_runs",
     "default_energy_axis",
     "default_fov_axes",
     "default_offset_axis",
+    "find_data_dir",
     "make_energy_axis",
     "make_offset_axis",
+    "open_data_store",
     "write_background_store",
 ]

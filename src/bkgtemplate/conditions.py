@@ -1,65 +1,32 @@
-"""Background models over observing conditions: bins in obs-index columns, interpolation, corrections.
+"""Background models over observing conditions: bins of obs-index columns, interpolation, corrections.
 
-A `BackgroundModelCollection` holds one background model per bin of one or more obs-index
-columns (zenith ``ZEN_PNT`` by default, or ``MUONEFF``, or any numeric column, or the derived
-``NORTH_PNT``, the north component of the pointing direction) and gives a run the model of its
-conditions:
-
-- binned columns are either **interpolated** between bin centres (linear in the rate; in
-  cos(zenith) for ``ZEN_PNT``, in the value itself for other columns; clipped at the first and
-  last centre, never extrapolated) or looked up (the bin holding the run);
-- **corrections** multiply the rate by ``exp(coefficient x g(value))`` with a coefficient fitted
-  to the runs: ``"power-law"`` ``g = log(value / reference)``, i.e. rate proportional to
-  ``(MUONEFF / reference) ** index``; ``"cos"`` ``g = cos(value) - reference`` for an angle in
-  deg (cos(zenith)); ``"linear"`` ``g = value - reference`` (``NORTH_PNT``, the north-south
-  asymmetry the geomagnetic field gives). A correction is *energy-dependent* when it has one
-  coefficient per energy bin (the default for ``ZEN_PNT``: how fast the rate at each energy
-  changes with zenith). The references are livetime-weighted means over the runs, so each
-  bin's model is the rate at typical conditions, and a correction is clipped to the range of
-  the runs that measured each energy (never extrapolated).
-
-`ObservingConditionsEstimator` fills every run's counts and exposure once (`RunHistograms`)
-and sums them per bin, so that a collection without one run (leave-one-out) costs a
-subtraction, not a new pass over the events. The collection is written to FITS with one
-BinTable HDU per bin (the IRF's own ``to_table_hdu``), bin edges and centres in its header.
-
-This module gathers the names of the modules that do the work:
-
-- `~bkgtemplate.condition_bins`: bins, interpolation weights, equal-livetime edges;
-- `~bkgtemplate.corrections`: `ConditionCorrection` and the fit of its coefficients;
-- `~bkgtemplate.run_histograms`: `RunHistograms`, each run's counts and exposure;
-- `~bkgtemplate.collection`: `BackgroundModelCollection` and its FITS I/O;
-- `~bkgtemplate.conditions_estimator`: `ObservingConditionsEstimator`.
+Runs taken at larger zenith angles have higher energy thresholds and a higher rate at a given
+energy, so one model does not fit all runs. `ObservingConditionsEstimator` builds one model per
+bin of one or more obs-index columns (zenith ``ZEN_PNT`` by default, or ``MUONEFF``, any numeric
+column, or the derived ``NORTH_PNT``) into a `BackgroundModelCollection`, which gives any run the
+model of its conditions: **interpolated** linearly in the rate between bin centres (in
+cos(zenith) for ``ZEN_PNT``; clipped at the first and last centre, never extrapolated) or looked
+up (the bin holding the run), times the fitted **corrections** (`~bkgtemplate.corrections`).
+A collection is written to FITS with one HDU per bin (the IRF's own ``to_table_hdu``).
 """
 
-from .collection import BackgroundModelCollection
-from .condition_bins import (
-    AZIMUTH,
-    DEFAULT_BINS,
-    DEFAULT_INTERPOLATE,
-    DERIVED_COLUMNS,
-    MUONEFF,
-    NORTH,
-    TUTORIAL_ZENITH_EDGES,
-    ZENITH,
-    EmptyBinError,
-    assign_bins,
-    column_values,
-    equal_livetime_edges,
-    interpolation_variable,
-    interpolation_weights,
-    north_component,
-)
-from .conditions_estimator import ObservingConditionsEstimator
-from .corrections import CORRECTION_KINDS, DEFAULT_CORRECTIONS, DEFAULT_ENERGY_DEPENDENT, ConditionCorrection
-from .run_histograms import RunHistograms
+import logging
+import numpy as np
+import astropy.units as u
+from astropy.io import fits
+from astropy.table import Table
+from gammapy.irf import Background2D, Background3D
+from gammapy.makers import Maker
+from gammapy.utils.scripts import make_path
+from .corrections import CORRECTION_KINDS, ConditionCorrection, fit_corrections
+from .estimator import BackgroundModelEstimator
+from .histograms import RATE_UNIT
+from .store import staged_write
 
 __all__ = [
     "BackgroundModelCollection",
-    "ConditionCorrection",
     "EmptyBinError",
     "ObservingConditionsEstimator",
-    "RunHistograms",
     "assign_bins",
     "column_values",
     "equal_livetime_edges",
@@ -67,3 +34,654 @@ __all__ = [
     "interpolation_weights",
     "north_component",
 ]
+
+log = logging.getLogger(__name__)
+
+ZENITH, MUONEFF, AZIMUTH, NORTH = "ZEN_PNT", "MUONEFF", "AZ_PNT", "NORTH_PNT"
+TUTORIAL_ZENITH_EDGES = (0.0, 20.0, 40.0, 90.0)
+"""Zenith bin edges of the original gammapy tutorial, in deg."""
+DEFAULT_INTERPOLATE = (ZENITH, MUONEFF)
+DEFAULT_CORRECTIONS = {ZENITH: "cos", NORTH: "linear", MUONEFF: "power-law"}
+"""Default corrections, chosen by held-out prediction on the H.E.S.S. DL3 DR1 runs (notebook 3)."""
+DEFAULT_ENERGY_DEPENDENT = (ZENITH,)
+COLLECTION_KEY = "BKGCOLL"  # FITS keywords have at most 8 characters
+NORM_ENERGY = 1 * u.TeV  # energy at which CORRFAC and BKG_NORM report a correction
+
+
+class EmptyBinError(ValueError):
+    """A bin of observing conditions holds no run."""
+
+
+def north_component(zenith, azimuth):
+    """North component ``sin(zenith) cos(azimuth)`` of the pointing (angles in deg).
+
+    +sin(zenith) pointing north, -sin(zenith) south, 0 at the zenith, where the azimuth means
+    nothing. The geomagnetic field acts on showers through the angle between their axis and the
+    field, whose cosine is a sum of cos(zenith) and this term (field in the magnetic meridian).
+
+    >>> north_component([30, 30, 0], [0, 180, 90]).round(3)
+    array([ 0.5, -0.5,  0. ])
+    """
+    zenith, azimuth = np.deg2rad(np.asarray(zenith, float)), np.deg2rad(np.asarray(azimuth, float))
+    return np.sin(zenith) * np.cos(azimuth)
+
+
+DERIVED_COLUMNS = {NORTH: ((ZENITH, AZIMUTH), north_component)}
+"""Columns computed from obs-index columns: name -> (source columns, function)."""
+
+
+def source_columns(column):
+    """The obs-index columns a column is read from: its sources if derived, else itself."""
+    return DERIVED_COLUMNS[column][0] if column in DERIVED_COLUMNS else (column,)
+
+
+def column_values(table, column):
+    """Values of an obs-index column (or a derived one) as floats, in its own unit, NaN where masked."""
+    if column not in table.colnames and column in DERIVED_COLUMNS:
+        sources, function = DERIVED_COLUMNS[column]
+        return function(*(column_values(table, source) for source in sources))
+    if column not in table.colnames:
+        raise KeyError(f"The obs table has no column {column!r}; it has {table.colnames}.")
+    col = table[column]
+    if np.asarray(col).dtype.kind not in "iufb":
+        raise TypeError(f"Column {column} of the obs table holds {np.asarray(col).dtype} values; bin a numeric column.")
+    values = np.array(col, dtype=float)
+    return np.where(np.ma.getmaskarray(col), np.nan, values) if np.ma.is_masked(col) else values
+
+
+def _unit(table, column):
+    unit = None if column in DERIVED_COLUMNS and column not in table.colnames else getattr(table[column], "unit", None)
+    return "" if unit is None else u.Unit(unit).to_string()
+
+
+def interpolation_variable(column, values):
+    """The variable a column is interpolated in: cos(zenith) for ZEN_PNT (deg), else the value."""
+    values = np.asarray(values, dtype=float)
+    return np.cos(np.deg2rad(values)) if column == ZENITH else values
+
+
+def _from_interpolation_variable(column, x):
+    return np.rad2deg(np.arccos(np.clip(x, -1, 1))) if column == ZENITH else np.asarray(x, dtype=float)
+
+
+def assign_bins(values, edges):
+    """Bin of each value (bins include their lower edge, the last also its upper edge).
+
+    Returns ``(index, outside)``: values outside ``[edges[0], edges[-1]]`` get the nearest bin
+    and are flagged in ``outside``.
+
+    >>> assign_bins([0, 19.9, 20, 40, 90, 95], [0, 20, 40, 90])[0]
+    array([0, 0, 1, 2, 2, 2])
+    """
+    values, edges = np.atleast_1d(np.asarray(values, dtype=float)), np.asarray(edges, dtype=float)
+    n_bins = len(edges) - 1
+    index = np.where(values == edges[-1], n_bins - 1, np.searchsorted(edges, values, side="right") - 1)
+    outside = ~((values >= edges[0]) & (values <= edges[-1]))
+    return np.clip(index, 0, n_bins - 1), outside
+
+
+def interpolation_weights(x, centres):
+    """Linear interpolation partners ``lo <= hi`` and the weight of ``hi``, clipped at the end centres.
+
+    ``centres`` must be strictly monotonic (increasing or decreasing) in the bin index.
+
+    >>> lo, hi, w = interpolation_weights(np.cos(np.radians(20)), np.cos(np.radians([10, 30])))
+    >>> int(lo[0]), int(hi[0]), round(float(w[0]), 4)
+    (0, 1, 0.3798)
+    """
+    x, centres = np.atleast_1d(np.asarray(x, dtype=float)), np.asarray(centres, dtype=float)
+    if len(centres) == 1:
+        zeros = np.zeros(len(x), dtype=int)
+        return zeros, zeros, np.zeros(len(x))
+    sign = 1.0 if centres[-1] >= centres[0] else -1.0
+    c, v = sign * centres, sign * x
+    if np.any(np.diff(c) <= 0):
+        raise ValueError(f"Bin centres {centres} are not strictly monotonic: cannot interpolate.")
+    v = np.clip(v, c[0], c[-1])
+    lo = np.clip(np.searchsorted(c, v, side="right") - 1, 0, len(c) - 2)
+    weight = (v - c[lo]) / (c[lo + 1] - c[lo])
+    # values clipped to the last centre get that single bin
+    at_top = weight >= 1
+    lo, weight = np.where(at_top, lo + 1, lo), np.where(at_top, 0.0, weight)
+    return lo, np.where(weight == 0, lo, lo + 1), weight
+
+
+def equal_livetime_edges(values, livetime, n_bins):
+    """``n_bins + 1`` edges that split runs into bins of about equal livetime.
+
+    Inner edges lie halfway between the two runs on either side of each livetime quantile; the
+    outer edges are the smallest and largest values.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}.")
+    order = np.argsort(values)
+    values, livetime = np.asarray(values, float)[order], np.asarray(livetime, float)[order]
+    if len(np.unique(values)) < n_bins:
+        raise ValueError(f"{len(np.unique(values))} distinct values cannot fill {n_bins} equal-livetime bins.")
+    cumulative = np.cumsum(livetime) / livetime.sum()
+    edges = [values[0]]
+    for k in range(1, n_bins):
+        i = min(int(np.searchsorted(cumulative, k / n_bins)), len(values) - 2)
+        j = i + 1 + np.argmax(values[i + 1 :] != values[i]) if np.any(values[i + 1 :] != values[i]) else len(values) - 1
+        edge = 0.5 * (values[i] + values[j])
+        if edge <= edges[-1]:
+            raise ValueError(f"Cannot split {len(values)} runs into {n_bins} equal-livetime bins.")
+        edges.append(edge)
+    return np.array(edges + [values[-1]])
+
+
+def _bin_weights(edges, centres, interpolate, values):
+    """Flat bins and weights, each of shape (n_runs, 2 ** n_interpolated), of runs with given column values."""
+    n = len(next(iter(values.values()))) if values else 1
+    options = []
+    for column, column_edges in edges.items():
+        if column in interpolate:
+            x = interpolation_variable(column, values[column])
+            lo, hi, w = interpolation_weights(x, interpolation_variable(column, centres[column]))
+            options.append([(lo, 1 - w), (hi, w)])
+        else:
+            options.append([(assign_bins(values[column], column_edges)[0], np.ones(n))])
+    shape = tuple(len(e) - 1 for e in edges.values())
+    bins, weights = [], []
+    for choice in np.ndindex(*[len(o) for o in options]):
+        index = [options[k][c][0] for k, c in enumerate(choice)]
+        bins.append(np.ravel_multi_index(index, shape) if edges else np.zeros(n, dtype=int))
+        weights.append(np.broadcast_to(np.prod([options[k][c][1] for k, c in enumerate(choice)], axis=0), (n,)))
+    return np.array(bins).T, np.array(weights).T
+
+
+def _check_finite(values, obs_ids):
+    for column, array in values.items():
+        bad = np.asarray(obs_ids)[~np.isfinite(array)]
+        if len(bad):
+            raise ValueError(f"Runs {[int(i) for i in bad]} have no valid {column} in the obs table; fix or drop them.")
+
+
+class BackgroundModelCollection:
+    """Background models in bins of observing conditions, and the model for any run.
+
+    Parameters
+    ----------
+    models : list of `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
+        One model per bin, in C order over the bins of the columns. With corrections, each is
+        the rate at the corrections' references, not its runs' mean rate.
+    bin_edges : dict of {str: `~numpy.ndarray`}
+        Bin edges of each column, in the column's unit (deg for ZEN_PNT). Empty for one model.
+    centres : dict of {str: `~numpy.ndarray`}, optional
+        Centre of each bin, in the column's unit. Default is None (middle of the edges in the
+        interpolation variable).
+    interpolate : tuple of str, optional
+        Columns interpolated between centres; the others are looked up. Default is
+        ("ZEN_PNT", "MUONEFF") where binned.
+    corrections : list of `~bkgtemplate.corrections.ConditionCorrection`, optional
+        Rate corrections. Default is None.
+    units : dict of {str: str}, optional
+        Unit of each column. Default is None ("deg" for ZEN_PNT and AZ_PNT, else "").
+    runs : `~astropy.table.Table`, optional
+        Runs that built the collection: OBS_ID, BKG_BIN, LIVETIME and their conditions.
+
+    Examples
+    --------
+    >>> from gammapy.data import DataStore
+    >>> from bkgtemplate import ObservingConditionsEstimator
+    >>> data_store = DataStore.from_dir("$GAMMAPY_DATA/hess-dl3-dr1")
+    >>> table = data_store.obs_table
+    >>> off = table["OBS_ID"][table["TARGET_NAME"] == "Off data"]
+    >>> collection = ObservingConditionsEstimator().run(data_store, off)
+    >>> bkg = collection.model_for(zenith=30, muoneff=0.95, AZ_PNT=180)
+    """
+
+    def __init__(self, models, bin_edges, centres=None, interpolate=None, corrections=None, units=None, runs=None):
+        self.bin_edges = {column: np.asarray(edges, dtype=float) for column, edges in (bin_edges or {}).items()}
+        for column, edges in self.bin_edges.items():
+            if len(edges) < 2 or np.any(np.diff(edges) <= 0):
+                raise ValueError(f"Bin edges of {column} must be increasing with at least one bin, got {edges}.")
+        self.models = list(models)
+        if len(self.models) != int(np.prod(self.shape)):
+            raise ValueError(f"{len(self.models)} models for {int(np.prod(self.shape))} bins of shape {self.shape}.")
+        if not all(isinstance(model, (Background2D, Background3D)) for model in self.models):
+            raise TypeError("Models must be gammapy Background2D or Background3D.")
+        if any(model.axes != self.models[0].axes or type(model) is not type(self.models[0]) for model in self.models):
+            raise ValueError("All models of a collection must have the same kind and axes.")
+        self.units = {c: (units or {}).get(c, "deg" if c in (ZENITH, AZIMUTH) else "") for c in self.columns}
+        self.centres = {}
+        for column, edges in self.bin_edges.items():
+            x = interpolation_variable(column, edges)
+            default = _from_interpolation_variable(column, 0.5 * (x[:-1] + x[1:]))
+            self.centres[column] = np.asarray((centres or {}).get(column, default), dtype=float)
+        interpolate = DEFAULT_INTERPOLATE if interpolate is None else interpolate
+        self.interpolate = tuple(column for column in self.columns if column in interpolate)
+        self.corrections = list(corrections or [])
+        self.runs = runs
+
+    @property
+    def columns(self):
+        """Binned columns, in order."""
+        return list(self.bin_edges)
+
+    @property
+    def shape(self):
+        """Number of bins of each column."""
+        return tuple(len(edges) - 1 for edges in self.bin_edges.values())
+
+    @property
+    def n_bins(self):
+        return len(self.models)
+
+    @property
+    def condition_columns(self):
+        """Columns whose values a run's model needs: the binned and the corrected ones."""
+        return list(dict.fromkeys(self.columns + [correction.column for correction in self.corrections]))
+
+    @property
+    def bin_names(self):
+        """HDU name of each bin, e.g. "BKG_ZEN_PNT0" ("BKG_ALL" for a single model)."""
+        if not self.columns:
+            return ["BKG_ALL"]
+        index = np.array(np.unravel_index(np.arange(self.n_bins), self.shape)).T
+        return ["BKG_" + "_".join(f"{c}{i}" for c, i in zip(self.columns, idx)) for idx in index]
+
+    @property
+    def bin_labels(self):
+        """Readable label of each bin, e.g. "ZEN_PNT [0, 20) deg" (for plot legends)."""
+        labels = []
+        for flat in range(self.n_bins):
+            parts = []
+            for column, idx in zip(self.columns, np.unravel_index(flat, self.shape)):
+                edges, close = self.bin_edges[column], "]" if idx == self.shape[self.columns.index(column)] - 1 else ")"
+                parts.append(f"{column} [{edges[idx]:g}, {edges[idx + 1]:g}{close}" + (f" {self.units[column]}" if self.units[column] else ""))
+            labels.append(", ".join(parts) or "all runs")
+        return labels
+
+    def __str__(self):
+        lines = [f"BackgroundModelCollection: {self.n_bins} {type(self.models[0]).__name__} models"]
+        for column in self.columns:
+            how = "interpolated" if column in self.interpolate else "looked up"
+            unit = f" {self.units[column]}" if self.units[column] else ""
+            edges, centres = np.round(self.bin_edges[column], 4).tolist(), np.round(self.centres[column], 4).tolist()
+            lines.append(f"  {column}: edges {edges}{unit}, centres {centres}{unit} ({how})")
+        return "\n".join(lines + [f"  correction: {correction}" for correction in self.corrections])
+
+    __repr__ = __str__
+
+    def _values(self, table):
+        """Condition values of the runs of an obs table, checked to be finite."""
+        values = {column: column_values(table, column) for column in self.condition_columns}
+        _check_finite(values, table["OBS_ID"] if "OBS_ID" in table.colnames else np.arange(len(table)))
+        return values
+
+    def _norm_energy_index(self):
+        edges = self.models[0].axes["energy"].edges
+        return int(np.clip(np.searchsorted(edges, NORM_ENERGY, side="right") - 1, 0, len(edges) - 2))
+
+    def _factors(self, values, n):
+        """Product of the corrections per run and energy bin, shape (n, n_energy)."""
+        factor = np.ones((n, self.models[0].axes["energy"].nbin))
+        for correction in self.corrections:
+            factor = factor * correction.factor(values[correction.column]).reshape(n, -1)
+        return factor
+
+    def model_for(self, zenith=None, muoneff=None, **values):
+        """The background model of one set of observing conditions.
+
+        Parameters
+        ----------
+        zenith : float or `~astropy.units.Quantity`, optional
+            Zenith angle (ZEN_PNT), in deg. Default is None.
+        muoneff : float, optional
+            Optical efficiency (MUONEFF). Default is None.
+        **values : float
+            Values of other binned or corrected columns by name (e.g. ``AZ_PNT=180``); a derived
+            column (NORTH_PNT) may be given through its sources.
+
+        Returns
+        -------
+        bkg : `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
+            The model, with the conditions and the interpolation weights in its meta.
+        """
+        values.update({k: v for k, v in [(ZENITH, zenith), (MUONEFF, muoneff)] if v is not None})
+        values = {k: u.Quantity(v).to_value("deg") if isinstance(v, u.Quantity) else v for k, v in values.items()}
+        missing = [c for c in self.condition_columns if c not in values and not all(s in values for s in source_columns(c))]
+        if missing:
+            raise ValueError(f"Give a value for {missing}: the collection needs {self.condition_columns}.")
+        table = Table({column: [float(value)] for column, value in values.items()})
+        return self._models_for(table)[0]
+
+    def _models_for(self, table):
+        values = self._values(table)
+        bins, weights = _bin_weights(self.bin_edges, self.centres, self.interpolate, {c: values[c] for c in self.columns})
+        factors = self._factors(values, len(table))
+        return [
+            self._combine(bins[i], weights[i], factors[i], {c: values[c][i] for c in self.condition_columns})
+            for i in range(len(table))
+        ]
+
+    def _combine(self, bins, weights, factor, values):
+        # Per energy bin, only the models measured there (at or above their EMEASMIN) share the
+        # weight: a high-zenith bin's extrapolated rate near low-zenith thresholds must not dilute
+        # a measured one.
+        energy = self.models[0].axes["energy"].edges[:-1].to_value("TeV")
+        used = [(self.models[int(i)], w) for i, w in zip(bins, weights) if w > 0]
+        measured = np.array([w * (energy >= m.meta.get("EMEASMIN", 0.0) * (1 - 1e-6)) for m, w in used])
+        norm = measured.sum(axis=0)
+        plain = np.array([np.full(len(energy), w) for _, w in used])
+        effective = np.where(norm > 0, measured / np.where(norm > 0, norm, 1), plain)
+        expand = (-1,) + (1,) * (self.models[0].data.ndim - 1)
+        data = sum(w.reshape(expand) * m.quantity.to_value(RATE_UNIT) for (m, _), w in zip(used, effective))
+        template = self.models[int(bins[np.argmax(weights)])]
+        meta = {k: v for k, v in template.meta.items() if not k.startswith(("BIN", "NRUNS", "NEVENTS"))}
+        meta.update({f"COND{i + 1}": column for i, column in enumerate(values)})
+        meta.update({f"CONDVAL{i + 1}": float(value) for i, value in enumerate(values.values())})
+        meta.update({f"WBIN{i + 1}": int(b) for i, b in enumerate(bins)})
+        meta.update({f"WEIGHT{i + 1}": float(w) for i, w in enumerate(weights)})
+        meta["CORRFAC"] = float(factor[self._norm_energy_index()])
+        meta["EMEASMIN"] = min(m.meta.get("EMEASMIN", 0.0) for m, _ in used)
+        return type(template)(
+            axes=template.axes, data=data * factor.reshape(expand), unit=RATE_UNIT, meta=meta, fov_alignment=template.fov_alignment
+        )
+
+    def assign(self, obs_table):
+        """Bin, interpolation partners, weights and correction of each run of ``obs_table``.
+
+        Returns a table with OBS_ID; BKG_BIN (flat index of the bin holding the run, the nearest
+        outside all bins) and BKG_HDU (its name); ``<col>_BIN`` per binned column; ``<col>_LO``,
+        ``<col>_HI`` and ``<col>_W`` (weight of ``_HI``) per interpolated column; BKG_NORM, the
+        product of the corrections at 1 TeV.
+        """
+        values = self._values(obs_table)
+        table = Table({"OBS_ID": np.asarray(obs_table["OBS_ID"], dtype=np.int64)})
+        index, outside = [], np.zeros(len(obs_table), dtype=bool)
+        for column in self.columns:
+            idx, out = assign_bins(values[column], self.bin_edges[column])
+            index.append(idx)
+            outside |= out
+            table[f"{column}_BIN"] = idx
+            if column in self.interpolate:
+                x = interpolation_variable(column, values[column])
+                lo, hi, w = interpolation_weights(x, interpolation_variable(column, self.centres[column]))
+                table[f"{column}_LO"], table[f"{column}_HI"], table[f"{column}_W"] = lo, hi, w
+        if outside.any():
+            log.warning(f"Runs {list(table['OBS_ID'][outside])} lie outside the bins of {self.columns}: they get the nearest bin.")
+        table["BKG_BIN"] = np.ravel_multi_index(index, self.shape) if self.columns else np.zeros(len(table), dtype=int)
+        table["BKG_HDU"] = [self.bin_names[i] for i in table["BKG_BIN"]]
+        table["BKG_NORM"] = self._factors(values, len(table))[:, self._norm_energy_index()]
+        return table
+
+    def to_store_inputs(self, obs_table, interpolate=True):
+        """Models and assignment for `~bkgtemplate.store.write_background_store`.
+
+        With ``interpolate=True`` every run gets its own model, interpolated and corrected for its
+        conditions (HDU names "BKG_<OBS_ID>"); with False, one model per bin, each run taking the
+        bin that holds it, without interpolation or corrections.
+
+        Returns
+        -------
+        models : dict of {str: `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`}
+            Models by HDU name.
+        assignment : `~astropy.table.Table`
+            OBS_ID, BKG_HDU and the columns of `assign`.
+        """
+        assignment = self.assign(obs_table)
+        if not interpolate:
+            if self.corrections or self.interpolate:
+                log.warning("One model per bin: the interpolation and the corrections are not applied to the runs.")
+            return dict(zip(self.bin_names, self.models)), assignment
+        assignment["BKG_HDU"] = [f"BKG_{obs_id}" for obs_id in assignment["OBS_ID"]]
+        return dict(zip(assignment["BKG_HDU"], self._models_for(obs_table))), assignment
+
+    def to_hdulist(self):
+        """FITS HDUs: a primary HDU describing the collection, one HDU per bin (the model's
+        ``to_table_hdu`` with BINCOLn, BINIDXn, BINLOn, BINHIn, BINCENn and BINUNIn), a CORRECTIONS
+        table if there are corrections and a RUNS table if known."""
+        primary = fits.PrimaryHDU()
+        header = primary.header
+        header[COLLECTION_KEY] = (True, "bkgtemplate background model collection")
+        header["NBINCOL"] = len(self.columns)
+        for i, column in enumerate(self.columns, start=1):
+            header[f"BINCOL{i}"], header[f"BINUNI{i}"] = column, self.units[column]
+            header[f"NBIN{i}"], header[f"INTERP{i}"] = self.shape[i - 1], column in self.interpolate
+        header["NCORR"] = len(self.corrections)
+        hdus = [primary]
+        for flat, (name, model) in enumerate(zip(self.bin_names, self.models)):
+            hdu = model.to_table_hdu()
+            hdu.name = name
+            for i, (column, idx) in enumerate(zip(self.columns, np.unravel_index(flat, self.shape)), start=1):
+                edges = self.bin_edges[column]
+                hdu.header.update({f"BINCOL{i}": column, f"BINUNI{i}": self.units[column], f"BINIDX{i}": int(idx)})
+                hdu.header.update({f"BINLO{i}": edges[idx], f"BINHI{i}": edges[idx + 1], f"BINCEN{i}": self.centres[column][idx]})
+            hdus.append(hdu)
+        if self.corrections:
+            n_energy = self.models[0].axes["energy"].nbin
+            hdus.append(fits.BinTableHDU(ConditionCorrection.to_table(self.corrections, n_energy), name="CORRECTIONS"))
+        if self.runs is not None:
+            hdus.append(fits.BinTableHDU(Table(self.runs), name="RUNS"))
+        return fits.HDUList(hdus)
+
+    def write(self, filename, overwrite=False):
+        """Write to a FITS file (see `to_hdulist`), atomically: never a half-written file."""
+        with staged_write(make_path(filename), overwrite=overwrite) as path:
+            self.to_hdulist().writeto(path)
+
+    @classmethod
+    def read(cls, filename):
+        """Read a collection written by `write`."""
+        filename = make_path(filename)
+        try:
+            with fits.open(filename, memmap=False) as hdulist:
+                hdulist.verify("exception")
+                return cls.from_hdulist(hdulist)
+        except (OSError, KeyError, ValueError, fits.VerifyError) as error:
+            raise ValueError(f"Cannot read a background model collection from {filename} ({error}); rewrite it.") from None
+
+    @classmethod
+    def from_hdulist(cls, hdulist):
+        """Collection from the HDUs written by `to_hdulist`."""
+        header = hdulist[0].header
+        if not header.get(COLLECTION_KEY, False):
+            raise ValueError(f"not a background model collection (no {COLLECTION_KEY} in the primary header)")
+        columns = [header[f"BINCOL{i}"] for i in range(1, header["NBINCOL"] + 1)]
+        shape = tuple(header[f"NBIN{i}"] for i in range(1, len(columns) + 1))
+        edges = {column: np.full(n + 1, np.nan) for column, n in zip(columns, shape)}
+        centres = {column: np.full(n, np.nan) for column, n in zip(columns, shape)}
+        models = []
+        for hdu in hdulist[1 : 1 + int(np.prod(shape))]:
+            kind = Background3D if hdu.header.get("HDUCLAS4") == "BKG_3D" else Background2D
+            models.append(kind.from_table(Table.read(hdu)))
+            for i, column in enumerate(columns, start=1):
+                idx = hdu.header[f"BINIDX{i}"]
+                edges[column][idx : idx + 2] = hdu.header[f"BINLO{i}"], hdu.header[f"BINHI{i}"]
+                centres[column][idx] = hdu.header[f"BINCEN{i}"]
+        return cls(
+            models,
+            edges,
+            centres,
+            interpolate=tuple(c for i, c in enumerate(columns, start=1) if header[f"INTERP{i}"]),
+            corrections=ConditionCorrection.from_table(Table.read(hdulist["CORRECTIONS"])) if header["NCORR"] else [],
+            units={column: header[f"BINUNI{i}"] for i, column in enumerate(columns, start=1)},
+            runs=Table.read(hdulist["RUNS"]) if "RUNS" in hdulist else None,
+        )
+
+
+class ObservingConditionsEstimator(Maker):
+    """Estimate a `BackgroundModelCollection` over observing conditions.
+
+    Each run's counts and exposure are filled once; a bin's model is the estimator's model of
+    the runs in that bin. Corrections are fitted jointly by maximising the Poisson likelihood of
+    all runs' counts given the collection. The defaults (notebook 3 shows how they were chosen,
+    by held-out prediction): the tutorial zenith bins interpolated in cos(zenith), a zenith
+    correction per energy bin, a north-south term in ``NORTH_PNT`` and a MUONEFF power law.
+
+    Parameters
+    ----------
+    estimator : `~bkgtemplate.BackgroundModelEstimator`, optional
+        Axes, exclusion, smoothing and parallel options of the models. Default is a default
+        (2D) `BackgroundModelEstimator`.
+    bins : dict of {str: list of float or int}, optional
+        Bins per obs-index column: edges in the column's unit (deg for ZEN_PNT), or a number of
+        equal-livetime bins. Several columns make a grid; an empty dict gives one model.
+        Default is ``{"ZEN_PNT": [0, 20, 40, 90]}``.
+    interpolate : tuple of str, optional
+        Binned columns interpolated between bin centres. Default is ("ZEN_PNT", "MUONEFF").
+    corrections : dict of {str: {"power-law", "cos", "linear"}}, optional
+        Fitted rate corrections per column (see `~bkgtemplate.corrections.ConditionCorrection`).
+        Default is ``{"ZEN_PNT": "cos", "NORTH_PNT": "linear", "MUONEFF": "power-law"}``;
+        ``{}`` for none.
+    energy_dependent : tuple of str, optional
+        Corrected columns with one coefficient per energy bin. Default is None (("ZEN_PNT",) if
+        ZEN_PNT is corrected).
+    merge_empty : bool, optional
+        Merge a bin without runs with its neighbour of less livetime instead of raising
+        `EmptyBinError`. Default is False.
+    """
+
+    tag = "ObservingConditionsEstimator"
+
+    def __init__(self, estimator=None, bins=None, interpolate=None, corrections=None, energy_dependent=None, merge_empty=False):
+        self.estimator = BackgroundModelEstimator() if estimator is None else estimator
+        if not isinstance(self.estimator, BackgroundModelEstimator):
+            raise TypeError(f"estimator must be a BackgroundModelEstimator, got {type(self.estimator).__name__}.")
+        self.bins = {}
+        for column, spec in ({ZENITH: TUTORIAL_ZENITH_EDGES} if bins is None else bins).items():
+            if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+                if spec < 1:
+                    raise ValueError(f"The number of bins of {column} must be >= 1, got {spec}.")
+                self.bins[column] = int(spec)
+                continue
+            try:
+                edges = np.asarray(u.Quantity(spec, "deg").value if isinstance(spec, u.Quantity) else spec, dtype=float)
+            except (TypeError, ValueError):
+                raise ValueError(f"Bins of {column} must be a list of edges or a number of bins, got {spec!r}.") from None
+            if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
+                raise ValueError(f"Bin edges of {column} must increase, with at least two edges; got {spec!r}.")
+            self.bins[column] = edges
+        self.interpolate = tuple(DEFAULT_INTERPOLATE if interpolate is None else interpolate)
+        not_binned = [c for c in self.interpolate if c not in self.bins and c not in DEFAULT_INTERPOLATE]
+        if not_binned:
+            raise ValueError(f"Cannot interpolate in {not_binned}: they are not binned ({list(self.bins)}).")
+        self.corrections = dict(DEFAULT_CORRECTIONS if corrections is None else corrections)
+        for column, kind in self.corrections.items():
+            if kind not in CORRECTION_KINDS:
+                raise ValueError(f"Unknown correction {kind!r} for {column}; choose one of {CORRECTION_KINDS}.")
+        if energy_dependent is None:
+            energy_dependent = [c for c in DEFAULT_ENERGY_DEPENDENT if c in self.corrections]
+        uncorrected = [c for c in energy_dependent if c not in self.corrections]
+        if uncorrected:
+            raise ValueError(f"energy_dependent names {uncorrected}, which have no correction; corrections are {list(self.corrections)}.")
+        self.energy_dependent = tuple(energy_dependent)
+        self.merge_empty = bool(merge_empty)
+
+    def __str__(self):
+        bins = {c: (v if isinstance(v, int) else v.tolist()) for c, v in self.bins.items()}
+        return (
+            f"{self.tag}: bins {bins}, interpolate {[c for c in self.interpolate if c in self.bins]}, "
+            f"corrections {self.corrections}, energy-dependent {list(self.energy_dependent)}"
+        )
+
+    def run(self, data_store, obs_ids=None):
+        """Build the collection from runs of a data store (all runs by default)."""
+        return self.make_collection(self.estimator.fill(data_store, obs_ids))
+
+    def make_bin_edges(self, obs_table):
+        """Bin edges per column; equal-livetime bins from the runs of ``obs_table``."""
+        livetime = u.Quantity(obs_table["LIVETIME" if "LIVETIME" in obs_table.colnames else "ONTIME"], "s").value
+        if np.any(~(livetime > 0)):
+            raise ValueError(f"Runs {list(obs_table['OBS_ID'][~(livetime > 0)])} have a livetime <= 0 or NaN; fix or drop them.")
+        return {
+            column: equal_livetime_edges(column_values(obs_table, column), livetime, spec) if isinstance(spec, int) else spec
+            for column, spec in self.bins.items()
+        }
+
+    def make_collection(self, histograms, use=None, merge_empty=None):
+        """Build the collection from each run's counts and exposure.
+
+        Parameters
+        ----------
+        histograms : `~bkgtemplate.histograms.BackgroundHistograms`
+            Counts and exposure of each run (`BackgroundModelEstimator.fill`).
+        use : `~numpy.ndarray` of bool, optional
+            Runs to build from. Equal-livetime edges always come from all runs. Default is all.
+        merge_empty : bool, optional
+            Override of the configured ``merge_empty``. Default is None.
+
+        Returns
+        -------
+        collection : `BackgroundModelCollection`
+        """
+        table, obs_ids = histograms.obs_table, np.array(histograms.obs_ids)
+        use = np.ones(len(obs_ids), dtype=bool) if use is None else np.asarray(use, dtype=bool)
+        if not use.any():
+            raise ValueError("No run to build the collection from.")
+        edges = self.make_bin_edges(table)
+        missing = [s for c in list(edges) + list(self.corrections) for s in source_columns(c) if s not in table.colnames]
+        if missing:
+            raise KeyError(f"The obs table has no {missing} for the bins and corrections; give other bins or corrections={{}}.")
+        values = {c: column_values(table, c) for c in dict.fromkeys(list(edges) + list(self.corrections))}
+        _check_finite({c: v[use] for c, v in values.items()}, obs_ids[use])
+        livetime = histograms.livetime
+        edges, cells = self._fill_bins(edges, values, livetime, use, self.merge_empty if merge_empty is None else merge_empty)
+        centres = {}
+        for k, column in enumerate(edges):
+            index = np.unravel_index(cells, tuple(len(e) - 1 for e in edges.values()))[k][use]
+            x = interpolation_variable(column, values[column][use])
+            centres[column] = _from_interpolation_variable(
+                column, np.bincount(index, livetime[use] * x) / np.bincount(index, livetime[use])
+            )
+        interpolate = tuple(c for c in edges if c in self.interpolate)
+        bins, weights = _bin_weights(edges, centres, interpolate, {c: values[c][use] for c in edges})
+        matrix = np.zeros((int(use.sum()), int(np.prod([len(e) - 1 for e in edges.values()]))))
+        np.add.at(matrix, (np.repeat(np.arange(len(bins)), bins.shape[1]), bins.ravel()), weights.ravel())
+        n_runs, n_energy = histograms.counts.shape[:2]
+        counts = histograms.counts[use].reshape(int(use.sum()), n_energy, -1)
+        exposure = histograms.exposure.value[use].reshape(counts.shape)
+        corrections = fit_corrections(
+            self.corrections, {c: values[c][use] for c in self.corrections}, livetime[use], counts, exposure,
+            cells[use], matrix, energy_dependent=self.energy_dependent,
+        )
+        factors = np.ones((n_runs, n_energy))
+        for correction in corrections:
+            factors = factors * correction.factor(values[correction.column]).reshape(n_runs, -1)
+        models = []
+        for cell in range(matrix.shape[1]):
+            members = use & (cells == cell)
+            model = histograms.select(obs_ids[members]).to_irf(factors[members], self.estimator.smooth_sigma)
+            model.meta["LIVETIME"] = float(livetime[members].sum())
+            models.append(model)
+        runs = Table({"OBS_ID": obs_ids[use].astype(np.int64), "BKG_BIN": cells[use], "LIVETIME": livetime[use] * u.s})
+        for column in values:
+            runs[column] = values[column][use]
+        units = {column: _unit(table, column) for column in edges}
+        return BackgroundModelCollection(models, edges, centres, interpolate, corrections, units, runs)
+
+    def _fill_bins(self, edges, values, livetime, use, merge_empty):
+        """Each run's flat bin, merging bins without used runs with a neighbour if asked."""
+        while True:
+            shape = tuple(len(e) - 1 for e in edges.values())
+            cells = np.ravel_multi_index([assign_bins(values[c], e)[0] for c, e in edges.items()], shape) if edges else np.zeros(len(use), dtype=int)
+            empty = np.flatnonzero(np.bincount(cells[use], minlength=int(np.prod(shape))) == 0)
+            if not len(empty):
+                outside = np.any([assign_bins(values[c][use], e)[1] for c, e in edges.items()], axis=0) if edges else []
+                if np.any(outside):
+                    log.warning(f"{int(np.sum(outside))} runs lie outside the bins of {list(edges)}: they are put in the nearest bin.")
+                return edges, cells
+            index = np.unravel_index(empty[0], shape)
+            spans = ", ".join(f"{c} {np.min(values[c][use]):.4g}-{np.max(values[c][use]):.4g}" for c in edges)
+            label = ", ".join(f"{c} [{edges[c][i]:g}, {edges[c][i + 1]:g}]" for c, i in zip(edges, index))
+            axes = [k for k in reversed(range(len(shape))) if shape[k] > 1]
+            if not merge_empty or not axes:
+                raise EmptyBinError(
+                    f"Bin {label} has no runs (the {int(use.sum())} runs span {spans}); change the bin edges or use merge_empty=True."
+                )
+            k, column = axes[0], list(edges)[axes[0]]
+            per_bin = np.bincount(np.unravel_index(cells, shape)[k][use], livetime[use], minlength=shape[k])
+            partner = min((j for j in (index[k] - 1, index[k] + 1) if 0 <= j < shape[k]), key=lambda j: (per_bin[j], j))
+            log.info(f"Bin {label} has no runs: merged with {column} bin {partner}.")
+            edges = {**edges, column: np.delete(edges[column], max(index[k], partner))}
+
+    def leave_one_out(self, histograms, obs_ids=None):
+        """Collections each built without one run (corrections refitted; a bin left empty is merged).
+
+        Yields ``(obs_id, collection)`` for each run of ``obs_ids`` (default: every run).
+        """
+        for obs_id in histograms.obs_ids if obs_ids is None else obs_ids:
+            use = np.array(histograms.obs_ids) != int(obs_id)
+            yield int(obs_id), self.make_collection(histograms, use=use, merge_empty=True)

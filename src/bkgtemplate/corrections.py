@@ -14,18 +14,13 @@ energy, those with exposure there), so that a correction is never extrapolated b
 import logging
 from dataclasses import dataclass, replace
 import numpy as np
+from astropy.table import Table
 from scipy.optimize import minimize
-from .condition_bins import MUONEFF, NORTH, ZENITH
 
-__all__ = ["ConditionCorrection", "fit_corrections"]
+__all__ = ["CORRECTION_KINDS", "ConditionCorrection", "fit_corrections"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CORRECTIONS = {ZENITH: "cos", NORTH: "linear", MUONEFF: "power-law"}
-"""Default corrections, chosen by held-out performance on the H.E.S.S. DL3 DR1 runs (see
-`ObservingConditionsEstimator`)."""
-DEFAULT_ENERGY_DEPENDENT = (ZENITH,)
-"""Corrections with one coefficient per energy bin by default."""
 CORRECTION_KINDS = ("power-law", "cos", "linear")
 NUMBERS = ("reference", "coefficient", "clip_min", "clip_max")
 """The numbers of a correction: one each, or one per energy bin."""
@@ -112,6 +107,26 @@ class ConditionCorrection:
     def factor(self, values):
         """Correction factor ``exp(coefficient x g(value))`` (see `variable` for the shape)."""
         return np.exp(self.coefficient * self.variable(values))
+
+    @staticmethod
+    def to_table(corrections, n_energy):
+        """Table of corrections: COLUMN, KIND, ENERGY_DEPENDENT and the numbers per energy bin."""
+        table = Table({"COLUMN": [c.column for c in corrections], "KIND": [c.kind for c in corrections]})
+        table["ENERGY_DEPENDENT"] = [c.energy_dependent for c in corrections]
+        for name in NUMBERS:
+            table[name.upper()] = [np.broadcast_to(getattr(c, name), (n_energy,)) for c in corrections]
+        return table
+
+    @classmethod
+    def from_table(cls, table):
+        """Corrections from a table written by `to_table`."""
+        corrections = []
+        for row in table:
+            numbers = {name: np.array(row[name.upper()], dtype=float) for name in NUMBERS}
+            if not row["ENERGY_DEPENDENT"]:
+                numbers = {name: float(array[0]) for name, array in numbers.items()}
+            corrections.append(cls(column=str(row["COLUMN"]), kind=str(row["KIND"]), **numbers))
+        return corrections
 
     def __str__(self):
         if self.energy_dependent:

@@ -1,17 +1,39 @@
-"""Data: find the H.E.S.S. DL3 DR1 release and open it as a gammapy data store.
+"""Data: find a DL3 data store, open it, and read what each run contributes.
 
 The data is looked for at an explicit path or, by default, at ``$GAMMAPY_DATA/hess-dl3-dr1``,
-the layout that ``gammapy download datasets`` produces. A missing dataset raises
-`DataNotFoundError` with one line that says which path was tried and how to get the data.
+the layout that ``gammapy download datasets`` produces. For each run only the obs-index row and
+the EVENTS columns are read (a whole gammapy `~gammapy.data.Observation` would also load IRFs
+the background estimate does not use), and they are checked against each other: a bad run
+raises `RunError` with one line naming the run and the file.
 """
 
+import gzip
 import logging
 import os
 import re
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from gammapy.data import DataStore
+import numpy as np
+import astropy.units as u
+from astropy.coordinates import EarthLocation, HADec, SkyCoord, angular_separation
+from astropy.io import fits
+from astropy.table import Table
+from astropy.time import Time
+from gammapy.data import DataStore, Observations
 
-__all__ = ["DATASET_NAME", "DataNotFoundError", "find_data_dir", "open_data_store"]
+__all__ = [
+    "DATASET_NAME",
+    "DataNotFoundError",
+    "RunError",
+    "RunInfo",
+    "check_obs_ids",
+    "collect_runs",
+    "find_data_dir",
+    "obs_table_rows",
+    "open_data_store",
+    "read_events",
+]
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +42,11 @@ DATASET_NAME = "hess-dl3-dr1"
 
 INDEX_STEMS = ("hdu-index", "obs-index")
 INDEX_SUFFIXES = (".fits.gz", ".fits")
+GADF_UNITS = {"ONTIME": "s", "TSTART": "s", "TSTOP": "s", "RA_PNT": "deg", "DEC_PNT": "deg", "SAFE_ENERGY_LO": "TeV"}
+# Used only when neither the obs index nor the EVENTS headers say, with a warning.
+HESS_DEFAULTS = dict(GEOLON=16.5002222222222, GEOLAT=-23.2717777777778, ALTITUDE=1835.0, MJDREFI=51910, MJDREFF=0.0)
+MAX_POINTING_MISMATCH_DEG = 0.1
+TIME_SLACK = 1.0  # s: event times may sit on the run's edges to rounding
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -30,21 +57,16 @@ def _how_to_get():
     # `gammapy download datasets --out DIR` extracts into DIR/<release>/, not DIR itself.
     from gammapy.scripts.download import RELEASE
 
-    return (
-        f"get it with `gammapy download datasets --out <dir>` "
-        f"then `export GAMMAPY_DATA=<dir>/{RELEASE}`"
-    )
+    return f"get it with `gammapy download datasets --out <dir>` then `export GAMMAPY_DATA=<dir>/{RELEASE}`"
 
 
 def _index_files(folder):
     """Index files of a data store folder, {stem: path}; a stem without a file is left out."""
     found = {}
     for stem in INDEX_STEMS:
-        for suffix in INDEX_SUFFIXES:
-            filename = folder / f"{stem}{suffix}"
-            if filename.is_file():
-                found[stem] = filename
-                break
+        files = [folder / f"{stem}{suffix}" for suffix in INDEX_SUFFIXES if (folder / f"{stem}{suffix}").is_file()]
+        if files:
+            found[stem] = files[0]
     return found
 
 
@@ -68,14 +90,6 @@ def find_data_dir(path=None):
     DataNotFoundError
         If an environment variable in the path is not set, the folder does not exist, or it
         lacks one of the two index files. The message names the path tried.
-
-    Examples
-    --------
-    >>> from bkgtemplate.data import find_data_dir
-    >>> find_data_dir()  # doctest: +SKIP
-    PosixPath('/home/user/gammapy-data/hess-dl3-dr1')
-    >>> find_data_dir("$GAMMAPY_DATA/hess-dl3-dr1").name  # doctest: +SKIP
-    'hess-dl3-dr1'
     """
     if path is None:
         if not os.environ.get("GAMMAPY_DATA"):
@@ -94,6 +108,8 @@ def find_data_dir(path=None):
         )
 
     folder = Path(expanded).absolute()
+    if folder.is_file() and folder.name.startswith(INDEX_STEMS):
+        raise DataNotFoundError(f"Data not found: {folder} is an index file; give its folder {folder.parent}.")
     if not folder.is_dir():
         raise DataNotFoundError(f"Data not found: folder {folder} does not exist; {_how_to_get()}")
 
@@ -109,35 +125,300 @@ def find_data_dir(path=None):
 
 
 def open_data_store(path=None):
-    """Open a DL3 data store found with `find_data_dir`.
+    """Open a DL3 data store found with `find_data_dir` (index files ``.fits.gz`` or ``.fits``).
 
     Parameters
     ----------
     path : str or `~pathlib.Path`, optional
-        Folder of the data store, see `find_data_dir`. Default is None, which means
-        ``$GAMMAPY_DATA/hess-dl3-dr1``.
+        Folder of the data store. Default is None, which means ``$GAMMAPY_DATA/hess-dl3-dr1``.
 
     Returns
     -------
     data_store : `~gammapy.data.DataStore`
-        The data store, read from its index files (``.fits.gz`` or ``.fits``).
-
-    Raises
-    ------
-    DataNotFoundError
-        If the folder or its index files are missing.
-
-    Examples
-    --------
-    >>> from bkgtemplate.data import open_data_store
-    >>> data_store = open_data_store()  # doctest: +SKIP
-    >>> len(data_store.obs_table)  # doctest: +SKIP
-    105
+        The data store.
     """
     folder = find_data_dir(path)
     index = _index_files(folder)
-    return DataStore.from_dir(
-        folder,
-        hdu_table_filename=index["hdu-index"],
-        obs_table_filename=index["obs-index"],
-    )
+    try:
+        return DataStore.from_dir(folder, hdu_table_filename=index["hdu-index"], obs_table_filename=index["obs-index"])
+    except OSError as error:
+        raise DataNotFoundError(f"Cannot read the index files of {folder} ({error}); check or rewrite them.") from None
+
+
+class RunError(Exception):
+    """A run that cannot be used; the message names the run and the file."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Everything the estimator needs from one run, small enough to send to a worker.
+
+    Angles are in rad, times in s (mission elapsed time), energies in TeV.
+    """
+
+    obs_id: int
+    path: str
+    hdu: str
+    ontime: float
+    safe_energy_lo: float
+    ra_pnt: float
+    dec_pnt: float
+    tstart: float
+    tstop: float
+    hour_angle: float
+    dec_apparent: float
+    latitude: float
+
+
+def check_obs_ids(obs_ids, data_store=None):
+    """Run numbers as a list of distinct int; a repeated run is used once, with a warning.
+
+    ``obs_ids`` may be a list of run numbers, a `~gammapy.data.Observations` or None (all runs
+    of ``data_store``).
+    """
+    if obs_ids is None and data_store is not None:
+        obs_ids = data_store.obs_table["OBS_ID"]
+    elif isinstance(obs_ids, Observations):
+        obs_ids = obs_ids.ids
+    if obs_ids is None or isinstance(obs_ids, (str, bytes, int, np.integer)):
+        raise TypeError(f"obs_ids must be a list of run numbers, got {obs_ids!r}; e.g. give [{obs_ids}].")
+    try:
+        ids = [int(obs_id) for obs_id in obs_ids]
+    except (TypeError, ValueError):
+        raise TypeError(f"obs_ids must be a list of run numbers, got {list(obs_ids)[:5]!r}.") from None
+    unique = list(dict.fromkeys(ids))
+    if len(unique) < len(ids):
+        repeated = sorted({obs_id for obs_id in ids if ids.count(obs_id) > 1})
+        log.warning(f"Runs {repeated} appear more than once in obs_ids: each is used once.")
+    if not unique:
+        raise ValueError("The run selection is empty: check the selection cuts (no run passed).")
+    return unique
+
+
+def _column(table, name, unit):
+    """A column in ``unit``, NaN where masked; without a unit the GADF unit is assumed, with a warning."""
+    if name not in table.colnames:
+        return None
+    column = table[name]
+    if column.unit is None and unit is not None:
+        source = table.meta.get("BASE_DIR", "the obs index")
+        log.warning(f"Column {name} of {source} has no unit: assuming {GADF_UNITS[name]} (GADF).")
+        values = u.Quantity(np.asarray(column, float), GADF_UNITS[name]).to_value(unit)
+    else:
+        values = column.quantity.to_value(unit) if unit is not None else np.asarray(column, float)
+    if np.ma.is_masked(column):
+        values = np.where(np.ma.getmaskarray(column), np.nan, values)
+    return np.asarray(values, dtype=float)
+
+
+def _require(table, name, unit, obs_ids, what):
+    values = _column(table, name, unit)
+    if values is None:
+        raise KeyError(f"The obs index has no {name} column; add {what} for every run.")
+    bad = [obs_id for obs_id, value in zip(obs_ids, values) if not np.isfinite(value)]
+    if bad:
+        raise ValueError(f"Runs {bad} have no valid {name} in the obs index; fix or drop them.")
+    return values
+
+
+def _site_and_reference(obs_table, runs_headers):
+    """Observatory location and time reference: obs-index header, else each run's EVENTS header."""
+    meta = obs_table.meta
+    keys = ("GEOLON", "GEOLAT", "ALTITUDE", "MJDREFI", "MJDREFF")
+    values = {key: np.array([float(meta[key])] * len(runs_headers)) for key in keys if key in meta}
+    for key in set(keys) - set(values):
+        found = [header.get(key) for header in runs_headers]
+        if all(value is not None for value in found):
+            values[key] = np.array(found, dtype=float)
+        else:
+            values[key] = np.full(len(runs_headers), HESS_DEFAULTS[key])
+            log.warning(f"Neither the obs index nor the EVENTS headers give {key}: assuming {HESS_DEFAULTS[key]} (H.E.S.S.).")
+    location = EarthLocation(lon=values["GEOLON"] * u.deg, lat=values["GEOLAT"] * u.deg, height=values["ALTITUDE"] * u.m)
+    scale = str(meta.get("TIMESYS", "TT")).lower()
+    return location, Time(values["MJDREFI"] + values["MJDREFF"], format="mjd", scale=scale)
+
+
+def obs_table_rows(data_store, obs_ids):
+    """Obs-index rows of ``obs_ids`` in that order, as a `~astropy.table.Table`."""
+    # one pass over the index: ObservationTable.select_obs_id searches it once per run
+    table = data_store.obs_table
+    position = {}
+    for idx, obs_id in enumerate(np.asarray(table["OBS_ID"]).tolist()):
+        position.setdefault(int(obs_id), idx)
+    missing = [obs_id for obs_id in obs_ids if obs_id not in position]
+    if missing:
+        raise ValueError(f"Runs {missing} are not in the obs index; drop them from the selection.")
+    return Table(table[[position[obs_id] for obs_id in obs_ids]])
+
+
+def collect_runs(data_store, obs_ids=None, safe_threshold=True):
+    """Collect the `RunInfo` of the selected runs from the obs and HDU index tables.
+
+    The hour angle at each run's start is computed for all runs in one vectorised astropy call
+    (site and time reference from the obs-index header, else from the runs' EVENTS headers);
+    the estimator follows the field rotation from there.
+
+    Parameters
+    ----------
+    data_store : `~gammapy.data.DataStore`
+        Data store.
+    obs_ids : list of int or `~gammapy.data.Observations`, optional
+        Selection. Default is None, all runs.
+    safe_threshold : bool, optional
+        Read each run's ``SAFE_ENERGY_LO``. Default is True.
+
+    Returns
+    -------
+    runs : list of `RunInfo`
+        One entry per run, in the order of ``obs_ids``.
+    """
+    if not isinstance(data_store, DataStore):
+        raise TypeError(f"Expected a gammapy DataStore, got {type(data_store).__name__}.")
+    obs_ids = check_obs_ids(obs_ids, data_store)
+    rows = obs_table_rows(data_store, obs_ids)
+    ontime = _require(rows, "ONTIME", "s", obs_ids, "the on time in s (not dead-time corrected)")
+    ra = _require(rows, "RA_PNT", "rad", obs_ids, "the pointing RA")
+    dec = _require(rows, "DEC_PNT", "rad", obs_ids, "the pointing Dec")
+    tstart = _require(rows, "TSTART", "s", obs_ids, "the run start time (MET, s)")
+    tstop = _column(rows, "TSTOP", "s")
+    tstop = tstart + ontime if tstop is None else np.where(np.isfinite(tstop), tstop, tstart + ontime)
+    for name, bad in [("ONTIME <= 0", ontime <= 0), ("ONTIME > TSTOP - TSTART", ontime > tstop - tstart + 1)]:
+        if bad.any():
+            raise ValueError(f"Runs {list(np.array(obs_ids)[bad])} have {name} in the obs index; fix the units or drop them.")
+
+    threshold = np.zeros(len(rows))
+    if safe_threshold:
+        values = _column(rows, "SAFE_ENERGY_LO", "TeV")
+        if values is None:
+            log.warning("The obs index has no SAFE_ENERGY_LO column: all energy bins are used for every run.")
+        else:
+            for obs_id in np.array(obs_ids)[~np.isfinite(values)]:
+                log.warning(f"Run {obs_id} has no SAFE_ENERGY_LO: all its energy bins are used.")
+            threshold = np.where(np.isfinite(values), values, 0.0)
+
+    locations = [_events_location(data_store, obs_id) for obs_id in obs_ids]
+    needs_headers = not all(key in data_store.obs_table.meta for key in ("GEOLON", "GEOLAT", "ALTITUDE", "MJDREFI"))
+    headers = [_events_header(location, obs_id) if needs_headers else {} for obs_id, location in zip(obs_ids, locations)]
+    location, reference = _site_and_reference(data_store.obs_table, headers)
+    times = reference + tstart * u.s
+    hadec = SkyCoord(ra * u.rad, dec * u.rad).transform_to(HADec(location=location, obstime=times))
+    # converted once: indexing a SkyCoord or an EarthLocation per run costs more than reading a run
+    hour_angle, dec_apparent = hadec.ha.rad, hadec.dec.rad
+    latitude = np.broadcast_to(location.lat.rad, len(obs_ids))
+    return [
+        RunInfo(
+            obs_id=obs_id, path=str(hdu.path()), hdu=hdu.hdu_name, ontime=float(ontime[i]),
+            safe_energy_lo=float(threshold[i]), ra_pnt=float(ra[i]), dec_pnt=float(dec[i]),
+            tstart=float(tstart[i]), tstop=float(tstop[i]), hour_angle=float(hour_angle[i]),
+            dec_apparent=float(dec_apparent[i]), latitude=float(latitude[i]),
+        )
+        for i, (obs_id, hdu) in enumerate(zip(obs_ids, locations))
+    ]
+
+
+def _events_location(data_store, obs_id):
+    hdu = data_store.hdu_table.hdu_location(obs_id, hdu_type="events")
+    if hdu is None:
+        raise RunError(f"Run {obs_id} has no events row in the HDU index; drop it from the selection.")
+    return hdu
+
+
+def _events_header(location, obs_id):
+    try:
+        return fits.getheader(location.path(), location.hdu_name)
+    except (OSError, KeyError, EOFError, zlib.error):
+        return {}
+
+
+def _unit(columns, name, path, default):
+    text = columns[name].unit
+    if not text:
+        log.warning(f"Column {name} of {path} has no unit: assuming {default} (GADF).")
+        return u.Unit(default)
+    try:
+        return u.Unit(text)
+    except ValueError:
+        raise RunError(f"Unit {text!r} of column {name} in {path} is not a valid unit; fix the file (e.g. 'TeV').") from None
+
+
+def read_events(run):
+    """Read the event columns the estimator needs, checked against the run's index rows.
+
+    Units are honoured (GADF units assumed, with a warning, where a column has none); the file
+    must belong to the run (OBS_ID, pointing within 0.1 deg of the obs index) and its event
+    times must lie within TSTART-TSTOP. Events with NaN energy or direction are dropped.
+
+    Parameters
+    ----------
+    run : `RunInfo`
+        Run to read.
+
+    Returns
+    -------
+    events : dict of `~numpy.ndarray`
+        ``energy`` in TeV, ``ra`` and ``dec`` in rad, ``time`` in s.
+    pointing : tuple of float
+        RA_PNT and DEC_PNT of the EVENTS header (obs-index values if absent), in rad.
+    """
+    path = Path(run.path)
+    if not path.is_file():
+        raise RunError(f"Run {run.obs_id}: events file {path} does not exist.")
+    try:
+        with fits.open(path, memmap=False) as hdulist:
+            try:
+                hdu = hdulist[run.hdu]
+            except KeyError:
+                _check_complete(path, run)
+                raise RunError(f"Run {run.obs_id}: {path} has no {run.hdu} HDU.") from None
+            header, data = hdu.header, hdu.data
+            energy_unit = _unit(data.columns, "ENERGY", path, "TeV")
+            angle_unit = _unit(data.columns, "RA", path, "deg")
+            # each column converted in one pass, and not at all when it is already in TeV
+            energy = data["ENERGY"]
+            events = {
+                "energy": energy if energy_unit == u.TeV else u.Quantity(energy, energy_unit).to_value("TeV"),
+                "ra": u.Quantity(data["RA"], angle_unit, dtype=float).to_value("rad"),
+                "dec": u.Quantity(data["DEC"], angle_unit, dtype=float).to_value("rad"),
+                "time": data["TIME"].astype(float),
+            }
+            # the header keeps the pointing in double precision, the obs index often in float32
+            pointing = tuple(np.deg2rad(header.get(key, np.rad2deg(v))) for key, v in [("RA_PNT", run.ra_pnt), ("DEC_PNT", run.dec_pnt)])
+            file_obs_id = header.get("OBS_ID", run.obs_id)
+    except RunError:
+        raise
+    except Exception as error:  # any failure to read a run is that run's error
+        raise RunError(f"Run {run.obs_id}: cannot read events from {path} ({type(error).__name__}: {error}).") from None
+    _check_matches_index(run, path, file_obs_id, pointing, events["time"])
+    finite = np.isfinite(events["energy"]) & np.isfinite(events["ra"]) & np.isfinite(events["dec"])
+    if not finite.all():
+        log.warning(f"Run {run.obs_id}: {np.sum(~finite)} events with NaN energy or direction dropped.")
+        events = {name: values[finite] for name, values in events.items()}
+    return events, pointing
+
+
+def _check_matches_index(run, path, file_obs_id, pointing, time):
+    if int(file_obs_id) != run.obs_id:
+        raise RunError(f"Run {run.obs_id}: {path} holds run {file_obs_id}; fix the HDU index row of run {run.obs_id}.")
+    separation = angular_separation(pointing[0], pointing[1], run.ra_pnt, run.dec_pnt)
+    if np.rad2deg(separation) > MAX_POINTING_MISMATCH_DEG:
+        raise RunError(
+            f"Run {run.obs_id}: the pointing of {path} is {np.rad2deg(separation):.2f} deg from the obs index's; "
+            "fix RA_PNT/DEC_PNT (units?) in one of them."
+        )
+    if len(time) and (time.min() < run.tstart - TIME_SLACK or time.max() > run.tstop + TIME_SLACK):
+        raise RunError(
+            f"Run {run.obs_id}: event times in {path} ({time.min():.0f}-{time.max():.0f} s) lie outside "
+            f"TSTART-TSTOP ({run.tstart:.0f}-{run.tstop:.0f} s); TIME must count from the mission reference."
+        )
+
+
+def _check_complete(path, run):
+    """Raise a `RunError` if a gzipped file ends early (astropy then just lists fewer HDUs)."""
+    if path.suffix != ".gz":
+        return
+    try:
+        with gzip.open(path) as stream:
+            while stream.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        raise RunError(f"Run {run.obs_id}: cannot read events from {path} (truncated: {error}).") from None

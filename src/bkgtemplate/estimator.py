@@ -1,19 +1,19 @@
 """The background model estimator: runs of a data store in, a gammapy background IRF out."""
 
 import logging
+from dataclasses import replace
 import numpy as np
 import astropy.units as u
 from astropy.table import Table
+from gammapy.makers import Maker
 from gammapy.maps import MapAxis
 from gammapy.utils.parallel import ParallelMixin, run_multiprocessing
-from .exclusion import Exclusion
+from .data import RunError, collect_runs, obs_table_rows
+from .geometry import Exclusion
 from .histograms import EXPOSURE_UNIT, BackgroundHistograms, HistogramSpec, fill_run
-from .runs import RunError, collect_runs
-from .smoothing import smooth_rate
 
 __all__ = [
     "BackgroundModelEstimator",
-    "map_run_chunks",
     "default_energy_axis",
     "default_fov_axes",
     "default_offset_axis",
@@ -43,50 +43,33 @@ def default_fov_axes():
     return [MapAxis.from_bounds(-2.5, 2.5, nbin=20, unit="deg", name=name) for name in ("fov_lon", "fov_lat")]
 
 
+def _check_nbin(nbin, name):
+    if isinstance(nbin, bool) or not isinstance(nbin, (int, np.integer)) or nbin < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {nbin!r}.")
+    return int(nbin)
+
+
 def make_energy_axis(energy_min, energy_max, nbin):
-    """Log-spaced reconstructed energy axis, with errors that name the bad parameter.
+    """Log-spaced reconstructed energy axis named "energy" (bounds as quantities or floats in TeV).
 
-    Parameters
-    ----------
-    energy_min, energy_max : `~astropy.units.Quantity` or float
-        Axis bounds; floats are in TeV.
-    nbin : int
-        Number of bins.
-
-    Returns
-    -------
-    axis : `~gammapy.maps.MapAxis`
-        Energy axis named "energy".
+    Errors name the bad parameter.
     """
     energy_min, energy_max = u.Quantity(energy_min, "TeV"), u.Quantity(energy_max, "TeV")
     if not 0 < energy_min < energy_max:
         raise ValueError(f"Need 0 < energy_min < energy_max, got energy_min={energy_min}, energy_max={energy_max}.")
-    if int(nbin) < 1:
-        raise ValueError(f"The number of energy bins must be at least 1, got {nbin}.")
-    return MapAxis.from_energy_bounds(energy_min, energy_max, nbin=int(nbin), name="energy")
+    return MapAxis.from_energy_bounds(energy_min, energy_max, nbin=_check_nbin(nbin, "The number of energy bins"), name="energy")
 
 
 def make_offset_axis(offset_max, nbin):
-    """Offset axis from 0 to ``offset_max`` in equal bins, with errors that name the bad parameter.
+    """Offset axis named "offset" from 0 to ``offset_max`` (quantity or float in deg) in equal bins.
 
-    Parameters
-    ----------
-    offset_max : `~astropy.units.Quantity` or float
-        Largest offset; floats are in deg.
-    nbin : int
-        Number of bins.
-
-    Returns
-    -------
-    axis : `~gammapy.maps.MapAxis`
-        Offset axis named "offset".
+    Errors name the bad parameter.
     """
     offset_max = u.Quantity(offset_max, "deg")
     if not 0 * u.deg < offset_max <= MAX_FOV_RADIUS:
         raise ValueError(f"offset_max must be in (0, {MAX_FOV_RADIUS}] (an IACT field of view), got {offset_max}.")
-    if int(nbin) < 1:
-        raise ValueError(f"The number of offset bins must be at least 1, got {nbin}.")
-    return MapAxis.from_bounds(0, offset_max.value, nbin=int(nbin), unit="deg", name="offset")
+    nbin = _check_nbin(nbin, "The number of offset bins")
+    return MapAxis.from_bounds(0, offset_max.value, nbin=nbin, unit="deg", name="offset")
 
 
 def _check_axis(axis, name, unit):
@@ -96,82 +79,26 @@ def _check_axis(axis, name, unit):
         raise ValueError(f"The {name} axis is named {axis.name!r}; name it {name!r}.")
     if not axis.unit.is_equivalent(unit):
         raise u.UnitsError(f"The {name} axis has unit {axis.unit}, expected a unit of {unit}.")
-    if axis.nbin < 1:
-        raise ValueError(f"The {name} axis has no bins.")
+    if name != "energy" and np.abs(axis.edges).max() > MAX_FOV_RADIUS:
+        raise ValueError(f"The {name} axis reaches {np.abs(axis.edges).max()}, beyond any IACT field of view ({MAX_FOV_RADIUS}).")
     return axis
 
 
-def _fill_or_skip(run, spec, on_error):
-    """Counts and exposure of a run, or, when skipping, the reason it could not be read."""
-    try:
-        return fill_run(run, spec)
-    except RunError as error:
-        if on_error == "raise":
-            raise
-        log.warning(f"{error} Run skipped.")
-        return str(error)
-
-
-def _sum_chunk(runs, spec, on_error):
-    """Summed counts and exposure of a group of runs, the runs used and the runs skipped."""
-    counts, exposure = np.zeros(spec.axes.shape), np.zeros(spec.axes.shape)
-    done, skipped = [], []
+def _fill_chunk(runs, spec, on_error):
+    """Counts and exposure of each run of a group, and the runs skipped with the reason."""
+    filled, skipped = [], []
     for run in runs:
-        result = _fill_or_skip(run, spec, on_error)
-        if isinstance(result, str):
-            skipped.append((run.obs_id, result))
-            continue
-        counts += result[0]
-        exposure += result[1]
-        done.append(run.obs_id)
-    return counts, exposure, done, skipped
+        try:
+            filled.append((run.obs_id, *fill_run(run, spec)))
+        except RunError as error:
+            if on_error == "raise":
+                raise
+            log.warning(f"{error} Run skipped.")
+            skipped.append((run.obs_id, str(error)))
+    return filled, skipped
 
 
-def _each_chunk(runs, spec, on_error):
-    """Counts and exposure of each run of a group kept apart, and the runs skipped."""
-    results = [(run.obs_id, _fill_or_skip(run, spec, on_error)) for run in runs]
-    skipped = [(obs_id, result) for obs_id, result in results if isinstance(result, str)]
-    return [(obs_id, *result) for obs_id, result in results if not isinstance(result, str)], skipped
-
-
-def map_run_chunks(worker, runs, spec, on_error="raise", n_jobs=1, parallel_backend=None):
-    """Apply ``worker(chunk, spec, on_error)`` to groups of runs, in parallel with gammapy.
-
-    A few interleaved groups per process: balanced load, a progress bar that moves, and a
-    number of results (hence memory) that does not grow with the number of runs.
-
-    Parameters
-    ----------
-    worker : callable
-        Module-level function of (runs, spec, on_error), e.g. `_sum_chunk`.
-    runs : list of `~bkgtemplate.runs.RunInfo`
-        Runs.
-    spec : `~bkgtemplate.histograms.HistogramSpec`
-        What to histogram.
-    on_error : {"raise", "skip"}, optional
-        What to do with a run whose events cannot be read. Default is "raise".
-    n_jobs : int, optional
-        Number of processes. Default is 1.
-    parallel_backend : {"multiprocessing", "ray"}, optional
-        Parallel backend. Default is None (gammapy's default).
-
-    Returns
-    -------
-    results : list
-        The worker's result for each group.
-    """
-    n_chunks = min(len(runs), 8 * max(1, n_jobs))
-    chunks = [runs[i::n_chunks] for i in range(n_chunks)]
-    return run_multiprocessing(
-        worker,
-        [(chunk, spec, on_error) for chunk in chunks if chunk],
-        backend=parallel_backend,
-        pool_kwargs=dict(processes=n_jobs),
-        task_name=f"Groups of runs ({len(runs)} runs)",
-    )
-
-
-class BackgroundModelEstimator(ParallelMixin):
+class BackgroundModelEstimator(Maker, ParallelMixin):
     """Estimate a template background model from runs without strong gamma-ray sources.
 
     Counts and exposure are accumulated run by run and the rate is their ratio::
@@ -200,8 +127,7 @@ class BackgroundModelEstimator(ParallelMixin):
     safe_threshold : bool, optional
         Use each run's ``SAFE_ENERGY_LO`` from the obs index. Default is True.
     smooth_sigma : float, optional
-        Gaussian smoothing width along the spatial axes, in bins (see `smooth_rate`).
-        Default is None (no smoothing).
+        Gaussian smoothing along the spatial axes, in bins. Default is None (no smoothing).
     on_error : {"raise", "skip"}, optional
         What to do with a run whose events cannot be read. Default is "raise".
     n_jobs : int, optional
@@ -244,22 +170,17 @@ class BackgroundModelEstimator(ParallelMixin):
                 raise ValueError("Give either offset_axis (2D) or fov_lon_axis and fov_lat_axis (3D), not both.")
             spatial = (_check_axis(fov_lon_axis, "fov_lon", "deg"), _check_axis(fov_lat_axis, "fov_lat", "deg"))
         else:
-            offset_axis = _check_axis(offset_axis or default_offset_axis(), "offset", "deg")
-            if offset_axis.edges.min() < 0:
-                raise ValueError(f"The offset axis starts at {offset_axis.edges.min()}; offsets are >= 0.")
-            spatial = (offset_axis,)
-        for axis in spatial:
-            if np.abs(axis.edges).max() > MAX_FOV_RADIUS:
-                raise ValueError(
-                    f"The {axis.name} axis reaches {np.abs(axis.edges).max()}, beyond any IACT field of view ({MAX_FOV_RADIUS})."
-                )
+            spatial = (_check_axis(offset_axis or default_offset_axis(), "offset", "deg"),)
+            if spatial[0].edges.min() < 0:
+                raise ValueError(f"The offset axis starts at {spatial[0].edges.min()}; offsets are >= 0.")
         if str(fov_alignment).upper() not in FOV_ALIGNMENTS:
             raise ValueError(f"Unknown fov_alignment {fov_alignment!r}; choose one of {FOV_ALIGNMENTS}.")
         if on_error not in ON_ERROR:
             raise ValueError(f"Unknown on_error {on_error!r}; choose one of {ON_ERROR}.")
         if smooth_sigma is not None and not smooth_sigma > 0:
             raise ValueError(f"smooth_sigma must be positive (in bins) or None, got {smooth_sigma}.")
-
+        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1):
+            raise ValueError(f"n_jobs must be None or a whole number >= 1, got {n_jobs!r}.")
         self.spec = HistogramSpec(
             energy_axis=energy_axis,
             spatial_axes=spatial,
@@ -277,8 +198,8 @@ class BackgroundModelEstimator(ParallelMixin):
         alignment = f", {self.spec.fov_alignment} aligned" if self.spec.is_3d else ""
         return f"{self.tag}: {axes}{alignment}, n_jobs {self.n_jobs}"
 
-    def fill_histograms(self, data_store, obs_ids=None):
-        """Counts and exposure summed over runs, one run in memory at a time.
+    def fill(self, data_store, obs_ids=None, exclusion=None):
+        """Counts and exposure of each run, in parallel with gammapy's `run_multiprocessing`.
 
         Parameters
         ----------
@@ -286,34 +207,53 @@ class BackgroundModelEstimator(ParallelMixin):
             Data store with the runs.
         obs_ids : list of int or `~gammapy.data.Observations`, optional
             Runs to use. Default is None (all runs of the store).
+        exclusion : list of `~regions.SkyRegion`, optional
+            Regions cut out in addition to the estimator's own (e.g. the targets of source-field
+            runs). Default is None.
 
         Returns
         -------
         histograms : `~bkgtemplate.histograms.BackgroundHistograms`
-            Counts, exposure and rate.
+            Counts and exposure of the runs that could be read, in the order of ``obs_ids``.
         """
-        runs = collect_runs(data_store, obs_ids, safe_threshold=self.spec.safe_threshold)
-        results = map_run_chunks(_sum_chunk, runs, self.spec, self.on_error, self.n_jobs, self.parallel_backend)
-        counts = np.sum([result[0] for result in results], axis=0)
-        exposure = np.sum([result[1] for result in results], axis=0)
-        done = sorted(obs_id for result in results for obs_id in result[2])
-        skipped = Table(rows=[row for result in results for row in result[3]] or None, names=["OBS_ID", "REASON"], dtype=[int, str])
-        if len(skipped):
-            log.warning(f"{len(skipped)} of {len(runs)} runs skipped: {[int(obs_id) for obs_id in skipped['OBS_ID']]}")
+        spec = self.spec
+        if exclusion:
+            if spec.exclusion is not None and spec.exclusion.mask is not None:
+                raise ValueError("Cannot add regions to an exclusion mask; give all regions to the estimator.")
+            regions = [] if spec.exclusion is None else spec.exclusion.regions
+            spec = replace(spec, exclusion=Exclusion(list(regions) + list(exclusion)))
+        runs = collect_runs(data_store, obs_ids, safe_threshold=spec.safe_threshold)
+        n_jobs = max(1, self.n_jobs or 1)
+        # a few interleaved groups per process: balanced load and a progress bar that moves
+        n_chunks = min(len(runs), 8 * n_jobs)
+        results = run_multiprocessing(
+            _fill_chunk,
+            [(runs[i::n_chunks], spec, self.on_error) for i in range(n_chunks)],
+            backend=self.parallel_backend,
+            pool_kwargs=dict(processes=n_jobs),
+            task_name=f"Groups of runs ({len(runs)} runs)",
+        )
+        by_id = {obs_id: (counts, exposure) for filled, _ in results for obs_id, counts, exposure in filled}
+        skipped = [row for _, rows in results for row in rows]
+        done = [run.obs_id for run in runs if run.obs_id in by_id]
+        if skipped:
+            log.warning(f"{len(skipped)} of {len(runs)} runs skipped: {[row[0] for row in skipped]}")
         if not done:
             raise RunError("No run could be used; see the warnings above for each run.")
-        log.info(f"Background estimate from {len(done)} runs, {int(counts.sum())} events")
-        return BackgroundHistograms(
-            axes=self.spec.axes,
-            counts=counts,
-            exposure=exposure * EXPOSURE_UNIT,
-            fov_alignment=self.spec.fov_alignment,
-            obs_ids=done,
-            skipped=skipped,
+        histograms = BackgroundHistograms(
+            axes=spec.axes,
+            counts=np.array([by_id[obs_id][0] for obs_id in done]),
+            exposure=np.array([by_id[obs_id][1] for obs_id in done]) * EXPOSURE_UNIT,
+            obs_table=obs_table_rows(data_store, done),
+            fov_alignment=spec.fov_alignment,
+            skipped=Table(rows=skipped or None, names=["OBS_ID", "REASON"], dtype=[int, str]),
         )
+        _check_usable(histograms, runs)
+        log.info(f"Counts and exposure of {len(done)} runs, {int(histograms.counts.sum())} events")
+        return histograms
 
     def run(self, data_store, obs_ids=None):
-        """Estimate the background model.
+        """Estimate the background model from runs of a data store.
 
         Parameters
         ----------
@@ -327,20 +267,20 @@ class BackgroundModelEstimator(ParallelMixin):
         bkg : `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
             Background model without NaN or inf (see `BackgroundHistograms.to_irf`).
         """
-        return self.make_model(self.fill_histograms(data_store, obs_ids))
+        return self.fill(data_store, obs_ids).to_irf(smooth_sigma=self.smooth_sigma)
 
-    def make_model(self, histograms):
-        """Turn histograms into a background IRF, smoothing first if configured.
 
-        Parameters
-        ----------
-        histograms : `~bkgtemplate.histograms.BackgroundHistograms`
-            Counts and exposure.
-
-        Returns
-        -------
-        bkg : `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
-            Background model.
-        """
-        rate = None if self.smooth_sigma is None else smooth_rate(histograms, self.smooth_sigma)
-        return histograms.to_irf(rate=rate)
+def _check_usable(histograms, runs):
+    """Raise if no exposure or no event was kept: a model of zeros would look like a result."""
+    if not np.any(histograms.exposure.value > 0):
+        thresholds = [run.safe_energy_lo for run in runs]
+        axis = histograms.axes["energy"]
+        raise ValueError(
+            f"No exposure kept: the runs' SAFE_ENERGY_LO ({min(thresholds):.3g}-{max(thresholds):.3g} TeV) lie above the "
+            f"energy axis ({axis.edges[0]:.3g}-{axis.edges[-1]:.3g}; check the threshold unit), or the exclusion covers the field."
+        )
+    if not histograms.counts.sum() > 0:
+        raise ValueError(
+            f"No event kept in {len(histograms)} runs: the runs hold no events inside the axes "
+            "(energy range, field of view) outside the exclusion; check the axes and the event files."
+        )

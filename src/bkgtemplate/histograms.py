@@ -1,7 +1,9 @@
-"""Counts and exposure histograms: filled run by run, summed, turned into a rate.
+"""Counts and exposure, run by run: `fill_run` for one run, `BackgroundHistograms` for many.
 
-The filling is written as pure functions of a `RunInfo` and a `HistogramSpec`, so that
-runs can be processed in any order and in parallel and the sums are the same.
+The filling is a pure function of a `~bkgtemplate.data.RunInfo` and a `HistogramSpec`, so that
+runs can be processed in any order and in parallel. `BackgroundHistograms` keeps each run's
+counts and exposure apart, with the runs' obs-index rows, and sums any set of them on demand:
+a model of some runs, or of all runs but one, costs a sum, not a new pass over the events.
 """
 
 import logging
@@ -10,23 +12,26 @@ from functools import cached_property
 import numpy as np
 import astropy.units as u
 from astropy.table import Table
+from scipy.ndimage import gaussian_filter
 from gammapy.irf import Background2D, Background3D
 from gammapy.maps import MapAxes, MapAxis
-from .exclusion import Exclusion, bin_points, ring_points
-from .fov import (
+from .data import read_events
+from .geometry import (
     SIDEREAL_RATE,
-    _offset_haversine,
-    _sky_to_fov_altaz,
+    Exclusion,
+    bin_points,
     fov_altaz_to_radec,
     fov_radec_to_sky,
     fov_solid_angle,
+    offset_haversine,
     offset_solid_angle,
     parallactic_angle,
+    ring_points,
+    sky_to_fov_altaz,
     sky_to_fov_radec,
 )
-from .runs import read_events
 
-__all__ = ["HistogramSpec", "BackgroundHistograms", "fill_run"]
+__all__ = ["EXPOSURE_UNIT", "RATE_UNIT", "REVERSE_LON_RADEC", "BackgroundHistograms", "HistogramSpec", "fill_run"]
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +57,14 @@ class HistogramSpec:
     spatial_axes : tuple of `~gammapy.maps.MapAxis`
         ``(offset,)`` for a 2D model or ``(fov_lon, fov_lat)`` for a 3D model.
     fov_alignment : {"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}
-        Alignment of 3D field-of-view coordinates; "REVERSE_LON_RADEC" is how gammapy reads
-        the released H.E.S.S. DR1 models.
+        Alignment of 3D field-of-view coordinates. Default is "ALTAZ".
     safe_threshold : bool
-        Use only energy bins above each run's ``SAFE_ENERGY_LO``.
-    exclusion : `~bkgtemplate.exclusion.Exclusion` or None
-        Regions cut out of counts and exposure.
-    exclusion_spacing : float
-        Spacing of the points that estimate excluded solid-angle fractions, in rad.
-    rotation_step : float
-        Largest field rotation within one time step for ALTAZ exclusion, in rad.
+        Use only energy bins above each run's ``SAFE_ENERGY_LO``. Default is True.
+    exclusion : `~bkgtemplate.geometry.Exclusion` or None
+        Regions cut out of counts and exposure. Default is None.
+    exclusion_spacing, rotation_step : float
+        Spacing of the points that estimate excluded solid-angle fractions, and largest field
+        rotation within one time step for ALTAZ exclusion, in rad. Defaults are 0.02 and 1 deg.
     """
 
     energy_axis: MapAxis
@@ -81,59 +84,29 @@ class HistogramSpec:
         return MapAxes([self.energy_axis, *self.spatial_axes])
 
     @property
-    def solid_angle(self):
-        if self.is_3d:
-            return fov_solid_angle(*self.spatial_axes)
-        return offset_solid_angle(self.spatial_axes[0])
-
-    @property
     def max_radius(self):
         """Largest angular distance of a bin corner from the pointing, in rad."""
-        if self.is_3d:
-            lon, lat = (np.abs(axis.edges.to_value("rad")).max() for axis in self.spatial_axes)
-            return float(np.hypot(lon, lat))
-        return float(self.spatial_axes[0].edges.to_value("rad").max())
+        return float(np.linalg.norm([np.abs(axis.edges.to_value("rad")).max() for axis in self.spatial_axes]))
 
     @cached_property
-    def _binning(self):
+    def binning(self):
         """Plain arrays of the axes that every run uses, converted from quantities once per spec."""
         spatial_edges = [axis.edges.to_value("rad") for axis in self.spatial_axes]
         if not self.is_3d:
-            # offsets are binned in sin(offset / 2) ** 2, see `_spatial_index`
+            # offsets are binned in sin(offset / 2) ** 2, see `offset_haversine`
             spatial_edges = [np.sin(spatial_edges[0] / 2) ** 2]
+        solid_angle = fov_solid_angle(*self.spatial_axes) if self.is_3d else offset_solid_angle(self.spatial_axes[0])
         return dict(
             energy_edges=self.energy_axis.edges.to_value("TeV"),
             d_energy=self.energy_axis.bin_width.to_value("MeV"),
             spatial_edges=spatial_edges,
-            solid_angle=self.solid_angle.to_value("sr").ravel(),
+            solid_angle=solid_angle.to_value("sr").ravel(),
         )
-
-
-def _used_energy_bins(run, spec):
-    if not spec.safe_threshold:
-        return np.ones(spec.energy_axis.nbin, dtype=bool)
-    e_lo = spec._binning["energy_edges"][:-1]
-    return e_lo >= run.safe_energy_lo * (1 - THRESHOLD_RTOL)
 
 
 def _parallactic(run, time):
     hour_angle = run.hour_angle + SIDEREAL_RATE * (np.asarray(time) - run.tstart)
     return parallactic_angle(hour_angle, run.dec_apparent, run.latitude)
-
-
-def _spatial_index(run, spec, ra, dec, time):
-    """Flat spatial index of each event in the axes padded with an under- and an overflow bin."""
-    edges = spec._binning["spatial_edges"]
-    if not spec.is_3d:
-        # sin(offset / 2) ** 2 increases with the offset: binned without inverse trigonometry
-        return _padded_index(_offset_haversine(ra, dec, run.ra_pnt, run.dec_pnt), edges[0])
-    if spec.fov_alignment == "ALTAZ":
-        lon, lat = _sky_to_fov_altaz(ra, dec, run.ra_pnt, run.dec_pnt, _parallactic(run, time))
-    else:
-        lon, lat = sky_to_fov_radec(ra, dec, run.ra_pnt, run.dec_pnt)
-        if spec.fov_alignment == REVERSE_LON_RADEC:
-            lon = -lon
-    return _padded_index(lon, edges[0]) * (len(edges[1]) + 1) + _padded_index(lat, edges[1])
 
 
 def _padded_index(values, edges):
@@ -151,35 +124,43 @@ def _padded_index(values, edges):
     return index.astype(np.intp)
 
 
-def _kept_fraction(run, spec):
-    """Fraction of each spatial bin's solid angle outside the exclusion, averaged over the run."""
-    n_spatial = int(np.prod([axis.nbin for axis in spec.spatial_axes]))
-    if spec.is_3d:
-        edges = [axis.edges.to_value("rad") for axis in spec.spatial_axes]
-        lon, lat, index = bin_points(*edges, spec.exclusion_spacing)
+def _spatial_index(run, spec, ra, dec, time):
+    """Flat spatial index of each event in the axes padded with an under- and an overflow bin."""
+    edges = spec.binning["spatial_edges"]
+    if not spec.is_3d:
+        return _padded_index(offset_haversine(ra, dec, run.ra_pnt, run.dec_pnt), edges[0])
+    if spec.fov_alignment == "ALTAZ":
+        lon, lat = sky_to_fov_altaz(ra, dec, run.ra_pnt, run.dec_pnt, _parallactic(run, time))
+    else:
+        lon, lat = sky_to_fov_radec(ra, dec, run.ra_pnt, run.dec_pnt)
         if spec.fov_alignment == REVERSE_LON_RADEC:
             lon = -lon
+    return _padded_index(lon, edges[0]) * (len(edges[1]) + 1) + _padded_index(lat, edges[1])
+
+
+def rotation_steps(run, max_step):
+    """Parallactic angles (rad) at the middle of equal time steps in which the field turns by < ``max_step``."""
+    grid = np.linspace(run.tstart, run.tstop, 61)
+    rotation = np.abs(np.diff(np.unwrap(_parallactic(run, grid)))).sum()
+    edges = np.linspace(run.tstart, run.tstop, max(1, int(np.ceil(rotation / max_step))) + 1)
+    return _parallactic(run, (edges[:-1] + edges[1:]) / 2)
+
+
+def _kept_fraction(run, spec):
+    """Fraction of each spatial bin's solid angle outside the exclusion, averaged over the run."""
+    n_spatial = len(spec.binning["solid_angle"])
+    if spec.is_3d:
+        lon, lat, index = bin_points(*[axis.edges.to_value("rad") for axis in spec.spatial_axes], spec.exclusion_spacing)
+        lon = -lon if spec.fov_alignment == REVERSE_LON_RADEC else lon
     else:
         lon, lat, index = ring_points(spec.spatial_axes[0].edges.to_value("rad"), spec.exclusion_spacing)
-    angles = [None]
-    if spec.is_3d and spec.fov_alignment == "ALTAZ":
-        angles = _rotation_steps(run, spec.rotation_step)
+    angles = rotation_steps(run, spec.rotation_step) if spec.is_3d and spec.fov_alignment == "ALTAZ" else [None]
     kept = np.zeros(n_spatial)
     for angle in angles:
         lon_radec, lat_radec = (lon, lat) if angle is None else fov_altaz_to_radec(lon, lat, angle)
         ra, dec = fov_radec_to_sky(lon_radec, lat_radec, run.ra_pnt, run.dec_pnt)
-        excluded = spec.exclusion.excluded(ra, dec, run.ra_pnt, run.dec_pnt)
-        kept += np.bincount(index, weights=~excluded, minlength=n_spatial)
+        kept += np.bincount(index, weights=~spec.exclusion.excluded(ra, dec, run.ra_pnt, run.dec_pnt), minlength=n_spatial)
     return kept / np.bincount(index, minlength=n_spatial) / len(angles)
-
-
-def _rotation_steps(run, max_step):
-    """Parallactic angles at the middle of equal time steps in which the field turns by < ``max_step``."""
-    grid = np.linspace(run.tstart, run.tstop, 61)
-    rotation = np.abs(np.diff(np.unwrap(_parallactic(run, grid)))).sum()
-    n_steps = max(1, int(np.ceil(rotation / max_step)))
-    edges = np.linspace(run.tstart, run.tstop, n_steps + 1)
-    return _parallactic(run, (edges[:-1] + edges[1:]) / 2)
 
 
 def fill_run(run, spec):
@@ -187,7 +168,7 @@ def fill_run(run, spec):
 
     Parameters
     ----------
-    run : `~bkgtemplate.runs.RunInfo`
+    run : `~bkgtemplate.data.RunInfo`
         The run.
     spec : `HistogramSpec`
         What to histogram.
@@ -197,13 +178,12 @@ def fill_run(run, spec):
     counts : `~numpy.ndarray`
         Event counts per bin.
     exposure : `~numpy.ndarray`
-        ONTIME x dE x dOmega (kept fraction) per bin, in s MeV sr; zero in energy bins
-        below the run's safe threshold.
+        ONTIME x dE x dOmega (kept fraction) per bin, in s MeV sr; zero in energy bins below
+        the run's safe threshold.
     """
     events, (ra_pnt, dec_pnt) = read_events(run)
     run = replace(run, ra_pnt=ra_pnt, dec_pnt=dec_pnt)
-    binning = spec._binning
-
+    binning = spec.binning
     # one bincount over axes padded with under- and overflow bins, which are then cut off
     padded = tuple(len(edges) + 1 for edges in [binning["energy_edges"], *binning["spatial_edges"]])
     flat = _padded_index(events["energy"], binning["energy_edges"]) * int(np.prod(padded[1:]))
@@ -214,145 +194,192 @@ def fill_run(run, spec):
     inner = (slice(1, -1),) * len(padded)
     counts = np.bincount(flat, minlength=int(np.prod(padded))).reshape(padded)[inner].astype(float)
 
-    used = _used_energy_bins(run, spec)
+    used = np.ones(len(counts), dtype=bool)
+    if spec.safe_threshold:
+        used = binning["energy_edges"][:-1] >= run.safe_energy_lo * (1 - THRESHOLD_RTOL)
     counts[~used] = 0
-    d_energy = binning["d_energy"] * used
     solid_angle = binning["solid_angle"] * (_kept_fraction(run, spec) if excluding else 1.0)
-    exposure = run.ontime * np.outer(d_energy, solid_angle).reshape(counts.shape)
+    exposure = run.ontime * np.outer(binning["d_energy"] * used, solid_angle).reshape(counts.shape)
     return counts, exposure
 
 
 def _extrapolate_ends(rate, log_energy, slopes):
-    """Fill the zeros before the first and after the last positive rate with power laws.
-
-    ``slopes`` are the logarithmic slopes used below and above the measured range.
-    """
+    """Fill the zeros before the first and after the last positive rate with power laws of ``slopes``."""
     measured = np.flatnonzero(rate > 0)
     if len(measured) == 0:
         return rate
     rate = rate.copy()
-    for end, outside, slope in [
-        (measured[0], slice(0, measured[0]), slopes[0]),
-        (measured[-1], slice(measured[-1] + 1, None), slopes[1]),
-    ]:
+    for end, outside, slope in [(measured[0], slice(0, measured[0]), slopes[0]), (measured[-1], slice(measured[-1] + 1, None), slopes[1])]:
         rate[outside] = rate[end] * np.exp(slope * (log_energy[outside] - log_energy[end]))
     return rate
 
 
+def _empty_skipped():
+    return Table(names=["OBS_ID", "REASON"], dtype=[int, str])
+
+
 @dataclass
 class BackgroundHistograms:
-    """Counts and exposure of a background estimate, and the rate they give.
+    """Counts and exposure of each run, with the runs' obs-index rows; sums on demand.
 
     Parameters
     ----------
     axes : `~gammapy.maps.MapAxes`
         Energy and spatial axes (offset, or fov_lon and fov_lat).
     counts : `~numpy.ndarray`
-        Event counts per bin.
+        Event counts, shape ``(n_runs, *axes.shape)``.
     exposure : `~astropy.units.Quantity`
-        ONTIME x dE x dOmega per bin, in s MeV sr.
-    fov_alignment : {"ALTAZ", "RADEC"}
-        Alignment of 3D field-of-view coordinates.
-    obs_ids : list of int
-        Runs that contributed.
-    skipped : `~astropy.table.Table`
-        Runs skipped, with the reason.
+        ONTIME x dE x dOmega, same shape, in s MeV sr.
+    obs_table : `~astropy.table.Table`
+        Obs-index rows of the runs, in the same order.
+    fov_alignment : {"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}, optional
+        Alignment of 3D field-of-view coordinates. Default is "ALTAZ".
+    skipped : `~astropy.table.Table`, optional
+        Runs that could not be read (OBS_ID, REASON). Default is an empty table.
+
+    Examples
+    --------
+    >>> from gammapy.data import DataStore
+    >>> from bkgtemplate import BackgroundModelEstimator
+    >>> data_store = DataStore.from_dir("$GAMMAPY_DATA/hess-dl3-dr1")
+    >>> histograms = BackgroundModelEstimator().fill(data_store, [20136, 20137])
+    >>> histograms.counts.shape
+    (2, 15, 10)
+    >>> bkg = histograms.select([20136]).to_irf()
     """
 
     axes: MapAxes
     counts: np.ndarray
     exposure: u.Quantity
+    obs_table: Table
     fov_alignment: str = "ALTAZ"
-    obs_ids: list = field(default_factory=list)
-    skipped: Table = field(default_factory=lambda: Table(names=["OBS_ID", "REASON"], dtype=[int, str]))
+    skipped: Table = field(default_factory=_empty_skipped)
+
+    def __post_init__(self):
+        if self.counts.shape != self.exposure.shape or self.counts.shape[1:] != self.axes.shape:
+            raise ValueError(f"Counts {self.counts.shape} and exposure {self.exposure.shape} do not match (n_runs, {self.axes.shape}).")
+        if len(self.obs_table) != len(self.counts):
+            raise ValueError(f"{len(self.obs_table)} obs-table rows for {len(self.counts)} runs.")
+
+    def __len__(self):
+        return len(self.counts)
 
     @property
     def is_3d(self):
         return "fov_lon" in self.axes.names
 
     @property
-    def rate(self):
-        """Background rate counts / exposure, NaN where there is no exposure, in s-1 MeV-1 sr-1."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rate = np.where(self.exposure.value > 0, self.counts / self.exposure.value, np.nan)
-        return (rate / self.exposure.unit).to(RATE_UNIT)
+    def obs_ids(self):
+        """Run numbers, as a list of int."""
+        return [int(obs_id) for obs_id in self.obs_table["OBS_ID"]]
 
     @property
-    def rate_error(self):
-        """Poisson error sqrt(counts) / exposure, in s-1 MeV-1 sr-1."""
-        return self.rate * np.where(self.counts > 0, 1 / np.sqrt(np.maximum(self.counts, 1)), np.nan)
+    def livetime(self):
+        """LIVETIME of each run (ONTIME if there is no LIVETIME column), in s."""
+        for name in ("LIVETIME", "ONTIME"):
+            if name in self.obs_table.colnames:
+                livetime = u.Quantity(self.obs_table[name], "s").to_value("s").astype(float)
+                bad = ~(livetime > 0)
+                if bad.any():
+                    raise ValueError(f"Runs {list(np.array(self.obs_ids)[bad])} have {name} <= 0 or NaN; fix or drop them.")
+                return livetime
+        raise KeyError("The obs table has neither LIVETIME nor ONTIME.")
+
+    def index(self, obs_ids):
+        """Positions of runs in this container."""
+        position = {obs_id: i for i, obs_id in enumerate(self.obs_ids)}
+        missing = [int(obs_id) for obs_id in obs_ids if int(obs_id) not in position]
+        if missing:
+            raise KeyError(f"Runs {missing} are not in these histograms.")
+        return np.array([position[int(obs_id)] for obs_id in obs_ids], dtype=int)
+
+    def select(self, obs_ids):
+        """The histograms of some runs, in the given order."""
+        idx = self.index(obs_ids)
+        if not len(idx):
+            raise ValueError("The run selection is empty.")
+        return replace(self, counts=self.counts[idx], exposure=self.exposure[idx], obs_table=self.obs_table[idx])
+
+    def sum(self, weights=None):
+        """Counts and exposure summed over the runs; ``weights`` multiply each run's exposure (a rate correction)."""
+        exposure = self.exposure.to_value(EXPOSURE_UNIT)
+        if weights is not None:
+            exposure = exposure * np.reshape(weights, np.shape(weights) + (1,) * (exposure.ndim - np.ndim(weights)))
+        return self.counts.sum(axis=0), exposure.sum(axis=0) * EXPOSURE_UNIT
+
+    @property
+    def rate(self):
+        """Summed rate counts / exposure, NaN where there is no exposure, in s-1 MeV-1 sr-1."""
+        counts, exposure = self.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (np.where(exposure.value > 0, counts / exposure.value, np.nan) / exposure.unit).to(RATE_UNIT)
 
     @property
     def relative_error(self):
-        """Relative statistical error 1 / sqrt(counts), NaN where there are no counts."""
+        """Relative statistical error of the summed rate, 1 / sqrt(counts), NaN without counts."""
+        counts = self.counts.sum(axis=0)
         with np.errstate(divide="ignore"):
-            return np.where(self.counts > 0, 1 / np.sqrt(self.counts), np.nan)
+            return np.where(counts > 0, 1 / np.sqrt(counts), np.nan)
 
-    def to_irf(self, rate=None):
-        """Background IRF with the missing bins filled.
+    def to_irf(self, weights=None, smooth_sigma=None):
+        """Background IRF of the summed runs, with the missing bins filled.
 
         Bins without counts or exposure between measured energies are filled by gammapy's
-        ``interp_missing_data`` along energy (linear in log rate). Below the first and above
-        the last measured energy of each spatial bin the rate is extrapolated as a power law
-        with the slope of the field-of-view averaged spectrum at that end (`_end_slopes`):
-        gammapy interpolates the model in log rate between bin centres, so a zero next to a
-        measured bin would make it predict almost no background in the outer half of that
-        bin. Spatial bins
-        never observed are set to zero. ``EMEASMIN`` in the meta is the lowest energy (TeV)
-        with exposure: below it the model is an extrapolation.
+        ``interp_missing_data`` along energy. Below the first and above the last measured
+        energy of each spatial bin the rate is extrapolated as a power law with the slope of the
+        field-of-view averaged spectrum at that end: gammapy interpolates the model in log rate
+        between bin centres, so a zero next to a measured bin would make it predict almost no
+        background in the outer half of that bin. ``EMEASMIN`` in the meta is the lowest energy
+        (TeV) with exposure: below it the model is an extrapolation.
 
         Parameters
         ----------
-        rate : `~astropy.units.Quantity`, optional
-            Rate to use instead of counts / exposure (e.g. a smoothed one). Default is None.
+        weights : `~numpy.ndarray`, optional
+            Factor on each run's exposure, per run or per run and energy bin. Default is None.
+        smooth_sigma : float, optional
+            Gaussian smoothing of counts and exposure along the spatial axes, in bins (energy is
+            not smoothed). Default is None (no smoothing).
 
         Returns
         -------
         bkg : `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
-            The model, with no NaN or inf.
+            The model, in s-1 MeV-1 sr-1, with no NaN or inf.
         """
-        rate = self.rate if rate is None else rate.to(RATE_UNIT)
-        data = np.where(np.isfinite(rate.value), rate.value, 0.0)
-        kwargs = dict(axes=self.axes, data=data, unit=RATE_UNIT)
-        if self.is_3d:
-            bkg = Background3D(fov_alignment=self.fov_alignment, **kwargs)
-        else:
-            bkg = Background2D(**kwargs)
-        missing = bkg.data == 0
+        counts, exposure = self.sum(weights)
+        exposure = exposure.to_value(EXPOSURE_UNIT)
+        if smooth_sigma is not None:
+            if not smooth_sigma > 0:
+                raise ValueError(f"smooth_sigma must be positive (in bins), got {smooth_sigma}.")
+            sigmas = (0,) + (smooth_sigma,) * (counts.ndim - 1)
+            counts, exposure = (gaussian_filter(a, sigmas, mode="nearest") for a in (counts, exposure))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            data = np.where(exposure > 0, counts / exposure, 0.0)
+        kwargs = dict(axes=self.axes, data=data, unit=RATE_UNIT)  # counts / (s MeV sr)
+        bkg = Background3D(fov_alignment=self.fov_alignment, **kwargs) if self.is_3d else Background2D(**kwargs)
         bkg.interp_missing_data(axis_name="energy")
         filled = np.nan_to_num(bkg.data, nan=0.0, posinf=0.0, neginf=0.0)
         log_energy = np.log(self.axes["energy"].center.to_value("TeV"))
-        bkg.data = np.apply_along_axis(_extrapolate_ends, 0, filled, log_energy, self._end_slopes(log_energy))
-        n_filled = int(np.sum(missing & (bkg.data > 0)))
-        n_zero = int(np.sum(bkg.data == 0))
-        if n_filled or n_zero:
-            log.info(f"{n_filled} empty bins filled along energy, {n_zero} of {bkg.data.size} bins set to zero")
-        bkg.meta.update(self.meta)
+        slopes = _end_slopes(counts, exposure, log_energy)
+        bkg.data = np.apply_along_axis(_extrapolate_ends, 0, filled, log_energy, slopes)
+        bkg.meta.update({"NRUNS": len(self), "NEVENTS": int(counts.sum())})
+        measured = exposure.reshape(len(exposure), -1).sum(axis=1) > 0
+        if measured.any():
+            bkg.meta["EMEASMIN"] = float(self.axes["energy"].edges[:-1][measured][0].to_value("TeV"))
         return bkg
 
-    def _end_slopes(self, log_energy, min_counts=10):
-        """Spectral slopes at the low and high end of the field-of-view averaged rate.
 
-        Each from the two outermost energy bins with at least ``min_counts`` events (single
-        events would make the slope arbitrary), and never rising away from the measured range.
-        """
-        counts = self.counts.reshape(len(self.counts), -1).sum(axis=1)
-        exposure = self.exposure.value.reshape(len(self.counts), -1).sum(axis=1)
-        good = np.flatnonzero((counts >= min_counts) & (exposure > 0))
-        if len(good) < 2:
-            return 0.0, 0.0
-        log_rate = np.log(counts[good] / exposure[good])
-        low = (log_rate[1] - log_rate[0]) / (log_energy[good[1]] - log_energy[good[0]])
-        high = (log_rate[-1] - log_rate[-2]) / (log_energy[good[-1]] - log_energy[good[-2]])
-        return min(low, 0.0), min(high, 0.0)
+def _end_slopes(counts, exposure, log_energy, min_counts=10):
+    """Spectral slopes at the low and high end of the field-of-view averaged rate.
 
-    @property
-    def meta(self):
-        """Header keywords: number of runs and events, lowest energy with exposure, FOVALIGN."""
-        meta = {"NRUNS": len(self.obs_ids), "NEVENTS": int(self.counts.sum())}
-        measured = self.exposure.value.reshape(len(self.exposure), -1).sum(axis=1) > 0
-        if measured.any():
-            meta["EMEASMIN"] = float(self.axes["energy"].edges[:-1][measured][0].to_value("TeV"))
-        if self.is_3d:
-            meta["FOVALIGN"] = self.fov_alignment
-        return meta
+    Each from the two outermost energy bins with at least ``min_counts`` events (single events
+    would make the slope arbitrary), and never rising away from the measured range.
+    """
+    counts = counts.reshape(len(counts), -1).sum(axis=1)
+    exposure = exposure.reshape(len(exposure), -1).sum(axis=1)
+    good = np.flatnonzero((counts >= min_counts) & (exposure > 0))
+    if len(good) < 2:
+        return 0.0, 0.0
+    log_rate = np.log(counts[good] / exposure[good])
+    low = (log_rate[1] - log_rate[0]) / (log_energy[good[1]] - log_energy[good[0]])
+    high = (log_rate[-1] - log_rate[-2]) / (log_energy[good[-1]] - log_energy[good[-2]])
+    return min(low, 0.0), min(high, 0.0)

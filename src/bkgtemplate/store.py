@@ -19,7 +19,7 @@ from astropy.table import Table, vstack
 from gammapy.irf import Background2D, Background3D
 from gammapy.utils.scripts import make_path
 
-__all__ = ["write_background_store"]
+__all__ = ["staged_write", "write_background_store"]
 
 log = logging.getLogger(__name__)
 
@@ -399,3 +399,20 @@ def _move_into_place(stage, output_dir, aside):
         if moved_aside:
             os.replace(aside, output_dir)
         raise
+
+
+from contextlib import contextmanager  # noqa: E402  (temporary: replaced by the store rewrite)
+
+
+@contextmanager
+def staged_write(path, overwrite=False):
+    """Yield a temporary sibling path to write ``path`` into; move it into place on success."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield tmp_root / path.name
+        os.replace(tmp_root / path.name, path)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
