@@ -150,10 +150,9 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
 
     Notes
     -----
-    FILE_DIRs are relative between resolved (symlink-free) paths, so the store keeps working
-    when moved together with the input data; absolute input FILE_DIRs stay absolute. No
-    BASE_DIR is written: ``HDUIndexTable.read`` sets it to the index file's folder. FITS holds
-    ASCII only: non-ASCII text, e.g. in a FILE_DIR, is refused.
+    FILE_DIRs are relative between resolved paths (absolute ones stay absolute): the store
+    works when moved together with the input data. No BASE_DIR is written: gammapy sets it to
+    the index file's folder. FITS holds ASCII only: non-ASCII text, e.g. a FILE_DIR, is refused.
 
     Examples
     --------
@@ -189,13 +188,11 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
         for filename, hdu in index_hdus.items():
             fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(stage / filename)
 
-    n_3d = sum(isinstance(model, Background3D) for model in models.values())
-    unused = sorted(set(models) - set(run_models.values()))
+    n_3d, n_old = sum(_.tag == "bkg_3d" for _ in models.values()), len(data_store.hdu_table) - len(hdu_table)
     log.info(
-        f"Wrote background store {output_dir}: {len(models)} models ({len(models) - n_3d} 2D, {n_3d} 3D) "
-        f"for {len(run_models)} runs, {len(data_store.hdu_table) - len(hdu_table) + len(run_models)} old "
-        f"bkg rows replaced, events and IRFs read from {input_dir}"
-        + (f"; models assigned to no run: {unused}" if unused else "")
+        f"Wrote background store {output_dir}: {len(models)} models ({len(models) - n_3d} 2D, {n_3d} 3D) for "
+        f"{len(run_models)} runs, {n_old + len(run_models)} old bkg rows replaced, events and IRFs read from "
+        f"{input_dir}; models assigned to no run: {sorted(set(models) - set(run_models.values()))}"
     )
     return output_dir
 
@@ -226,8 +223,7 @@ def _check_models(models):
 
 def _list_runs(obs_ids, limit=20):
     obs_ids = sorted(int(_) for _ in obs_ids)
-    more = f", ... ({len(obs_ids)} runs)" if len(obs_ids) > limit else ""
-    return ", ".join(str(_) for _ in obs_ids[:limit]) + more
+    return ", ".join(map(str, obs_ids[:limit])) + (f", ... ({len(obs_ids)} runs)" if len(obs_ids) > limit else "")
 
 
 def _as_str(values):
@@ -291,16 +287,6 @@ def _check_output_dir(output_dir, input_dir, overwrite):
         )
 
 
-def _relative_dir(file_dir, input_dir, output_dir):
-    if os.path.isabs(file_dir):
-        return file_dir
-    target = (input_dir / file_dir).resolve()
-    try:
-        return Path(os.path.relpath(target, output_dir)).as_posix()
-    except ValueError:  # e.g. another drive on Windows
-        return target.as_posix()
-
-
 def _make_hdu_index(hdu_table, run_models, models, sizes, input_dir, output_dir):
     """HDU index: input rows without the bkg ones, FILE_DIRs relative, one bkg row per run."""
     table = Table(hdu_table, copy=True)
@@ -308,7 +294,10 @@ def _make_hdu_index(hdu_table, run_models, models, sizes, input_dir, output_dir)
         if table[name].dtype.kind in "SU":
             table[name] = _as_str(table[name])
     table = table[table["HDU_TYPE"] != "bkg"]
-    new_dirs = {_: _relative_dir(_, input_dir, output_dir) for _ in set(table["FILE_DIR"])}
+    new_dirs = {
+        _: _ if os.path.isabs(_) else Path(os.path.relpath((input_dir / _).resolve(), output_dir)).as_posix()
+        for _ in set(table["FILE_DIR"])
+    }
     table["FILE_DIR"] = np.array([new_dirs[_] for _ in table["FILE_DIR"]], dtype=str)
     paths = {os.path.normpath(output_dir / d / f) for d, f in zip(table["FILE_DIR"], table["FILE_NAME"])}
     if any(Path(_).is_relative_to(output_dir) for _ in paths):
