@@ -1,11 +1,10 @@
 """Bad input gets one clear line naming the run, file or parameter; nothing is half written.
 
 Each case runs on a copy of the simulated archive (the original is never touched), or on the
-H.E.S.S. data where it fits.
+H.E.S.S. data where it fits. The store writer's cases are in test_store.py.
 """
 
 import gzip
-import hashlib
 import logging
 import shutil
 import numpy as np
@@ -18,7 +17,6 @@ from gammapy.maps import MapAxis
 from bkgtemplate import BackgroundModelEstimator, RunError, make_energy_axis, make_offset_axis
 from bkgtemplate.conditions import EmptyBinError, ObservingConditionsEstimator
 from bkgtemplate.data import DataNotFoundError, find_data_dir
-from bkgtemplate.store import write_background_store
 
 
 def one_line(error):
@@ -217,50 +215,3 @@ def test_parameters_out_of_range(make, text):
     with pytest.raises(ValueError) as error:
         make()
     assert text in one_line(error)
-
-
-# --- outputs ---
-
-
-def model_and_assignment(data_store):
-    bkg = BackgroundModelEstimator().run(data_store, off_ids(data_store)[:3])
-    obs_ids = data_store.obs_table["OBS_ID"]
-    return {"BKG": bkg}, Table({"OBS_ID": obs_ids, "BKG_HDU": ["BKG"] * len(obs_ids)})
-
-
-def tree_hashes(folder):
-    return {
-        path.relative_to(folder): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
-
-
-def test_existing_store_is_refused_and_kept_on_failure(simulated_store, tmp_path, monkeypatch):
-    models, assignment = model_and_assignment(simulated_store)
-    store = write_background_store(simulated_store, models, assignment, tmp_path / "store")
-    before = tree_hashes(store)
-
-    with pytest.raises(FileExistsError) as error:
-        write_background_store(simulated_store, models, assignment, store)
-    assert "pass overwrite=True" in one_line(error)
-
-    import bkgtemplate.store
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(bkgtemplate.store, "_write_index", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        write_background_store(simulated_store, models, assignment, store, overwrite=True)
-    assert tree_hashes(store) == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["store"]
-
-
-def test_input_is_never_written(simulated_archive, simulated_store, tmp_path):
-    before = tree_hashes(simulated_archive)
-    models, assignment = model_and_assignment(simulated_store)
-    with pytest.raises(ValueError):
-        write_background_store(simulated_store, models, assignment, simulated_archive / "store")
-    write_background_store(simulated_store, models, assignment, tmp_path / "store")
-    assert tree_hashes(simulated_archive) == before

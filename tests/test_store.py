@@ -18,7 +18,7 @@ from gammapy.irf import Background2D, Background3D, FoVAlignment
 from gammapy.makers import MapDatasetMaker
 from gammapy.maps import MapAxis, WcsGeom
 from bkgtemplate import store
-from bkgtemplate.store import write_background_store
+from bkgtemplate.store import staged_write, write_background_store
 
 RATE_UNIT = u.Unit("s-1 MeV-1 sr-1")
 ENERGY = MapAxis.from_energy_bounds("0.1 TeV", "100 TeV", nbin=3, name="energy")
@@ -65,7 +65,7 @@ def toy_store(tmp_path):
         rows.append((obs_id, "events", "events", "data", name, "EVENTS", 100))
         rows.append((obs_id, "bkg", "bkg_3d", "data", name, "BKG", 200))
         rows.append((obs_id, "aeff", "aeff_2d", "data", name, "AEFF", 300))
-    hdu = Table(rows=rows, names=store._HDU_INDEX_COLUMNS)
+    hdu = Table(rows=rows, names=["OBS_ID", "HDU_TYPE", "HDU_CLASS", "FILE_DIR", "FILE_NAME", "HDU_NAME", "SIZE"])
     hdu.meta.update(HDUCLASS="GADF", HDUCLAS1="INDEX", HDUCLAS2="HDU", EXTNAME="HDU_INDEX")
     hdu.write(folder / "hdu-index.fits.gz")
     obs = Table({"OBS_ID": TOY_IDS, "ZEN_PNT": [10.0, 30.0, 50.0] * u.deg})
@@ -77,7 +77,7 @@ def toy_store(tmp_path):
 @pytest.fixture
 def toy_models():
     return {
-        "BKG_ZEN_00_20": make_bkg_2d(1e-5, ZEN_LO=0.0, ZEN_HI=20.0, ZEN_MEAN=10 * u.deg),
+        "BKG_ZEN_00_20": make_bkg_2d(1e-5, ZEN_LO=0.0, ZEN_HI=20.0, COND1="ZEN_PNT", CONDVAL1=10.0),
         "BKG_ALTAZ": make_bkg_3d(2e-5),
     }
 
@@ -132,6 +132,7 @@ def test_toy_obs_index(toy_store, toy_models, toy_assignment, tmp_path):
         header = hdulist["OBS_INDEX"].header
     assert (header["HDUCLASS"], header["HDUCLAS1"], header["HDUCLAS2"]) == ("GADF", "INDEX", "OBS")
     assert (header["MJDREFI"], header["GEOLON"]) == (51910, "16.5")
+    assert header["CREATOR"] == "bkgtemplate.store"  # the mark that lets overwrite=True replace it
     assert "BASE_DIR" not in header
 
     obs_table = DataStore.from_dir(path).obs_table
@@ -152,19 +153,29 @@ def test_toy_bkg_headers(toy_store, toy_models, toy_assignment, tmp_path):
         assert (header["HDUCLASS"], header["HDUVERS"]) == ("GADF", "0.2")
     assert "FOVALIGN" not in h2d
     assert h3d["FOVALIGN"] == "ALTAZ"
-    # zenith information of the model's meta is kept; a quantity keeps its unit as comment
-    assert (h2d["ZEN_LO"], h2d["ZEN_HI"], h2d["ZEN_MEAN"]) == (0.0, 20.0, 10.0)
-    assert h2d.comments["ZEN_MEAN"] == "[deg]"
+    # the conditions a model is for, as the collection writes them, are kept
+    assert (h2d["ZEN_LO"], h2d["ZEN_HI"], h2d["COND1"], h2d["CONDVAL1"]) == (0.0, 20.0, "ZEN_PNT", 10.0)
+
+
+@pytest.mark.parametrize("alignment", ["ALTAZ", "RADEC"])
+def test_toy_gammapy_reads_models_back(toy_store, toy_models, toy_assignment, tmp_path, alignment):
+    toy_models["BKG_ALTAZ"] = make_bkg_3d(2e-5, fov_alignment=alignment)
+    toy_models["BKG_ALTAZ"].data[1, 0, 1] = 7e-5  # not symmetric: a transposed read would show
+    path = write_background_store(toy_store, toy_models, toy_assignment, tmp_path / "out")
+    filename = path / "bkg" / "background.fits"
+    for name, cls in [("BKG_ZEN_00_20", Background2D), ("BKG_ALTAZ", Background3D)]:
+        read = cls.read(filename, hdu=name)
+        assert read.axes == toy_models[name].axes
+        assert read.unit == RATE_UNIT
+        assert_allclose(read.data, toy_models[name].data, rtol=1e-12)
+    assert read.fov_alignment == FoVAlignment[alignment]
 
     data_store = DataStore.from_dir(path)
     bkg = data_store.hdu_table.hdu_location(13, "bkg").load()
-    assert isinstance(bkg, Background3D)
-    assert bkg.fov_alignment == FoVAlignment.ALTAZ
-    assert_allclose(bkg.data, 2e-5, rtol=1e-12)
-    assert bkg.unit == RATE_UNIT
+    assert isinstance(bkg, Background3D) and bkg.fov_alignment == FoVAlignment[alignment]
+    assert_allclose(bkg.data, toy_models["BKG_ALTAZ"].data, rtol=1e-12)
     bkg = data_store.hdu_table.hdu_location(11, "bkg").load()
-    assert isinstance(bkg, Background2D)
-    assert bkg.meta["ZEN_HI"] == 20.0
+    assert isinstance(bkg, Background2D) and bkg.meta["ZEN_HI"] == 20.0
 
 
 def test_toy_logs_summary(toy_store, toy_models, toy_assignment, tmp_path, caplog):
@@ -184,11 +195,12 @@ def test_toy_logs_summary(toy_store, toy_models, toy_assignment, tmp_path, caplo
         (lambda t: t.__setitem__("BKG_HDU", ["BKG_ALTAZ", "BKG_NOPE", "BKG_ALTAZ"]), r"BKG_NOPE.*runs 11;"),
         (lambda t: t.remove_column("BKG_HDU"), r"lacks columns \['BKG_HDU'\]"),
         (lambda t: t.rename_column("ZEN_BIN", "ZEN_PNT"), r"\['ZEN_PNT'\] already exist"),
+        (lambda t: t.__setitem__("OBS_ID", [13.0, 11.5, 12.0]), r"OBS_ID has dtype float64: need integers"),
     ],
 )
 def test_bad_assignment(toy_store, toy_models, toy_assignment, tmp_path, change, match):
     change(toy_assignment)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         write_background_store(toy_store, toy_models, toy_assignment, tmp_path / "out")
     assert list(tmp_path.iterdir()) == [tmp_path / "input"]
 
@@ -196,8 +208,42 @@ def test_bad_assignment(toy_store, toy_models, toy_assignment, tmp_path, change,
 def test_bad_models(toy_store, toy_models, toy_assignment, tmp_path):
     with pytest.raises(TypeError, match="'BKG_ALTAZ' is a str"):
         write_background_store(toy_store, {**toy_models, "BKG_ALTAZ": "x"}, toy_assignment, tmp_path / "o")
-    with pytest.raises(ValueError, match="differ only in case"):
+    with pytest.raises(ValueError, match="'bkg_altaz' clashes with 'BKG_ALTAZ': FITS ignores case"):
         write_background_store(toy_store, {**toy_models, "bkg_altaz": make_bkg_3d(1.0)}, toy_assignment, tmp_path / "o")
+    assert list(tmp_path.iterdir()) == [tmp_path / "input"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (np.nan, r"has 1 NaN, 0 infinite and 0 negative rates in 12 bins"),
+        (np.inf, r"has 0 NaN, 1 infinite and 0 negative rates in 12 bins"),
+        (-1e-9, r"has 0 NaN, 0 infinite and 1 negative rates in 12 bins"),
+    ],
+)
+def test_bad_rates_refused_before_writing(toy_store, toy_models, toy_assignment, tmp_path, bad, match):
+    toy_models["BKG_ALTAZ"].data[2, 1, 0] = bad
+    with pytest.raises(ValueError, match=rf"^Model 'BKG_ALTAZ' {match}: a background rate must be finite"):
+        write_background_store(toy_store, toy_models, toy_assignment, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [tmp_path / "input"]
+
+
+@pytest.mark.parametrize("unit", ["s-1 sr-1", "TeV-1 s-1 cm-2", ""])
+def test_unit_not_a_rate_refused_before_writing(toy_store, toy_models, toy_assignment, tmp_path, unit):
+    offset = MapAxis.from_bounds(0, 3, nbin=2, unit="deg", name="offset")
+    toy_models["BKG_ZEN_00_20"] = Background2D(axes=[ENERGY, offset], data=np.ones((3, 2)), unit=unit)
+    message = rf"^Model 'BKG_ZEN_00_20' has unit '{unit}', not a rate convertible to MeV-1 s-1 sr-1$"
+    with pytest.raises(u.UnitsError, match=message):
+        write_background_store(toy_store, toy_models, toy_assignment, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [tmp_path / "input"]
+
+
+def test_rate_in_other_units_is_written(toy_store, toy_models, toy_assignment, tmp_path):
+    offset = MapAxis.from_bounds(0, 3, nbin=2, unit="deg", name="offset")
+    toy_models["BKG_ZEN_00_20"] = Background2D(axes=[ENERGY, offset], data=np.full((3, 2), 10.0), unit="s-1 TeV-1 sr-1")
+    path = write_background_store(toy_store, toy_models, toy_assignment, tmp_path / "out")
+    bkg = DataStore.from_dir(path).hdu_table.hdu_location(11, "bkg").load()
+    assert_allclose(bkg.quantity.to_value(RATE_UNIT), 1e-5, rtol=1e-12)
 
 
 def test_never_writes_into_input(toy_store, toy_models, toy_assignment, tmp_path):
@@ -209,13 +255,14 @@ def test_never_writes_into_input(toy_store, toy_models, toy_assignment, tmp_path
     with pytest.raises(ValueError, match="contains the input store"):
         write_background_store(toy_store, toy_models, toy_assignment, tmp_path / "input", overwrite=True)
     assert tree_hashes(input_dir) == before
+    assert list(tmp_path.iterdir()) == [tmp_path / "input"]
 
 
-def test_overwrite(toy_store, toy_models, toy_assignment, tmp_path):
+def test_overwrite_replaces_own_store(toy_store, toy_models, toy_assignment, tmp_path):
     output = tmp_path / "out"
     output.mkdir()  # an empty folder is fine
     write_background_store(toy_store, toy_models, toy_assignment, output)
-    message = rf"^Output folder {re.escape(str(output.resolve()))} exists and is not empty: pass overwrite=True"
+    message = rf"^{re.escape(str(output.resolve()))} exists: pass overwrite=True to replace it$"
     with pytest.raises(FileExistsError, match=message):
         write_background_store(toy_store, toy_models, toy_assignment, output)
 
@@ -226,41 +273,126 @@ def test_overwrite(toy_store, toy_models, toy_assignment, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out"]
 
 
-def _fail_on_obs_index(write_index):
-    def wrapper(table, filename, extname, hduclas2):
-        if extname == "OBS_INDEX":
-            raise RuntimeError("disk full")
-        write_index(table, filename, extname, hduclas2)
+def test_overwrite_refuses_what_it_did_not_write(toy_store, toy_models, toy_assignment, tmp_path):
+    output = tmp_path / "out"
+    write_background_store(toy_store, toy_models, toy_assignment, output)
+    (output / "notes.txt").write_text("mine")
+    (output / "bkg" / "old.fits").write_text("mine too")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(output / "hdu-index.fits.gz", other)
+    Table({"OBS_ID": TOY_IDS}, meta={"EXTNAME": "OBS_INDEX"}).write(other / "obs-index.fits.gz")
+    file = tmp_path / "file"
+    file.write_text("a file")
+    before = {path: tree_hashes(path) for path in [output, other]}
+    for path, why in [
+        (output, r"it holds \['bkg/old.fits', 'notes.txt'\]"),
+        (other, r"its obs index lacks CREATOR = 'bkgtemplate.store'"),
+    ]:
+        with pytest.raises(FileExistsError, match=rf"^Output folder {re.escape(str(path))} is not a store written by "
+                           rf"bkgtemplate \({why}\): not replaced; choose another folder"):
+            write_background_store(toy_store, toy_models, toy_assignment, path, overwrite=True)
+        assert tree_hashes(path) == before[path]
+    with pytest.raises(FileExistsError, match=r"exists and is not a folder: not replaced$"):
+        write_background_store(toy_store, toy_models, toy_assignment, file, overwrite=True)
+    assert file.read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "input", "other", "out"]
 
-    return wrapper
+
+def test_store_appearing_while_writing_is_not_replaced(toy_store, toy_models, toy_assignment, tmp_path,
+                                                       monkeypatch):
+    output = tmp_path / "out"
+    real_move = store._move_into_place
+
+    def move_after_another_writer(stage, path, aside, overwrite):
+        path.mkdir()
+        (path / "theirs.txt").write_text("theirs")
+        real_move(stage, path, aside, overwrite)
+
+    monkeypatch.setattr(store, "_move_into_place", move_after_another_writer)
+    with pytest.raises(FileExistsError, match=rf"^{re.escape(str(output))} appeared while writing: not replaced$"):
+        write_background_store(toy_store, toy_models, toy_assignment, output)
+    assert tree_hashes(output) == {"theirs.txt": sha256(output / "theirs.txt")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out"]  # no temporary left
 
 
-def test_failure_keeps_previous_store(toy_store, toy_models, toy_assignment, tmp_path, monkeypatch):
+def test_non_ascii_input_path_refused_before_writing(toy_store, toy_models, toy_assignment, tmp_path):
+    moved = tmp_path / "dätä"
+    shutil.copytree(tmp_path / "input", moved)
+    data_store = DataStore.from_dir(moved / "toy")
+    with pytest.raises(ValueError, match=r"^HDU index column FILE_DIR holds non-ASCII '../../dätä/toy/data', which "
+                       r"FITS cannot hold: use ASCII names"):
+        write_background_store(data_store, toy_models, toy_assignment, tmp_path / "new" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dätä", "input"]
+
+
+def test_non_ascii_output_path_writes_a_store(toy_store, toy_models, toy_assignment, tmp_path):
+    path = write_background_store(toy_store, toy_models, toy_assignment, tmp_path / "Ausgabe-ü" / "störe")
+    data_store = DataStore.from_dir(path)
+    location = data_store.hdu_table.hdu_location(11, "events")
+    expected = tmp_path.resolve() / "input" / "toy" / "data" / "run_11.fits.gz"
+    assert (Path(location.base_dir) / location.file_dir / location.file_name).resolve() == expected
+    assert_allclose(data_store.hdu_table.hdu_location(12, "bkg").load().data, 1e-5, rtol=1e-12)
+
+
+def test_non_ascii_assignment_column_refused_before_writing(toy_store, toy_models, toy_assignment, tmp_path):
+    toy_assignment["NOTE"] = ["ok", "Zenit über 40°", "ok"]
+    with pytest.raises(ValueError, match=r"^OBS index column NOTE holds non-ASCII 'Zenit über 40°'"):
+        write_background_store(toy_store, toy_models, toy_assignment, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [tmp_path / "input"]
+
+
+def fail_writing(name, exception):
+    """An HDUList.writeto that writes part of ``name`` and then raises ``exception``."""
+    real_writeto = fits.HDUList.writeto
+
+    def writeto(self, filename, *args, **kwargs):
+        if Path(filename).name == name:
+            Path(filename).write_bytes(b"SIMPLE  =                    T")
+            raise exception
+        real_writeto(self, filename, *args, **kwargs)
+
+    return writeto
+
+
+@pytest.mark.parametrize("exception", [OSError("disk full"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_failure_mid_write_keeps_previous_store(toy_store, toy_models, toy_assignment, tmp_path, monkeypatch,
+                                                exception):
     output = tmp_path / "out"
     write_background_store(toy_store, toy_models, toy_assignment, output)
     before = tree_hashes(output)
-
-    monkeypatch.setattr(store, "_write_index", _fail_on_obs_index(store._write_index))
-    with pytest.raises(RuntimeError, match="disk full"):
-        write_background_store(toy_store, {"BKG_ZEN_00_20": make_bkg_2d(9.0), "BKG_ALTAZ": make_bkg_3d(9.0)},
-                               toy_assignment, output, overwrite=True)
+    monkeypatch.setattr(fits.HDUList, "writeto", fail_writing("obs-index.fits.gz", exception))
+    models = {"BKG_ZEN_00_20": make_bkg_2d(9.0), "BKG_ALTAZ": make_bkg_3d(9.0)}
+    with pytest.raises(type(exception)):
+        write_background_store(toy_store, models, toy_assignment, output, overwrite=True)
     assert tree_hashes(output) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out"]  # no temp folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out"]  # no temporary left
 
-    # a failure of the final rename puts the previous store back
-    monkeypatch.undo()
-    real_replace, calls = os.replace, []
 
-    def replace(src, dst):
+def test_failure_mid_write_on_fresh_store_leaves_nothing(toy_store, toy_models, toy_assignment, tmp_path,
+                                                         monkeypatch):
+    monkeypatch.setattr(fits.HDUList, "writeto", fail_writing("obs-index.fits.gz", OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        write_background_store(toy_store, toy_models, toy_assignment, tmp_path / "new" / "deeper" / "out")
+    assert list(tmp_path.iterdir()) == [tmp_path / "input"]  # the parent folders it made are gone too
+
+
+def test_failed_final_move_puts_previous_store_back(toy_store, toy_models, toy_assignment, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    write_background_store(toy_store, toy_models, toy_assignment, output)
+    before = tree_hashes(output)
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
         calls.append((Path(src).name, Path(dst).name))
         if len(calls) == 2:
             raise OSError("rename failed")
-        real_replace(src, dst)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(store.os, "replace", replace)
+    monkeypatch.setattr(store.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
         write_background_store(toy_store, toy_models, toy_assignment, output, overwrite=True)
-    assert calls == [("out", "old"), ("new", "out"), ("old", "out")]
+    assert calls == [("out", "previous"), ("out", "out"), ("previous", "out")]
     assert tree_hashes(output) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out"]
 
@@ -270,27 +402,58 @@ def test_failed_restore_keeps_previous_store_aside(toy_store, toy_models, toy_as
     output = tmp_path / "out"
     write_background_store(toy_store, toy_models, toy_assignment, output)
     before = tree_hashes(output)
-    real_replace, calls = os.replace, []
+    real_rename, calls = os.rename, []
 
-    def replace(src, dst):
+    def rename(src, dst):
         calls.append(src)
         if len(calls) > 1:
             raise OSError("rename failed")
-        real_replace(src, dst)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(store.os, "replace", replace)
+    monkeypatch.setattr(store.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
         write_background_store(toy_store, toy_models, toy_assignment, output, overwrite=True)
-    (aside,) = tmp_path.glob(".out-*.tmp/old")
+    (aside,) = tmp_path.glob(".out-*.tmp/previous")
     assert tree_hashes(aside) == before  # never deleted, and the log says where it is
-    assert f"it is in {aside}" in caplog.text
+    assert f"could not be put back: it is in {aside}" in caplog.text
 
 
-def test_failure_on_fresh_write_leaves_nothing(toy_store, toy_models, toy_assignment, tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "_write_index", _fail_on_obs_index(store._write_index))
-    with pytest.raises(RuntimeError, match="disk full"):
-        write_background_store(toy_store, toy_models, toy_assignment, tmp_path / "out")
-    assert list(tmp_path.iterdir()) == [tmp_path / "input"]
+def test_staged_write_file(tmp_path):
+    path = tmp_path / "a" / "model.txt"
+    with staged_write(path) as stage:
+        assert stage.name == "model.txt" and stage.parent.parent == path.parent and not stage.exists()
+        stage.write_text("one")
+        assert not path.exists()  # nothing at the final path before the block ends
+    assert path.read_text() == "one"
+    with pytest.raises(FileExistsError, match=r"model.txt exists: pass overwrite=True to replace it$"):
+        with staged_write(path) as stage:
+            raise AssertionError("the block must not run")
+    with staged_write(path, overwrite=True) as stage:
+        stage.write_text("two")
+    assert path.read_text() == "two"
+    with pytest.raises(RuntimeError, match="failed"):
+        with staged_write(path, overwrite=True) as stage:
+            stage.write_text("half")
+            raise RuntimeError("failed")
+    assert path.read_text() == "two"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.txt"]
+
+
+def test_staged_write_never_replaces_a_file_that_appears(tmp_path):
+    path = tmp_path / "model.txt"
+    with pytest.raises(FileExistsError, match=r"model.txt appeared while writing: not replaced$"):
+        with staged_write(path) as stage:
+            stage.write_text("ours")
+            path.write_text("theirs")
+    assert path.read_text() == "theirs"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_staged_write_without_output_fails(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Nothing was written to"):
+        with staged_write(tmp_path / "x" / "model.txt"):
+            pass
+    assert list(tmp_path.iterdir()) == []
 
 
 # The real H.E.S.S. DL3 DR1 store (hess_dir and hess_store come from tests/conftest.py).
@@ -358,7 +521,7 @@ def test_hess_every_run_has_its_new_model(hess_store, hess_new_store, caplog):
     assert len(set(rows["OBS_ID"])) == 105
 
     for obs_id, name in zip(assignment["OBS_ID"], assignment["BKG_HDU"]):
-        obs = data_store.obs(obs_id, required_irf="full-enclosure")
+        obs = data_store.obs(obs_id, required_irf="all-optional")
         model = models[name]
         assert type(obs.bkg) is type(model), obs_id
         assert_allclose(obs.bkg.data, model.data, rtol=1e-12)
