@@ -23,17 +23,9 @@ from .estimator import BackgroundModelEstimator
 from .histograms import RATE_UNIT
 from .store import staged_write
 
-__all__ = [
-    "BackgroundModelCollection",
-    "EmptyBinError",
-    "ObservingConditionsEstimator",
-    "assign_bins",
-    "column_values",
-    "equal_livetime_edges",
-    "interpolation_variable",
-    "interpolation_weights",
-    "north_component",
-]
+__all__ = ["BackgroundModelCollection", "EmptyBinError", "ObservingConditionsEstimator", "assign_bins",
+    "column_values", "equal_livetime_edges", "interpolation_variable", "interpolation_weights",
+    "north_component"]
 
 log = logging.getLogger(__name__)
 
@@ -254,19 +246,9 @@ class BackgroundModelCollection:
         self.corrections = list(corrections or [])
         self.runs = runs
 
-    @property
-    def columns(self):
-        """Binned columns, in order."""
-        return list(self.bin_edges)
-
-    @property
-    def shape(self):
-        """Number of bins of each column."""
-        return tuple(len(edges) - 1 for edges in self.bin_edges.values())
-
-    @property
-    def n_bins(self):
-        return len(self.models)
+    columns = property(lambda self: list(self.bin_edges), doc="Binned columns, in order.")
+    shape = property(lambda self: tuple(len(e) - 1 for e in self.bin_edges.values()), doc="Bins per column.")
+    n_bins = property(lambda self: len(self.models), doc="Number of bins (and models).")
 
     @property
     def condition_columns(self):
@@ -283,15 +265,10 @@ class BackgroundModelCollection:
 
     @property
     def bin_labels(self):
-        """Readable label of each bin, e.g. "ZEN_PNT [0, 20) deg" (for plot legends)."""
-        labels = []
-        for flat in range(self.n_bins):
-            parts = []
-            for column, idx in zip(self.columns, np.unravel_index(flat, self.shape)):
-                edges, close = self.bin_edges[column], "]" if idx == self.shape[self.columns.index(column)] - 1 else ")"
-                parts.append(f"{column} [{edges[idx]:g}, {edges[idx + 1]:g}{close}" + (f" {self.units[column]}" if self.units[column] else ""))
-            labels.append(", ".join(parts) or "all runs")
-        return labels
+        """Readable label of each bin, e.g. "ZEN_PNT 0-20 deg" (for plot legends)."""
+        index = [np.unravel_index(flat, self.shape) for flat in range(self.n_bins)]
+        return [", ".join(f"{c} {self.bin_edges[c][i]:g}-{self.bin_edges[c][i + 1]:g} {self.units[c]}".strip()
+                          for c, i in zip(self.columns, idx)) or "all runs" for idx in index]
 
     def __str__(self):
         lines = [f"BackgroundModelCollection: {self.n_bins} {type(self.models[0]).__name__} models"]

@@ -22,18 +22,8 @@ from astropy.table import Table
 from astropy.time import Time
 from gammapy.data import DataStore, Observations
 
-__all__ = [
-    "DATASET_NAME",
-    "DataNotFoundError",
-    "RunError",
-    "RunInfo",
-    "check_obs_ids",
-    "collect_runs",
-    "find_data_dir",
-    "obs_table_rows",
-    "open_data_store",
-    "read_events",
-]
+__all__ = ["DATASET_NAME", "DataNotFoundError", "RunError", "RunInfo", "check_obs_ids", "collect_runs",
+    "find_data_dir", "obs_table_rows", "open_data_store", "read_events"]
 
 log = logging.getLogger(__name__)
 
@@ -71,72 +61,43 @@ def _index_files(folder):
 
 
 def find_data_dir(path=None):
-    """Find the folder of a DL3 data store (obs and HDU index files).
+    """Find the folder of a DL3 data store (``obs-index.fits(.gz)`` and ``hdu-index.fits(.gz)``).
 
     Parameters
     ----------
     path : str or `~pathlib.Path`, optional
-        Folder holding ``obs-index.fits(.gz)`` and ``hdu-index.fits(.gz)``. Environment
-        variables (``$GAMMAPY_DATA``) and ``~`` are expanded. Default is None, which means
+        The folder; environment variables and ``~`` are expanded. Default is None, which means
         ``$GAMMAPY_DATA/hess-dl3-dr1``.
 
     Returns
     -------
     path : `~pathlib.Path`
-        The folder, absolute.
-
-    Raises
-    ------
-    DataNotFoundError
-        If an environment variable in the path is not set, the folder does not exist, or it
-        lacks one of the two index files. The message names the path tried.
+        The folder, absolute. A missing variable, folder or index file raises `DataNotFoundError`
+        with one line naming the path tried and how to get the data.
     """
     if path is None:
         if not os.environ.get("GAMMAPY_DATA"):
             raise DataNotFoundError(
-                f"H.E.S.S. DL3 DR1 data not found: GAMMAPY_DATA is not set "
-                f"(looked for $GAMMAPY_DATA/{DATASET_NAME}); {_how_to_get()}"
+                f"H.E.S.S. DL3 DR1 data not found: GAMMAPY_DATA is not set (looked for $GAMMAPY_DATA/{DATASET_NAME}); {_how_to_get()}"
             )
         path = Path(os.environ["GAMMAPY_DATA"]) / DATASET_NAME
-
-    tried = str(path)
-    expanded = os.path.expanduser(os.path.expandvars(tried))
+    expanded = os.path.expanduser(os.path.expandvars(str(path)))
     unset = re.findall(r"\$\{?(\w+)", expanded)
     if unset:
-        raise DataNotFoundError(
-            f"Data not found: {', '.join(unset)} is not set (path tried: {tried}); {_how_to_get()}"
-        )
-
+        raise DataNotFoundError(f"Data not found: {', '.join(unset)} is not set (path tried: {path}); {_how_to_get()}")
     folder = Path(expanded).absolute()
     if folder.is_file() and folder.name.startswith(INDEX_STEMS):
         raise DataNotFoundError(f"Data not found: {folder} is an index file; give its folder {folder.parent}.")
     if not folder.is_dir():
         raise DataNotFoundError(f"Data not found: folder {folder} does not exist; {_how_to_get()}")
-
-    missing = [stem for stem in INDEX_STEMS if stem not in _index_files(folder)]
+    missing = [f"{stem}.fits(.gz)" for stem in INDEX_STEMS if stem not in _index_files(folder)]
     if missing:
-        names = " and ".join(f"{stem}.fits(.gz)" for stem in missing)
-        raise DataNotFoundError(
-            f"Data not found: folder {folder} exists but has no {names}; {_how_to_get()}"
-        )
-
-    log.debug(f"Data store found in {folder}")
+        raise DataNotFoundError(f"Data not found: folder {folder} exists but has no {' and '.join(missing)}; {_how_to_get()}")
     return folder
 
 
 def open_data_store(path=None):
-    """Open a DL3 data store found with `find_data_dir` (index files ``.fits.gz`` or ``.fits``).
-
-    Parameters
-    ----------
-    path : str or `~pathlib.Path`, optional
-        Folder of the data store. Default is None, which means ``$GAMMAPY_DATA/hess-dl3-dr1``.
-
-    Returns
-    -------
-    data_store : `~gammapy.data.DataStore`
-        The data store.
-    """
+    """Open the `~gammapy.data.DataStore` in the folder `find_data_dir` finds for ``path``."""
     folder = find_data_dir(path)
     index = _index_files(folder)
     try:
@@ -252,25 +213,11 @@ def obs_table_rows(data_store, obs_ids):
 
 
 def collect_runs(data_store, obs_ids=None, safe_threshold=True):
-    """Collect the `RunInfo` of the selected runs from the obs and HDU index tables.
+    """The `RunInfo` of the runs ``obs_ids`` (default all; ``SAFE_ENERGY_LO`` read if ``safe_threshold``).
 
     The hour angle at each run's start is computed for all runs in one vectorised astropy call
     (site and time reference from the obs-index header, else from the runs' EVENTS headers);
     the estimator follows the field rotation from there.
-
-    Parameters
-    ----------
-    data_store : `~gammapy.data.DataStore`
-        Data store.
-    obs_ids : list of int or `~gammapy.data.Observations`, optional
-        Selection. Default is None, all runs.
-    safe_threshold : bool, optional
-        Read each run's ``SAFE_ENERGY_LO``. Default is True.
-
-    Returns
-    -------
-    runs : list of `RunInfo`
-        One entry per run, in the order of ``obs_ids``.
     """
     if not isinstance(data_store, DataStore):
         raise TypeError(f"Expected a gammapy DataStore, got {type(data_store).__name__}.")
@@ -296,9 +243,18 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
                 log.warning(f"Run {obs_id} has no SAFE_ENERGY_LO: all its energy bins are used.")
             threshold = np.where(np.isfinite(values), values, 0.0)
 
-    locations = [_events_location(data_store, obs_id) for obs_id in obs_ids]
+    # one pass over the HDU index: its own lookup searches the whole table once per run
+    hdu_table = data_store.hdu_table
+    rows_of = {}
+    for row, (obs_id, hdu_type) in enumerate(zip(hdu_table["OBS_ID"], np.char.strip(np.asarray(hdu_table["HDU_TYPE"]).astype(str)))):
+        if hdu_type == "events":
+            rows_of.setdefault(int(obs_id), []).append(row)
+    missing = [obs_id for obs_id in obs_ids if len(rows_of.get(obs_id, [])) != 1]
+    if missing:
+        raise RunError(f"Runs {missing} have no or several events rows in the HDU index; fix the index or drop them.")
+    locations = [hdu_table.location_info(rows_of[obs_id][0]) for obs_id in obs_ids]
     needs_headers = not all(key in data_store.obs_table.meta for key in ("GEOLON", "GEOLAT", "ALTITUDE", "MJDREFI"))
-    headers = [_events_header(location, obs_id) if needs_headers else {} for obs_id, location in zip(obs_ids, locations)]
+    headers = [_events_header(location) if needs_headers else {} for location in locations]
     location, reference = _site_and_reference(data_store.obs_table, headers)
     times = reference + tstart * u.s
     hadec = SkyCoord(ra * u.rad, dec * u.rad).transform_to(HADec(location=location, obstime=times))
@@ -316,14 +272,7 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     ]
 
 
-def _events_location(data_store, obs_id):
-    hdu = data_store.hdu_table.hdu_location(obs_id, hdu_type="events")
-    if hdu is None:
-        raise RunError(f"Run {obs_id} has no events row in the HDU index; drop it from the selection.")
-    return hdu
-
-
-def _events_header(location, obs_id):
+def _events_header(location):
     try:
         return fits.getheader(location.path(), location.hdu_name)
     except (OSError, KeyError, EOFError, zlib.error):
@@ -375,10 +324,11 @@ def read_events(run):
             angle_unit = _unit(data.columns, "RA", path, "deg")
             # each column converted in one pass, and not at all when it is already in TeV
             energy = data["ENERGY"]
+            to_rad = (lambda x: np.deg2rad(x, dtype=float)) if angle_unit == u.deg else (lambda x: u.Quantity(x, angle_unit).to_value("rad"))
             events = {
                 "energy": energy if energy_unit == u.TeV else u.Quantity(energy, energy_unit).to_value("TeV"),
-                "ra": u.Quantity(data["RA"], angle_unit, dtype=float).to_value("rad"),
-                "dec": u.Quantity(data["DEC"], angle_unit, dtype=float).to_value("rad"),
+                "ra": to_rad(data["RA"]),
+                "dec": to_rad(data["DEC"]),
                 "time": data["TIME"].astype(float),
             }
             # the header keeps the pointing in double precision, the obs index often in float32

@@ -12,14 +12,8 @@ from .data import RunError, collect_runs, obs_table_rows
 from .geometry import Exclusion
 from .histograms import EXPOSURE_UNIT, BackgroundHistograms, HistogramSpec, fill_run
 
-__all__ = [
-    "BackgroundModelEstimator",
-    "default_energy_axis",
-    "default_fov_axes",
-    "default_offset_axis",
-    "make_energy_axis",
-    "make_offset_axis",
-]
+__all__ = ["BackgroundModelEstimator", "default_energy_axis", "default_fov_axes", "default_offset_axis",
+    "make_energy_axis", "make_offset_axis"]
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +44,7 @@ def _check_nbin(nbin, name):
 
 
 def make_energy_axis(energy_min, energy_max, nbin):
-    """Log-spaced reconstructed energy axis named "energy" (bounds as quantities or floats in TeV).
-
-    Errors name the bad parameter.
-    """
+    """Log-spaced energy axis named "energy" (bounds as quantities or floats in TeV); errors name the parameter."""
     energy_min, energy_max = u.Quantity(energy_min, "TeV"), u.Quantity(energy_max, "TeV")
     if not 0 < energy_min < energy_max:
         raise ValueError(f"Need 0 < energy_min < energy_max, got energy_min={energy_min}, energy_max={energy_max}.")
@@ -61,10 +52,7 @@ def make_energy_axis(energy_min, energy_max, nbin):
 
 
 def make_offset_axis(offset_max, nbin):
-    """Offset axis named "offset" from 0 to ``offset_max`` (quantity or float in deg) in equal bins.
-
-    Errors name the bad parameter.
-    """
+    """Offset axis named "offset", 0 to ``offset_max`` (quantity or float in deg) in equal bins; errors name the parameter."""
     offset_max = u.Quantity(offset_max, "deg")
     if not 0 * u.deg < offset_max <= MAX_FOV_RADIUS:
         raise ValueError(f"offset_max must be in (0, {MAX_FOV_RADIUS}] (an IACT field of view), got {offset_max}.")
@@ -105,10 +93,10 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
 
         rate = counts / (ONTIME x dE x dOmega)   [s-1 MeV-1 sr-1]
 
-    with ONTIME (not dead-time corrected, as gammapy uses it to predict background) and
-    exact bin solid angles. Each run contributes only in energy bins above its
-    ``SAFE_ENERGY_LO``; exclusion regions remove events and the excluded fraction of each
-    bin's solid angle, following the field rotation for ALTAZ 3D models.
+    with ONTIME (not dead-time corrected, as gammapy uses it to predict background) and exact
+    bin solid angles. Each run contributes only in energy bins above its ``SAFE_ENERGY_LO``;
+    exclusion regions remove events and the excluded fraction of each bin's solid angle,
+    following the field rotation for ALTAZ 3D models.
 
     Parameters
     ----------
@@ -118,8 +106,7 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         Offset axis named "offset", for a `~gammapy.irf.Background2D`. Default is
         `default_offset_axis` unless FoV axes are given.
     fov_lon_axis, fov_lat_axis : `~gammapy.maps.MapAxis`, optional
-        Field-of-view axes named "fov_lon" and "fov_lat", for a `~gammapy.irf.Background3D`.
-        Default is None (2D model).
+        Axes named "fov_lon" and "fov_lat", for a `~gammapy.irf.Background3D`. Default is None.
     fov_alignment : {"ALTAZ", "RADEC"}, optional
         Alignment of the 3D field-of-view coordinates. Default is "ALTAZ".
     exclusion : list of `~regions.SkyRegion` or `~gammapy.maps.WcsNDMap`, optional
@@ -141,8 +128,7 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
     >>> from bkgtemplate import BackgroundModelEstimator
     >>> data_store = DataStore.from_dir("$GAMMAPY_DATA/hess-dl3-dr1")
     >>> obs_ids = data_store.obs_table["OBS_ID"][data_store.obs_table["TARGET_NAME"] == "Off data"]
-    >>> bkg = BackgroundModelEstimator().run(data_store, obs_ids)
-    >>> bkg.axes.names
+    >>> BackgroundModelEstimator().run(data_store, obs_ids).axes.names
     ['energy', 'offset']
     """
 
@@ -199,22 +185,11 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         return f"{self.tag}: {axes}{alignment}, n_jobs {self.n_jobs}"
 
     def fill(self, data_store, obs_ids=None, exclusion=None):
-        """Counts and exposure of each run, in parallel with gammapy's `run_multiprocessing`.
+        """Counts and exposure of each run (`~bkgtemplate.histograms.BackgroundHistograms`).
 
-        Parameters
-        ----------
-        data_store : `~gammapy.data.DataStore`
-            Data store with the runs.
-        obs_ids : list of int or `~gammapy.data.Observations`, optional
-            Runs to use. Default is None (all runs of the store).
-        exclusion : list of `~regions.SkyRegion`, optional
-            Regions cut out in addition to the estimator's own (e.g. the targets of source-field
-            runs). Default is None.
-
-        Returns
-        -------
-        histograms : `~bkgtemplate.histograms.BackgroundHistograms`
-            Counts and exposure of the runs that could be read, in the order of ``obs_ids``.
+        Runs are read in parallel with gammapy's `run_multiprocessing`. ``obs_ids`` are run
+        numbers or `~gammapy.data.Observations` (default all runs of ``data_store``); ``exclusion``
+        adds sky regions to the estimator's own (e.g. the targets of source-field runs).
         """
         spec = self.spec
         if exclusion:
@@ -253,19 +228,9 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         return histograms
 
     def run(self, data_store, obs_ids=None):
-        """Estimate the background model from runs of a data store.
+        """The background model (`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`) of runs of a store.
 
-        Parameters
-        ----------
-        data_store : `~gammapy.data.DataStore`
-            Data store with the runs.
-        obs_ids : list of int or `~gammapy.data.Observations`, optional
-            Runs to use. Default is None (all runs of the store).
-
-        Returns
-        -------
-        bkg : `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
-            Background model without NaN or inf (see `BackgroundHistograms.to_irf`).
+        ``obs_ids`` as in `fill`; the model has no NaN or inf (see `BackgroundHistograms.to_irf`).
         """
         return self.fill(data_store, obs_ids).to_irf(smooth_sigma=self.smooth_sigma)
 

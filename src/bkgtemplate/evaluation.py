@@ -25,16 +25,8 @@ from .data import collect_runs, obs_table_rows
 from .geometry import Exclusion
 from .histograms import EXPOSURE_UNIT, RATE_UNIT, HistogramSpec, fill_run
 
-__all__ = [
-    "evaluate_models",
-    "evaluate_predictions",
-    "evaluation_mask",
-    "held_out_evaluation",
-    "predicted_counts",
-    "robust_summary",
-    "summarize",
-    "target_regions",
-]
+__all__ = ["evaluate_models", "evaluate_predictions", "evaluation_mask", "held_out_evaluation",
+    "predicted_counts", "robust_summary", "summarize", "target_regions"]
 
 log = logging.getLogger(__name__)
 

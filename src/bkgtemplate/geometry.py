@@ -16,21 +16,9 @@ from astropy.wcs import WCS
 from gammapy.maps import WcsNDMap
 from regions import CircleSkyRegion, SkyRegion
 
-__all__ = [
-    "SIDEREAL_RATE",
-    "Exclusion",
-    "bin_points",
-    "fov_altaz_to_radec",
-    "fov_radec_to_altaz",
-    "fov_radec_to_sky",
-    "fov_solid_angle",
-    "offset_haversine",
-    "offset_solid_angle",
-    "parallactic_angle",
-    "ring_points",
-    "sky_to_fov_altaz",
-    "sky_to_fov_radec",
-]
+__all__ = ["SIDEREAL_RATE", "Exclusion", "bin_points", "fov_altaz_to_radec", "fov_radec_to_altaz",
+    "fov_radec_to_sky", "fov_solid_angle", "offset_haversine", "offset_solid_angle", "parallactic_angle",
+    "ring_points", "sky_to_fov_altaz", "sky_to_fov_radec"]
 
 log = logging.getLogger(__name__)
 

@@ -16,20 +16,9 @@ from scipy.ndimage import gaussian_filter
 from gammapy.irf import Background2D, Background3D
 from gammapy.maps import MapAxes, MapAxis
 from .data import read_events
-from .geometry import (
-    SIDEREAL_RATE,
-    Exclusion,
-    bin_points,
-    fov_altaz_to_radec,
-    fov_radec_to_sky,
-    fov_solid_angle,
-    offset_haversine,
-    offset_solid_angle,
-    parallactic_angle,
-    ring_points,
-    sky_to_fov_altaz,
-    sky_to_fov_radec,
-)
+from .geometry import (SIDEREAL_RATE, Exclusion, bin_points, fov_altaz_to_radec, fov_radec_to_sky,
+    fov_solid_angle, offset_haversine, offset_solid_angle, parallactic_angle, ring_points, sky_to_fov_altaz,
+    sky_to_fov_radec)
 
 __all__ = ["EXPOSURE_UNIT", "RATE_UNIT", "REVERSE_LON_RADEC", "BackgroundHistograms", "HistogramSpec", "fill_run"]
 
@@ -48,23 +37,10 @@ MAX_COMPARED_EDGES = 64
 
 @dataclass(frozen=True)
 class HistogramSpec:
-    """What to histogram: the axes, the FoV alignment, thresholds and exclusion.
-
-    Parameters
-    ----------
-    energy_axis : `~gammapy.maps.MapAxis`
-        Reconstructed energy axis.
-    spatial_axes : tuple of `~gammapy.maps.MapAxis`
-        ``(offset,)`` for a 2D model or ``(fov_lon, fov_lat)`` for a 3D model.
-    fov_alignment : {"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}
-        Alignment of 3D field-of-view coordinates. Default is "ALTAZ".
-    safe_threshold : bool
-        Use only energy bins above each run's ``SAFE_ENERGY_LO``. Default is True.
-    exclusion : `~bkgtemplate.geometry.Exclusion` or None
-        Regions cut out of counts and exposure. Default is None.
-    exclusion_spacing, rotation_step : float
-        Spacing of the points that estimate excluded solid-angle fractions, and largest field
-        rotation within one time step for ALTAZ exclusion, in rad. Defaults are 0.02 and 1 deg.
+    """What to histogram: the energy axis, the spatial axes (``(offset,)`` for 2D, ``(fov_lon, fov_lat)`` for 3D),
+    the 3D alignment ({"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}), whether to apply each run's ``SAFE_ENERGY_LO``,
+    the `~bkgtemplate.geometry.Exclusion`, and (in rad) the spacing of the points that estimate excluded
+    solid-angle fractions and the largest field rotation within one time step for ALTAZ exclusion.
     """
 
     energy_axis: MapAxis
@@ -164,22 +140,9 @@ def _kept_fraction(run, spec):
 
 
 def fill_run(run, spec):
-    """Counts and exposure of one run.
+    """Counts and exposure (ONTIME x dE x dOmega x kept fraction, s MeV sr) of one `~bkgtemplate.data.RunInfo`.
 
-    Parameters
-    ----------
-    run : `~bkgtemplate.data.RunInfo`
-        The run.
-    spec : `HistogramSpec`
-        What to histogram.
-
-    Returns
-    -------
-    counts : `~numpy.ndarray`
-        Event counts per bin.
-    exposure : `~numpy.ndarray`
-        ONTIME x dE x dOmega (kept fraction) per bin, in s MeV sr; zero in energy bins below
-        the run's safe threshold.
+    Both are zero in energy bins below the run's safe threshold.
     """
     events, (ra_pnt, dec_pnt) = read_events(run)
     run = replace(run, ra_pnt=ra_pnt, dec_pnt=dec_pnt)
@@ -204,7 +167,7 @@ def fill_run(run, spec):
 
 
 def _extrapolate_ends(rate, log_energy, slopes):
-    """Fill the zeros before the first and after the last positive rate with power laws of ``slopes``."""
+    """Zeros before the first and after the last positive rate filled with power laws of ``slopes``."""
     measured = np.flatnonzero(rate > 0)
     if len(measured) == 0:
         return rate
@@ -332,18 +295,10 @@ class BackgroundHistograms:
         background in the outer half of that bin. ``EMEASMIN`` in the meta is the lowest energy
         (TeV) with exposure: below it the model is an extrapolation.
 
-        Parameters
-        ----------
-        weights : `~numpy.ndarray`, optional
-            Factor on each run's exposure, per run or per run and energy bin. Default is None.
-        smooth_sigma : float, optional
-            Gaussian smoothing of counts and exposure along the spatial axes, in bins (energy is
-            not smoothed). Default is None (no smoothing).
-
-        Returns
-        -------
-        bkg : `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
-            The model, in s-1 MeV-1 sr-1, with no NaN or inf.
+        ``weights`` multiply each run's exposure (per run, or per run and energy bin; a rate
+        correction); ``smooth_sigma`` smooths counts and exposure along the spatial axes with a
+        Gaussian of that width in bins (default None: no smoothing). Returns a
+        `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` in s-1 MeV-1 sr-1.
         """
         counts, exposure = self.sum(weights)
         exposure = exposure.to_value(EXPOSURE_UNIT)
