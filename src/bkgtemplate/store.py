@@ -18,9 +18,13 @@ from astropy.io import fits
 from astropy.table import Table, vstack
 from gammapy.irf import Background2D, Background3D
 from gammapy.irf.io import COMMON_HEADERS
+from gammapy.maps import MapAxis
 from gammapy.utils.scripts import make_path
+from .data import collect_runs
+from .geometry import fov_radec_to_altaz
+from .histograms import RATE_UNIT, rotation_steps
 
-__all__ = ["staged_write", "write_background_store"]
+__all__ = ["gammapy_fov_alignment", "sky_aligned", "staged_write", "write_background_store"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,6 @@ OBS_INDEX_FILE = "obs-index.fits.gz"
 # Marks the stores written here (both index headers); overwrite=True replaces nothing else.
 CREATOR = "bkgtemplate.store"
 STORE_FILES = {BKG_DIR, f"{BKG_DIR}/{BKG_FILE}", HDU_INDEX_FILE, OBS_INDEX_FILE}
-RATE_UNIT = u.Unit("s-1 MeV-1 sr-1")
 
 
 @contextmanager
@@ -169,6 +172,7 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
     _check_models(models)
     run_models, extra = _check_assignment(assignment, models, data_store.obs_table)
     _check_output_dir(output_dir, input_dir, overwrite)
+    models, run_models = _as_gammapy_reads(data_store, dict(models), run_models)
 
     model_hdus = [model.to_table_hdu(format="gadf-dl3") for model in models.values()]
     for hdu, name in zip(model_hdus, models):
@@ -195,6 +199,59 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
         f"{input_dir}; models assigned to no run: {sorted(set(models) - set(run_models.values()))}"
     )
     return output_dir
+
+
+def gammapy_fov_alignment(data_store, obs_id):
+    """The FoV alignment that gammapy's ``Observation.bkg`` gives an ALTAZ `~gammapy.irf.Background3D` of a run.
+
+    gammapy 2.1 declares every background of a run whose EVENTS header has the legacy H.E.S.S.
+    CREATOR and HDUVERS "REVERSE_LON_RADEC" (sky-aligned, longitude not reversed), a
+    compatibility rule for the released DR1 models. This asks gammapy itself, with a probe model,
+    rather than copying its rule, so that a change of the rule changes what the store writes.
+    """
+    axes = [MapAxis.from_edges([1, 10], unit="TeV", name="energy")]
+    axes += [MapAxis.from_edges([-1, 1], unit="deg", name=name) for name in ("fov_lon", "fov_lat")]
+    observation = data_store.obs(obs_id, required_irf="all-optional")
+    observation.bkg = Background3D(axes=axes, data=np.ones((1, 1, 1)), unit=RATE_UNIT, fov_alignment="ALTAZ")
+    return observation.bkg.fov_alignment.value
+
+
+def sky_aligned(bkg, run, rotation_step=np.deg2rad(1.0)):
+    """An ALTAZ `~gammapy.irf.Background3D` averaged over a run's field rotation, as a REVERSE_LON_RADEC model.
+
+    Each bin centre of the sky-aligned grid is followed through the run (time steps in which the
+    field turns by less than ``rotation_step`` rad, see `~bkgtemplate.histograms.rotation_steps`)
+    and the ALTAZ model's rate there is averaged: what gammapy computes for the ALTAZ model
+    itself, in a model it reads in the convention it imposes on the run
+    (`gammapy_fov_alignment`). ``run`` is the run's `~bkgtemplate.data.RunInfo`.
+    """
+    lon, lat = np.meshgrid(*(bkg.axes[name].center.to_value("rad") for name in ("fov_lon", "fov_lat")), indexing="ij")
+    energy = bkg.axes["energy"].center[:, None, None]
+    rates = []
+    for angle in rotation_steps(run, rotation_step):
+        # REVERSE_LON_RADEC is gammapy's RADEC frame (FoVICRSFrame) with the longitude not reversed
+        lon_altaz, lat_altaz = fov_radec_to_altaz(-lon, lat, angle)
+        rates.append(bkg.evaluate(energy=energy, fov_lon=lon_altaz * u.rad, fov_lat=lat_altaz * u.rad).to_value(RATE_UNIT))
+    meta = {**bkg.meta, "FOVROT": f"ALTAZ model averaged over the field rotation of run {run.obs_id}"}
+    return Background3D(axes=bkg.axes, data=np.mean(rates, axis=0), unit=RATE_UNIT, meta=meta, fov_alignment="REVERSE_LON_RADEC")
+
+
+def _as_gammapy_reads(data_store, models, run_models):
+    """Models and assignment in which every ALTAZ 3D model of a run under gammapy's DR1 rule is sky-aligned."""
+    altaz = {name for name, model in models.items() if isinstance(model, Background3D) and model.fov_alignment.value == "ALTAZ"}
+    flipped = [obs_id for obs_id, name in run_models.items() if name in altaz and gammapy_fov_alignment(data_store, obs_id) != "ALTAZ"]
+    if not flipped:
+        return models, run_models
+    log.info(f"{len(flipped)} runs have gammapy's REVERSE_LON_RADEC rule: their ALTAZ models are written sky-aligned")
+    users = {name: list(run_models.values()).count(name) for name in altaz}
+    run_models, new = dict(run_models), {}
+    for run in collect_runs(data_store, flipped, safe_threshold=False):
+        name = run_models[run.obs_id]
+        new_name = name if users[name] == 1 else f"{name}_{run.obs_id}"
+        new[new_name], run_models[run.obs_id] = sky_aligned(models[name], run), new_name
+    models = {**{k: v for k, v in models.items() if k in set(run_models.values()) - set(new) or k not in altaz}, **new}
+    _check_models(models)
+    return models, run_models
 
 
 def _check_models(models):
