@@ -46,6 +46,10 @@ MJDREF = (51910, 0.000742870370370241)  # TT, as in H.E.S.S. DL3 DR1
 T_REF = Time(MJDREF[0] + MJDREF[1], format="mjd", scale="tt")
 SOURCE_AMPLITUDE, SOURCE_INDEX = 2e-11 * u.Unit("cm-2 s-1 TeV-1"), 2.5  # about 60 % of the Crab
 EDISP_SIGMA, PSF_SIGMA, WOBBLE = 0.1, 0.1 * u.deg, 0.5 * u.deg
+TIME_META = dict(MJDREFI=MJDREF[0], MJDREFF=MJDREF[1], TIMEUNIT="s", TIMESYS="TT", TIMEREF="local")
+RUN_KEYS = ("ONTIME", "LIVETIME", "DEADC", "RA_PNT", "DEC_PNT", "ALT_PNT", "AZ_PNT", "RA_OBJ", "DEC_OBJ", "MUONEFF")
+HDUS = [("events", "events", "EVENTS"), ("gti", "gti", "GTI"), ("aeff", "aeff_2d", "AEFF"),
+        ("edisp", "edisp_2d", "EDISP"), ("psf", "psf_table", "PSF")]
 GADF = dict(HDUCLASS="GADF", HDUDOC="https://github.com/open-gamma-ray-astro/gamma-astro-data-formats")
 GL_X, GL_W = np.polynomial.legendre.leggauss(8)
 
@@ -273,13 +277,11 @@ def _plan_runs(rng, n_off, n_source, truth):
     frame = AltAz(obstime=off_times, location=SITE)
     off = SkyCoord(alt=(90 - zenith) * u.deg, az=rng.uniform(0, 360, n_off) * u.deg, frame=frame).icrs
     # source runs in November-December, within 40 deg of hour angle from culmination
-    years = rng.integers(2004, 2010, n_source)
-    season = np.array([Time(f"{year}-11-01T00:00:00", scale="utc").mjd for year in years], dtype=float)
-    day_start = Time(np.floor(season + rng.uniform(0, 50, n_source)), format="mjd", scale="utc")
-    hour_angle = rng.uniform(-40, 40, n_source) * u.deg
-    lst = day_start.sidereal_time("mean", longitude=SITE.lon)
-    delta = (SOURCE_POSITION.ra + hour_angle - lst).wrap_at(360 * u.deg).to_value("deg")
-    source_times = day_start + delta / 360 * 86164.0905 * u.s
+    season = [Time(f"{year}-11-01T00:00:00", scale="utc").mjd for year in rng.integers(2004, 2010, n_source)]
+    day_start = Time(np.floor(np.array(season, float) + rng.uniform(0, 50, n_source)), format="mjd", scale="utc")
+    hour_angle = SOURCE_POSITION.ra + rng.uniform(-40, 40, n_source) * u.deg
+    delta = (hour_angle - day_start.sidereal_time("mean", longitude=SITE.lon)).wrap_at(360 * u.deg)
+    source_times = day_start + delta.to_value("deg") / 360 * 86164.0905 * u.s
     source = SOURCE_POSITION.directional_offset_by((np.arange(n_source) % 4) * 90 * u.deg, WOBBLE)
 
     mid = np.concatenate([off_times.tt.mjd, source_times.tt.mjd])
@@ -288,128 +290,104 @@ def _plan_runs(rng, n_off, n_source, truth):
     dec = np.concatenate([off.dec.deg, source.dec.deg])[order]
     is_source = (np.arange(n_runs) >= n_off)[order]
     ontime = np.round(rng.uniform(1620, 1690, n_runs))
-    deadc = rng.uniform(0.88, 0.96, n_runs)
-    muoneff = rng.uniform(0.85, 1.2, n_runs)
+    deadc, muoneff = rng.uniform(0.88, 0.96, n_runs), rng.uniform(0.85, 1.2, n_runs)
     tstart = np.round((Time(mid[order], format="mjd", scale="tt") - T_REF).to_value("s") - ontime / 2)
-    radec = SkyCoord(ra, dec, unit="deg")
-    altaz = radec.transform_to(AltAz(obstime=T_REF + (tstart + ontime / 2) * u.s, location=SITE))
-
-    table = Table()
-    table["OBS_ID"] = np.arange(n_runs, dtype=np.int64) + 1000
-    table["RA_PNT"], table["DEC_PNT"] = ra * u.deg, dec * u.deg
-    table["GLON_PNT"], table["GLAT_PNT"] = radec.galactic.l.deg * u.deg, radec.galactic.b.deg * u.deg
-    table["ALT_PNT"], table["AZ_PNT"] = altaz.alt.deg * u.deg, altaz.az.deg * u.deg
-    table["ZEN_PNT"] = (90 - altaz.alt.deg) * u.deg
-    table["ONTIME"], table["LIVETIME"], table["DEADC"] = ontime * u.s, ontime * deadc * u.s, deadc
-    table["TSTART"], table["TSTOP"] = tstart * u.s, (tstart + ontime) * u.s
-    table["DATE-OBS"] = [isot[:10] for isot in (T_REF + tstart * u.s).utc.isot]
-    table["N_TELS"], table["TELLIST"] = np.full(n_runs, 4), np.full(n_runs, "1,2,3,4")
-    table["QUALITY"], table["MUONEFF"], table["EVENT_COUNT"] = np.zeros(n_runs, int), muoneff, np.zeros(n_runs, int)
-    table["TARGET_NAME"] = np.where(is_source, "Simulated source", "Off data")
-    n_off_so_far = np.cumsum(~is_source)
-    table["OBJECT"] = np.where(is_source, "Simulated source", [f"Off field {n:02d}" for n in n_off_so_far])
-    table["RA_OBJ"] = np.where(is_source, SOURCE_POSITION.ra.deg, ra) * u.deg
-    table["DEC_OBJ"] = np.where(is_source, SOURCE_POSITION.dec.deg, dec) * u.deg
-    table["SAFE_ENERGY_LO"] = truth.safe_energy_threshold(table["ZEN_PNT"].quantity)
-    table["SAFE_ENERGY_HI"] = np.full(n_runs, 100.0) * u.TeV
-    table.meta.update(EXTNAME="OBS_INDEX", **GADF, HDUVERS="0.2", HDUCLAS1="INDEX", HDUCLAS2="OBS",
-                      MJDREFI=MJDREF[0], MJDREFF=MJDREF[1], TIMEUNIT="s", TIMESYS="TT", TIMEREF="local",
-                      **HESS_SITE)
+    altaz = SkyCoord(ra, dec, unit="deg").transform_to(AltAz(obstime=T_REF + (tstart + ontime / 2) * u.s, location=SITE))
+    table = Table({
+        "OBS_ID": np.arange(n_runs, dtype=np.int64) + 1000,
+        "RA_PNT": ra * u.deg, "DEC_PNT": dec * u.deg, "ALT_PNT": altaz.alt.deg * u.deg, "AZ_PNT": altaz.az.deg * u.deg,
+        "ZEN_PNT": (90 - altaz.alt.deg) * u.deg, "ONTIME": ontime * u.s, "LIVETIME": ontime * deadc * u.s,
+        "DEADC": deadc, "TSTART": tstart * u.s, "TSTOP": (tstart + ontime) * u.s,
+        "DATE-OBS": [isot[:10] for isot in (T_REF + tstart * u.s).utc.isot],
+        "N_TELS": np.full(n_runs, 4), "QUALITY": np.zeros(n_runs, int), "MUONEFF": muoneff,
+        "EVENT_COUNT": np.zeros(n_runs, int), "TARGET_NAME": np.where(is_source, "Simulated source", "Off data"),
+        "RA_OBJ": np.where(is_source, SOURCE_POSITION.ra.deg, ra) * u.deg,
+        "DEC_OBJ": np.where(is_source, SOURCE_POSITION.dec.deg, dec) * u.deg,
+        "SAFE_ENERGY_LO": truth.safe_energy_threshold((90 - altaz.alt.deg) * u.deg),
+        "SAFE_ENERGY_HI": np.full(n_runs, 100.0) * u.TeV,
+    })
+    table.meta.update(EXTNAME="OBS_INDEX", **GADF, HDUVERS="0.2", HDUCLAS1="INDEX", HDUCLAS2="OBS", **TIME_META, **HESS_SITE)
     return table
 
 
 def _sample_energy(rng, n, index, e_th, truth):
-    """``n`` energies (TeV) from E^-index / (1 + (e_th / E)^k), power law by inverse CDF then rejection."""
-    g, e_min, e_max, samples = 1 - index, truth.energy_min.value, truth.energy_max.value, []
+    """``n`` energies (TeV) from E^-index / (1 + (e_th / E)^k): power law by inverse CDF, then rejection."""
+    g, e_min, e_max, samples = 1 - index, truth.energy_min.value, truth.energy_max.value, [np.zeros(0)]
     while n > 0:
         energy = (e_min**g + rng.uniform(0, 1, max(2 * n, 1000) * 4) * (e_max**g - e_min**g)) ** (1 / g)
-        keep = rng.uniform(0, 1, energy.size) < 1 / (1 + (e_th / energy) ** truth.rolloff_index)
-        samples.append(energy[keep][:n])
+        samples.append(energy[rng.uniform(0, 1, energy.size) < 1 / (1 + (e_th / energy) ** truth.rolloff_index)][:n])
         n -= samples[-1].size
-    return np.concatenate(samples) if samples else np.zeros(0)
+    return np.concatenate(samples)
 
 
 def _sample_fov(rng, n, truth):
     """``n`` FoV-ALTAZ positions (rad): uniform on the spherical cap, then rejection on the truth."""
-    r_max, bound = truth.offset_max.to_value("rad"), 1 + abs(truth.altaz_gradient.to_value("rad-1")) * truth.offset_max.to_value("rad")
-    lons, lats = [np.zeros(0)], [np.zeros(0)]
+    r_max = truth.offset_max.to_value("rad")
+    bound, samples = 1 + abs(truth.altaz_gradient.to_value("rad-1")) * r_max, [np.zeros((2, 0))]
     while n > 0:
         size = max(3 * n, 1000)
         cos_r = 1 - rng.uniform(0, 1, size) * (1 - np.cos(r_max))
         phi, sin_r = rng.uniform(0, 2 * np.pi, size), np.sqrt(1 - cos_r**2)
         lon, lat = np.arctan2(sin_r * np.cos(phi), cos_r), np.arcsin(sin_r * np.sin(phi))
         keep = rng.uniform(0, 1, size) < truth._spatial(lon, lat) / bound
-        lons.append(lon[keep][:n])
-        lats.append(lat[keep][:n])
-        n -= lons[-1].size
-    return np.concatenate(lons), np.concatenate(lats)
+        samples.append(np.stack([lon[keep], lat[keep]])[:, :n])
+        n -= samples[-1].shape[1]
+    return np.concatenate(samples, axis=1)
 
 
 def _irfs(truth, zenith):
-    """AEFF (roll-off of the truth at ``zenith``, Gaussian in offset), Gaussian EDISP and PSF HDUs."""
-    def axis(nbin, name="energy_true"):
-        return MapAxis.from_energy_bounds(0.01, 300, nbin=nbin, unit="TeV", name=name)
+    """AEFF (the truth's roll-off at ``zenith``, Gaussian in offset), Gaussian EDISP and PSF."""
+    def axis(nbin, name="energy_true", lo=0.01, hi=300, unit="TeV"):
+        return MapAxis.from_energy_bounds(lo, hi, nbin, unit, name=name) if name == "energy_true" else \
+            MapAxis.from_bounds(lo, hi, nbin, unit=unit, name=name)
 
-    def offset(nbin):
-        return MapAxis.from_bounds(0, 4.5, nbin=nbin, unit="deg", name="offset")
-
-    e_axis, o_axis = axis(90), offset(9)
-    data = 1e5 * truth.efficiency(e_axis.center[:, None], zenith) * np.exp(-0.5 * (o_axis.center / 2 / u.deg) ** 2)
-    aeff = EffectiveAreaTable2D(axes=[e_axis, o_axis], data=data.to_value(""), unit="m2")
+    energy, offset = axis(90), axis(9, "offset", 0, 4.5, "deg")
+    area = 1e5 * truth.efficiency(energy.center[:, None], zenith) * np.exp(-0.5 * (offset.center / 2 / u.deg) ** 2)
+    aeff = EffectiveAreaTable2D(axes=[energy, offset], data=area.to_value(""), unit="m2")
     migra = MapAxis.from_bounds(0.2, 5, nbin=150, node_type="edges", name="migra")
-    edisp = EnergyDispersion2D.from_gauss(axis(45), migra, offset(3), bias=0, sigma=EDISP_SIGMA)
-    rad = MapAxis.from_bounds(0, 1, nbin=100, unit="deg", name="rad")
-    sigma = PSF_SIGMA.to_value("rad")
+    edisp = EnergyDispersion2D.from_gauss(axis(45), migra, axis(3, "offset", 0, 4.5, "deg"), bias=0, sigma=EDISP_SIGMA)
+    rad, sigma = axis(100, "rad", 0, 1, "deg"), PSF_SIGMA.to_value("rad")
     density = np.exp(-0.5 * (rad.center.to_value("rad") / sigma) ** 2) / (2 * np.pi * sigma**2)
-    psf = PSF3D(axes=[axis(5), offset(3), rad], data=np.ones((5, 3, 1)) * density, unit="sr-1")
-    return aeff, [irf.to_table_hdu() for irf in (aeff, edisp, psf)]
+    psf = PSF3D(axes=[axis(5), axis(3, "offset", 0, 4.5, "deg"), rad], data=np.ones((5, 3, 1)) * density, unit="sr-1")
+    return aeff, edisp, psf
 
 
-def _source_events(rng, run, aeff, truth):
-    """Energies (TeV), RA and Dec (deg) of the point source's events: power law x AEFF x LIVETIME,
-    Gaussian energy resolution and PSF."""
-    zenith, pointing = run["ZEN_PNT"] * u.deg, SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg")
-    e_axis = MapAxis.from_energy_bounds(truth.energy_min, truth.energy_max, nbin=600, name="energy_true")
-    flux = SOURCE_AMPLITUDE * (e_axis.center / u.TeV).to_value("") ** -SOURCE_INDEX
-    aeff_values = aeff.evaluate(energy_true=e_axis.center, offset=pointing.separation(SOURCE_POSITION))
-    n = rng.poisson((np.sum(flux * aeff_values * e_axis.bin_width) * run["LIVETIME"] * u.s).to_value(""))
-    energy = _sample_energy(rng, n, SOURCE_INDEX, truth.rolloff_energy(zenith).to_value("TeV"), truth)
-    energy = energy * (1 + EDISP_SIGMA * rng.standard_normal(n))
-    separation = PSF_SIGMA * np.sqrt(-2 * np.log1p(-rng.uniform(0, 1, n)))
-    position = SOURCE_POSITION.directional_offset_by(rng.uniform(0, 360, n) * u.deg, separation)
-    keep = (energy >= truth.energy_min.value) & (energy <= truth.energy_max.value)
-    return energy[keep], position.ra.deg[keep], position.dec.deg[keep]
+def _run_events(rng, run, n, truth, aeff):
+    """The background events of a run (and the source's, in a source run), in time order."""
+    zenith = run["ZEN_PNT"] * u.deg
+    energy = _sample_energy(rng, n, truth.index, truth.rolloff_energy(zenith).to_value("TeV"), truth)
+    fov_lon, fov_lat = _sample_fov(rng, n, truth)
+    time = rng.uniform(run["TSTART"], run["TSTOP"], n)
+    with erfa_astrom.set(ErfaAstromInterpolator(300 * u.s)):  # error far below a milliarcsecond
+        times = T_REF + time * u.s
+        origin = SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg").transform_to(AltAz(obstime=times, location=SITE))
+        frame = FoVAltAzFrame(origin=origin, location=SITE, obstime=times)
+        sky = SkyCoord(fov_lon=fov_lon * u.rad, fov_lat=fov_lat * u.rad, frame=frame).transform_to(ICRS())
+    ra, dec = sky.ra.deg, sky.dec.deg
+    if run["TARGET_NAME"] == "Simulated source":
+        # power law x AEFF x LIVETIME, Gaussian energy resolution and PSF
+        e_axis = MapAxis.from_energy_bounds(truth.energy_min, truth.energy_max, nbin=600, name="energy_true")
+        flux = SOURCE_AMPLITUDE * (e_axis.center / u.TeV).to_value("") ** -SOURCE_INDEX
+        area = aeff.evaluate(energy_true=e_axis.center, offset=SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg").separation(SOURCE_POSITION))
+        n_src = rng.poisson((np.sum(flux * area * e_axis.bin_width) * run["LIVETIME"] * u.s).to_value(""))
+        src_energy = _sample_energy(rng, n_src, SOURCE_INDEX, truth.rolloff_energy(zenith).to_value("TeV"), truth)
+        src_energy = src_energy * (1 + EDISP_SIGMA * rng.standard_normal(n_src))
+        separation = PSF_SIGMA * np.sqrt(-2 * np.log1p(-rng.uniform(0, 1, n_src)))
+        src = SOURCE_POSITION.directional_offset_by(rng.uniform(0, 360, n_src) * u.deg, separation)
+        keep = (src_energy >= truth.energy_min.value) & (src_energy <= truth.energy_max.value)
+        src_time = rng.uniform(run["TSTART"], run["TSTOP"], keep.sum())
+        ra, dec = np.concatenate([ra, src.ra.deg[keep]]), np.concatenate([dec, src.dec.deg[keep]])
+        energy, time = np.concatenate([energy, src_energy[keep]]), np.concatenate([time, src_time])
+    order = np.argsort(time, kind="stable")
+    return Table({"EVENT_ID": np.arange(1, time.size + 1), "TIME": time[order] * u.s,
+                  "RA": ra[order].astype("f4") * u.deg, "DEC": dec[order].astype("f4") * u.deg,
+                  "ENERGY": energy[order].astype("f4") * u.TeV})
 
 
-def _run_hdulist(run, time, ra, dec, energy, irf_hdus):
-    """EVENTS, GTI and IRF HDUs of one run."""
-    times = {"TSTART": float(run["TSTART"]), "TSTOP": float(run["TSTOP"]), "MJDREFI": MJDREF[0],
-             "MJDREFF": MJDREF[1], "TIMEUNIT": "s", "TIMESYS": "TT", "TIMEREF": "local"}
-    header = fits.Header({**GADF, "HDUVERS": "0.3", "HDUCLAS1": "EVENTS", "TELESCOP": "HESS",
-                          "INSTRUME": "bkgtemplate simulation", "CREATOR": "bkgtemplate.simulate",
-                          "OBS_ID": int(run["OBS_ID"]), **times, "OBS_MODE": "POINTING", "RADESYS": "ICRS",
-                          **HESS_SITE, "EUNIT": "TeV"})
-    for key in ("ONTIME", "LIVETIME", "DEADC", "RA_OBJ", "DEC_OBJ", "RA_PNT", "DEC_PNT", "ALT_PNT", "AZ_PNT",
-                "MUONEFF"):
-        header[key] = float(run[key])
-    header.update(OBJECT=str(run["OBJECT"]), N_TELS=int(run["N_TELS"]), TELLIST=str(run["TELLIST"]))
-    columns = [fits.Column("EVENT_ID", "K", array=np.arange(1, len(time) + 1)),
-               fits.Column("TIME", "D", unit="s", array=time), fits.Column("RA", "E", unit="deg", array=ra),
-               fits.Column("DEC", "E", unit="deg", array=dec), fits.Column("ENERGY", "E", unit="TeV", array=energy)]
-    gti = [fits.Column("START", "D", unit="s", array=[times["TSTART"]]),
-           fits.Column("STOP", "D", unit="s", array=[times["TSTOP"]])]
-    hdus = [fits.BinTableHDU.from_columns(columns, header=header, name="EVENTS"),
-            fits.BinTableHDU.from_columns(gti, header=fits.Header({**GADF, "HDUVERS": "0.3", "HDUCLAS1": "GTI",
-                                                                   **times}), name="GTI")]
-    for hdu, name in zip(irf_hdus, ("AEFF", "EDISP", "PSF")):
-        hdu.name = name
-    return [*hdus, *irf_hdus]
-
-
-def _write_gzip(hdus, filename):
-    """Gzip without a time stamp, at a fast level, so that a seed gives the same bytes."""
+def _write_gzip(tables, filename):
+    """Tables as FITS HDUs, gzipped without a time stamp so that a seed always gives the same bytes."""
     buffer = io.BytesIO()
-    fits.HDUList([fits.PrimaryHDU(), *hdus]).writeto(buffer)
+    fits.HDUList([fits.PrimaryHDU()] + [fits.table_to_hdu(table) for table in tables]).writeto(buffer)
     Path(filename).write_bytes(gzip.compress(buffer.getvalue(), compresslevel=1, mtime=0))
 
 
@@ -431,10 +409,9 @@ def _staged_folder(path, overwrite):
         yield tmp
         _check_target(path, overwrite)
         if path.exists():
-            old = tmp.with_suffix(".old")
-            path.rename(old)
+            path.rename(tmp.with_suffix(".old"))
             tmp.rename(path)
-            shutil.rmtree(old)
+            shutil.rmtree(tmp.with_suffix(".old"))
         else:
             tmp.rename(path)
     except BaseException:
@@ -482,42 +459,30 @@ def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=Fal
     rng = np.random.default_rng(seed)
     table = _plan_runs(rng, n_off_runs, n_source_runs, truth)
     table.meta["SIMSEED"] = int(seed)
-    mu = truth.expected_counts(table)
-    hdu_rows = []
+    mu, hdu_rows = truth.expected_counts(table), []
     with _staged_folder(path, overwrite) as tmp:
         (tmp / "data").mkdir()
         for idx, run in enumerate(table):
-            n = rng.poisson(mu[idx])
-            e_th = truth.rolloff_energy(run["ZEN_PNT"] * u.deg).to_value("TeV")
-            energy = _sample_energy(rng, n, truth.index, e_th, truth)
-            fov_lon, fov_lat = _sample_fov(rng, n, truth)
-            time = rng.uniform(run["TSTART"], run["TSTOP"], n)
-            with erfa_astrom.set(ErfaAstromInterpolator(300 * u.s)):  # far below a milliarcsecond
-                times = T_REF + time * u.s
-                origin = SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg").transform_to(
-                    AltAz(obstime=times, location=SITE))
-                frame = FoVAltAzFrame(origin=origin, location=SITE, obstime=times)
-                icrs = SkyCoord(fov_lon=fov_lon * u.rad, fov_lat=fov_lat * u.rad, frame=frame).transform_to(ICRS())
-            ra, dec = icrs.ra.deg, icrs.dec.deg
-            aeff, irf_hdus = _irfs(truth, run["ZEN_PNT"] * u.deg)
-            if run["TARGET_NAME"] == "Simulated source":
-                src_energy, src_ra, src_dec = _source_events(rng, run, aeff, truth)
-                src_time = rng.uniform(run["TSTART"], run["TSTOP"], src_energy.size)
-                energy, ra, dec, time = (np.concatenate(pair) for pair in
-                                         ((energy, src_energy), (ra, src_ra), (dec, src_dec), (time, src_time)))
-            order = np.argsort(time, kind="stable")
-            table["EVENT_COUNT"][idx] = len(order)
+            aeff, edisp, psf = _irfs(truth, run["ZEN_PNT"] * u.deg)
+            events = _run_events(rng, run, rng.poisson(mu[idx]), truth, aeff)
+            table["EVENT_COUNT"][idx] = len(events)
+            times = {key: float(run[key]) for key in ("TSTART", "TSTOP")}
+            events.meta.update(EXTNAME="EVENTS", **GADF, HDUVERS="0.3", HDUCLAS1="EVENTS", OBS_ID=int(run["OBS_ID"]),
+                               **times, **TIME_META, **HESS_SITE, N_TELS=4, OBS_MODE="POINTING", RADESYS="ICRS",
+                               TELESCOP="HESS", CREATOR="bkgtemplate.simulate")
+            events.meta.update({key: float(run[key]) for key in RUN_KEYS})
+            gti = Table({"START": [times["TSTART"]] * u.s, "STOP": [times["TSTOP"]] * u.s},
+                        meta=dict(EXTNAME="GTI", **GADF, HDUVERS="0.3", HDUCLAS1="GTI", **times, **TIME_META))
+            irfs = [irf.to_table() for irf in (aeff, edisp, psf)]
+            for irf, name in zip(irfs, ("AEFF", "EDISP", "PSF")):
+                irf.meta["EXTNAME"] = name
             file_name = f"run_{int(run['OBS_ID']):06d}.fits.gz"
-            hdus = _run_hdulist(run, time[order], ra[order], dec[order], energy[order], irf_hdus)
-            _write_gzip(hdus, tmp / "data" / file_name)
-            hdu_rows += [(int(run["OBS_ID"]), kind, cls, "data", file_name, name) for kind, cls, name in
-                         (("events", "events", "EVENTS"), ("gti", "gti", "GTI"), ("aeff", "aeff_2d", "AEFF"),
-                          ("edisp", "edisp_2d", "EDISP"), ("psf", "psf_table", "PSF"))]
-            log.debug(f"Run {run['OBS_ID']}: {n} background and {len(order) - n} source events")
+            _write_gzip([events, gti, *irfs], tmp / "data" / file_name)
+            hdu_rows += [(int(run["OBS_ID"]), kind, cls, "data", file_name, name) for kind, cls, name in HDUS]
         hdu_table = Table(rows=hdu_rows, names=["OBS_ID", "HDU_TYPE", "HDU_CLASS", "FILE_DIR", "FILE_NAME", "HDU_NAME"])
         hdu_table.meta.update(EXTNAME="HDU_INDEX", **GADF, HDUVERS="0.2", HDUCLAS1="INDEX", HDUCLAS2="HDU")
-        for index, name in ((table, "obs-index"), (hdu_table, "hdu-index")):
-            _write_gzip([fits.table_to_hdu(index)], tmp / f"{name}.fits.gz")
+        _write_gzip([table], tmp / "obs-index.fits.gz")
+        _write_gzip([hdu_table], tmp / "hdu-index.fits.gz")
     log.info(f"Simulated archive written to {path}: {len(table)} runs ({n_off_runs} off, {n_source_runs} source), "
              f"{int(np.sum(table['EVENT_COUNT']))} events, seed {seed}")
     return path
