@@ -41,7 +41,7 @@ SOURCE_POSITION = SkyCoord(60.0, -30.0, unit="deg", frame="icrs")
 """Position of the simulated point source observed by the source runs."""
 
 HESS_SITE = dict(GEOLON=16.5002222222222, GEOLAT=-23.2717777777778, ALTITUDE=1835.0)  # deg, deg, m
-SITE = EarthLocation(lon=HESS_SITE["GEOLON"] * u.deg, lat=HESS_SITE["GEOLAT"] * u.deg, height=HESS_SITE["ALTITUDE"] * u.m)
+SITE = EarthLocation.from_geodetic(HESS_SITE["GEOLON"], HESS_SITE["GEOLAT"], HESS_SITE["ALTITUDE"])
 MJDREF = (51910, 0.000742870370370241)  # TT, as in H.E.S.S. DL3 DR1
 T_REF = Time(MJDREF[0] + MJDREF[1], format="mjd", scale="tt")
 SOURCE_AMPLITUDE, SOURCE_INDEX = 2e-11 * u.Unit("cm-2 s-1 TeV-1"), 2.5  # about 60 % of the Crab
@@ -62,13 +62,11 @@ def _nodes(lo, hi, n_panels):
     return lo[..., None] + width * t, width * np.tile(GL_W, n_panels) / (2 * n_panels)
 
 
-def _column(table, name, unit=None):
+def _column(table, name, unit=""):
+    """Column ``name`` of an obs table as floats in ``unit`` (a column without unit is taken to be in it)."""
     if name not in table.colnames:
         raise KeyError(f"The obs table has no {name} column; it is needed to evaluate the truth.")
-    column = table[name]
-    if unit is None:
-        return np.asarray(column, dtype=float)
-    return u.Quantity(column.quantity if column.unit else column.data * u.Unit(unit)).to_value(unit)
+    return u.Quantity(table[name], unit).value
 
 
 @dataclass(frozen=True)
@@ -196,8 +194,8 @@ class BackgroundTruth:
 
     def _box_integrals(self, lon_edges, lat_edges):
         """Integrals (sr) of `_spatial` and of 1 over (fov_lon, fov_lat) bins (rad): cos lat dlon dlat."""
-        lon_lo, lon_hi, lat_lo, lat_hi = np.broadcast_arrays(
-            lon_edges[:-1, None, None], lon_edges[1:, None, None], lat_edges[None, :-1, None], lat_edges[None, 1:, None])
+        lon_lo, lon_hi, lat_lo, lat_hi = np.broadcast_arrays(lon_edges[:-1, None, None], lon_edges[1:, None, None],
+                                                             lat_edges[None, :-1, None], lat_edges[None, 1:, None])
         lon, w_lon = _nodes(lon_lo[..., 0], lon_hi[..., 0], 2)
         lat, w_lat = _nodes(lat_lo[..., 0], lat_hi[..., 0], 2)
         area = np.sum(w_lon[..., :, None] * (np.cos(lat) * w_lat)[..., None, :], axis=(-2, -1))
@@ -292,7 +290,8 @@ def _plan_runs(rng, n_off, n_source, truth):
     ontime = np.round(rng.uniform(1620, 1690, n_runs))
     deadc, muoneff = rng.uniform(0.88, 0.96, n_runs), rng.uniform(0.85, 1.2, n_runs)
     tstart = np.round((Time(mid[order], format="mjd", scale="tt") - T_REF).to_value("s") - ontime / 2)
-    altaz = SkyCoord(ra, dec, unit="deg").transform_to(AltAz(obstime=T_REF + (tstart + ontime / 2) * u.s, location=SITE))
+    mid = T_REF + (tstart + ontime / 2) * u.s
+    altaz = SkyCoord(ra, dec, unit="deg").transform_to(AltAz(obstime=mid, location=SITE))
     table = Table({
         "OBS_ID": np.arange(n_runs, dtype=np.int64) + 1000,
         "RA_PNT": ra * u.deg, "DEC_PNT": dec * u.deg, "ALT_PNT": altaz.alt.deg * u.deg, "AZ_PNT": altaz.az.deg * u.deg,
@@ -306,7 +305,8 @@ def _plan_runs(rng, n_off, n_source, truth):
         "SAFE_ENERGY_LO": truth.safe_energy_threshold((90 - altaz.alt.deg) * u.deg),
         "SAFE_ENERGY_HI": np.full(n_runs, 100.0) * u.TeV,
     })
-    table.meta.update(EXTNAME="OBS_INDEX", **GADF, HDUVERS="0.2", HDUCLAS1="INDEX", HDUCLAS2="OBS", **TIME_META, **HESS_SITE)
+    table.meta.update(EXTNAME="OBS_INDEX", **GADF, HDUVERS="0.2", HDUCLAS1="INDEX", HDUCLAS2="OBS", **TIME_META,
+                      **HESS_SITE)
     return table
 
 
@@ -337,51 +337,58 @@ def _sample_fov(rng, n, truth):
 
 def _irfs(truth, zenith):
     """AEFF (the truth's roll-off at ``zenith``, Gaussian in offset), Gaussian EDISP and PSF."""
-    def axis(nbin, name="energy_true", lo=0.01, hi=300, unit="TeV"):
-        return MapAxis.from_energy_bounds(lo, hi, nbin, unit, name=name) if name == "energy_true" else \
-            MapAxis.from_bounds(lo, hi, nbin, unit=unit, name=name)
-
-    energy, offset = axis(90), axis(9, "offset", 0, 4.5, "deg")
-    area = 1e5 * truth.efficiency(energy.center[:, None], zenith) * np.exp(-0.5 * (offset.center / 2 / u.deg) ** 2)
-    aeff = EffectiveAreaTable2D(axes=[energy, offset], data=area.to_value(""), unit="m2")
+    energy = [MapAxis.from_energy_bounds(0.01, 300, n, "TeV", name="energy_true") for n in (90, 45, 5)]
+    offset = [MapAxis.from_bounds(0, 4.5, n, unit="deg", name="offset") for n in (9, 3)]
+    area = truth.efficiency(energy[0].center[:, None], zenith) * np.exp(-0.5 * (offset[0].center / 2 / u.deg) ** 2)
+    aeff = EffectiveAreaTable2D(axes=[energy[0], offset[0]], data=1e5 * area.to_value(""), unit="m2")
     migra = MapAxis.from_bounds(0.2, 5, nbin=150, node_type="edges", name="migra")
-    edisp = EnergyDispersion2D.from_gauss(axis(45), migra, axis(3, "offset", 0, 4.5, "deg"), bias=0, sigma=EDISP_SIGMA)
-    rad, sigma = axis(100, "rad", 0, 1, "deg"), PSF_SIGMA.to_value("rad")
+    edisp = EnergyDispersion2D.from_gauss(energy[1], migra, offset[1], bias=0, sigma=EDISP_SIGMA)
+    rad, sigma = MapAxis.from_bounds(0, 1, 100, unit="deg", name="rad"), PSF_SIGMA.to_value("rad")
     density = np.exp(-0.5 * (rad.center.to_value("rad") / sigma) ** 2) / (2 * np.pi * sigma**2)
-    psf = PSF3D(axes=[axis(5), axis(3, "offset", 0, 4.5, "deg"), rad], data=np.ones((5, 3, 1)) * density, unit="sr-1")
+    psf = PSF3D(axes=[energy[2], offset[1], rad], data=np.ones((5, 3, 1)) * density, unit="sr-1")
     return aeff, edisp, psf
 
 
-def _run_events(rng, run, n, truth, aeff):
-    """The background events of a run (and the source's, in a source run), in time order."""
-    zenith = run["ZEN_PNT"] * u.deg
+def _run_tables(rng, run, n, truth):
+    """EVENTS (``n`` background events, plus the source's in a source run), GTI and IRF tables of a run."""
+    zenith, pointing = run["ZEN_PNT"] * u.deg, SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg")
+    aeff, edisp, psf = _irfs(truth, zenith)
     energy = _sample_energy(rng, n, truth.index, truth.rolloff_energy(zenith).to_value("TeV"), truth)
     fov_lon, fov_lat = _sample_fov(rng, n, truth)
     time = rng.uniform(run["TSTART"], run["TSTOP"], n)
     with erfa_astrom.set(ErfaAstromInterpolator(300 * u.s)):  # error far below a milliarcsecond
         times = T_REF + time * u.s
-        origin = SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg").transform_to(AltAz(obstime=times, location=SITE))
-        frame = FoVAltAzFrame(origin=origin, location=SITE, obstime=times)
+        frame = FoVAltAzFrame(origin=pointing.transform_to(AltAz(obstime=times, location=SITE)), location=SITE,
+                              obstime=times)
         sky = SkyCoord(fov_lon=fov_lon * u.rad, fov_lat=fov_lat * u.rad, frame=frame).transform_to(ICRS())
     ra, dec = sky.ra.deg, sky.dec.deg
-    if run["TARGET_NAME"] == "Simulated source":
-        # power law x AEFF x LIVETIME, Gaussian energy resolution and PSF
+    if run["TARGET_NAME"] == "Simulated source":  # power law x AEFF x LIVETIME, Gaussian edisp and PSF
         e_axis = MapAxis.from_energy_bounds(truth.energy_min, truth.energy_max, nbin=600, name="energy_true")
         flux = SOURCE_AMPLITUDE * (e_axis.center / u.TeV).to_value("") ** -SOURCE_INDEX
-        area = aeff.evaluate(energy_true=e_axis.center, offset=SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg").separation(SOURCE_POSITION))
+        area = aeff.evaluate(energy_true=e_axis.center, offset=pointing.separation(SOURCE_POSITION))
         n_src = rng.poisson((np.sum(flux * area * e_axis.bin_width) * run["LIVETIME"] * u.s).to_value(""))
         src_energy = _sample_energy(rng, n_src, SOURCE_INDEX, truth.rolloff_energy(zenith).to_value("TeV"), truth)
         src_energy = src_energy * (1 + EDISP_SIGMA * rng.standard_normal(n_src))
         separation = PSF_SIGMA * np.sqrt(-2 * np.log1p(-rng.uniform(0, 1, n_src)))
         src = SOURCE_POSITION.directional_offset_by(rng.uniform(0, 360, n_src) * u.deg, separation)
         keep = (src_energy >= truth.energy_min.value) & (src_energy <= truth.energy_max.value)
-        src_time = rng.uniform(run["TSTART"], run["TSTOP"], keep.sum())
         ra, dec = np.concatenate([ra, src.ra.deg[keep]]), np.concatenate([dec, src.dec.deg[keep]])
-        energy, time = np.concatenate([energy, src_energy[keep]]), np.concatenate([time, src_time])
+        energy = np.concatenate([energy, src_energy[keep]])
+        time = np.concatenate([time, rng.uniform(run["TSTART"], run["TSTOP"], keep.sum())])
     order = np.argsort(time, kind="stable")
-    return Table({"EVENT_ID": np.arange(1, time.size + 1), "TIME": time[order] * u.s,
-                  "RA": ra[order].astype("f4") * u.deg, "DEC": dec[order].astype("f4") * u.deg,
-                  "ENERGY": energy[order].astype("f4") * u.TeV})
+    times = dict(TSTART=float(run["TSTART"]), TSTOP=float(run["TSTOP"]), **TIME_META)
+    meta = dict(EXTNAME="EVENTS", **GADF, HDUVERS="0.3", HDUCLAS1="EVENTS", OBS_ID=int(run["OBS_ID"]), **times,
+                **HESS_SITE, N_TELS=4, OBS_MODE="POINTING", RADESYS="ICRS", TELESCOP="HESS",
+                CREATOR="bkgtemplate.simulate", **{key: float(run[key]) for key in RUN_KEYS})
+    events = Table({"EVENT_ID": np.arange(1, time.size + 1), "TIME": time[order] * u.s,
+                    "RA": ra[order].astype("f4") * u.deg, "DEC": dec[order].astype("f4") * u.deg,
+                    "ENERGY": energy[order].astype("f4") * u.TeV}, meta=meta)
+    gti = Table({"START": [times["TSTART"]] * u.s, "STOP": [times["TSTOP"]] * u.s},
+                meta=dict(EXTNAME="GTI", **GADF, HDUVERS="0.3", HDUCLAS1="GTI", **times))
+    irfs = [irf.to_table() for irf in (aeff, edisp, psf)]
+    for table, name in zip(irfs, ("AEFF", "EDISP", "PSF")):
+        table.meta["EXTNAME"] = name
+    return [events, gti, *irfs]
 
 
 def _write_gzip(tables, filename):
@@ -424,12 +431,12 @@ def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=Fal
 
     Off runs ("Off data") point at zenith 5-55 deg and random azimuths; source runs
     ("Simulated source") wobble 0.5 deg around `SOURCE_POSITION` and also hold a power-law
-    point source (index 2.5) folded with AEFF and LIVETIME, a 0.1 deg Gaussian PSF and 10 %
-    energy resolution. Runs last about 28 min in 2004-2009 at the H.E.S.S. site, numbered
-    from 1000 in time order, with MUONEFF in 0.85-1.2. Background events are drawn in the
-    alt-az FoV frame and turned into RA/Dec with gammapy's ``FoVAltAzFrame`` at each event's
-    time. There are no ``bkg`` HDUs. Files are written to a sibling folder that is moved into
-    place at the end; the same seed gives the same bytes.
+    point source (index 2.5, about 60 % of the Crab) folded with AEFF and LIVETIME, a 0.1 deg
+    Gaussian PSF and 10 % energy resolution. Runs last about 28 min in 2004-2009 at the
+    H.E.S.S. site, numbered from 1000 in time order, with MUONEFF in 0.85-1.2. Background
+    events are drawn in the alt-az FoV frame and turned into RA/Dec with gammapy's
+    ``FoVAltAzFrame`` at each event's time. There are no ``bkg`` HDUs. The files are written
+    to a sibling folder moved into place at the end; the same seed gives the same bytes.
 
     Parameters
     ----------
@@ -455,7 +462,6 @@ def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=Fal
         raise TypeError(f"Expected a BackgroundTruth, got {type(truth).__name__}.")
     if n_off_runs < 0 or n_source_runs < 0 or n_off_runs + n_source_runs == 0:
         raise ValueError(f"Need at least one run, got n_off_runs={n_off_runs}, n_source_runs={n_source_runs}.")
-    _check_target(path, overwrite)
     rng = np.random.default_rng(seed)
     table = _plan_runs(rng, n_off_runs, n_source_runs, truth)
     table.meta["SIMSEED"] = int(seed)
@@ -463,24 +469,13 @@ def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=Fal
     with _staged_folder(path, overwrite) as tmp:
         (tmp / "data").mkdir()
         for idx, run in enumerate(table):
-            aeff, edisp, psf = _irfs(truth, run["ZEN_PNT"] * u.deg)
-            events = _run_events(rng, run, rng.poisson(mu[idx]), truth, aeff)
-            table["EVENT_COUNT"][idx] = len(events)
-            times = {key: float(run[key]) for key in ("TSTART", "TSTOP")}
-            events.meta.update(EXTNAME="EVENTS", **GADF, HDUVERS="0.3", HDUCLAS1="EVENTS", OBS_ID=int(run["OBS_ID"]),
-                               **times, **TIME_META, **HESS_SITE, N_TELS=4, OBS_MODE="POINTING", RADESYS="ICRS",
-                               TELESCOP="HESS", CREATOR="bkgtemplate.simulate")
-            events.meta.update({key: float(run[key]) for key in RUN_KEYS})
-            gti = Table({"START": [times["TSTART"]] * u.s, "STOP": [times["TSTOP"]] * u.s},
-                        meta=dict(EXTNAME="GTI", **GADF, HDUVERS="0.3", HDUCLAS1="GTI", **times, **TIME_META))
-            irfs = [irf.to_table() for irf in (aeff, edisp, psf)]
-            for irf, name in zip(irfs, ("AEFF", "EDISP", "PSF")):
-                irf.meta["EXTNAME"] = name
+            tables = _run_tables(rng, run, rng.poisson(mu[idx]), truth)
+            table["EVENT_COUNT"][idx] = len(tables[0])
             file_name = f"run_{int(run['OBS_ID']):06d}.fits.gz"
-            _write_gzip([events, gti, *irfs], tmp / "data" / file_name)
+            _write_gzip(tables, tmp / "data" / file_name)
             hdu_rows += [(int(run["OBS_ID"]), kind, cls, "data", file_name, name) for kind, cls, name in HDUS]
-        hdu_table = Table(rows=hdu_rows, names=["OBS_ID", "HDU_TYPE", "HDU_CLASS", "FILE_DIR", "FILE_NAME", "HDU_NAME"])
-        hdu_table.meta.update(EXTNAME="HDU_INDEX", **GADF, HDUVERS="0.2", HDUCLAS1="INDEX", HDUCLAS2="HDU")
+        hdu_table = Table(rows=hdu_rows, names=["OBS_ID", "HDU_TYPE", "HDU_CLASS", "FILE_DIR", "FILE_NAME", "HDU_NAME"],
+                          meta=dict(EXTNAME="HDU_INDEX", **GADF, HDUVERS="0.2", HDUCLAS1="INDEX", HDUCLAS2="HDU"))
         _write_gzip([table], tmp / "obs-index.fits.gz")
         _write_gzip([hdu_table], tmp / "hdu-index.fits.gz")
     log.info(f"Simulated archive written to {path}: {len(table)} runs ({n_off_runs} off, {n_source_runs} source), "
