@@ -1,5 +1,14 @@
-"""Tests of the simulated archive (`bkgtemplate.simulate`) and of its background truth."""
+"""Tests of the simulated archive (`bkgtemplate.simulate`) and of its background truth.
 
+Expected truth values are computed here with scipy and closed-form solid angles, never with
+the package's functions, so that the truth-recovery tests compare the estimator with
+something it does not share code with.
+"""
+
+import ast
+import gzip
+import os
+import stat
 import numpy as np
 import astropy.units as u
 import pytest
@@ -14,7 +23,7 @@ from gammapy.datasets import MapDataset
 from gammapy.makers import MapDatasetMaker
 from gammapy.maps import MapAxis, WcsGeom
 from gammapy.utils.coordinates import FoVAltAzFrame
-from bkgtemplate.fov import offset_solid_angle
+from bkgtemplate import simulate
 from bkgtemplate.simulate import RATE_UNIT, SOURCE_POSITION, BackgroundTruth, simulate_archive
 
 
@@ -32,6 +41,11 @@ def off_runs(data_store):
 def read_events(path, obs_id):
     with fits.open(path / "data" / f"run_{obs_id:06d}.fits.gz") as hdulist:
         return Table(hdulist["EVENTS"].data)
+
+
+def ring_solid_angle(r_lo, r_hi):
+    """Hand calculation (deg in, sr out)."""
+    return 2 * np.pi * (np.cos(np.deg2rad(r_lo)) - np.cos(np.deg2rad(r_hi)))
 
 
 def small_archive(path, seed):
@@ -112,6 +126,12 @@ def test_expected_rate_offset_hand_calculation():
     no_threshold = truth.expected_rate(single_run(), energy_axis, offset_axis=offset_axis, safe_threshold=False)
     assert np.isfinite(no_threshold).all()
 
+    # a ring across offset_max: the rate integrates to 2.8 deg, the solid angle to 3.5 deg
+    across = truth.expected_rate(single_run(), energy_axis, offset_axis=MapAxis.from_edges([2, 3.5] * u.deg, name="offset"))
+    part = integrate.quad(lambda r: np.exp(-0.5 * (r / width) ** 2) * 2 * np.pi * np.sin(r), np.deg2rad(2), r_max)[0]
+    expected = 1.3e-4 / cos_z * 1.1**1.5 * spectrum * part / ring_solid_angle(2, 3.5)
+    assert_allclose(across[1, 0].value, expected, rtol=1e-9)
+
 
 def test_expected_rate_weights_runs_by_ontime_and_threshold():
     truth = BackgroundTruth()
@@ -166,7 +186,34 @@ def test_expected_rate_fov_hand_calculation():
     assert below[0, 0, 0] > rate[0, 0, 0]
 
 
-def test_expected_rate_needs_one_geometry():
+def test_expected_rate_fov_bin_across_the_disk_edge():
+    """A (fov_lon, fov_lat) bin cut by offset_max, against nested scipy quadrature."""
+    truth = BackgroundTruth()
+    energy_axis = MapAxis.from_energy_edges([1, 10] * u.TeV)
+    lon_axis = MapAxis.from_edges([2.0, 3.0] * u.deg, name="fov_lon")
+    lat_axis = MapAxis.from_edges([-1.5, 0.5] * u.deg, name="fov_lat")
+    rate = truth.expected_rate(single_run(), energy_axis, fov_lon_axis=lon_axis, fov_lat_axis=lat_axis)
+    zenith, muoneff = 30 * u.deg, 1.1
+    r_max, lon = np.deg2rad(2.8), np.deg2rad([2.0, 3.0])
+
+    def row(lat):  # integral over fov_lon inside the disk: cos(lat) cos(lon) >= cos(r_max)
+        half = np.arccos(min(1.0, np.cos(r_max) / np.cos(lat)))
+        f = lambda x: truth.evaluate(1 * u.TeV, x * u.rad, lat * u.rad, zenith, muoneff).value  # noqa: E731
+        lo, hi = lon[0], min(lon[1], half)
+        return integrate.quad(f, lo, hi, epsabs=0, epsrel=1e-12)[0] * np.cos(lat) if hi > lo else 0.0
+
+    kink = np.arccos(np.cos(r_max) / np.cos(lon[0]))  # where the disk edge meets fov_lon = 2 deg
+    integral = integrate.quad(row, np.deg2rad(-1.5), np.deg2rad(0.5), points=[-kink], epsabs=0, epsrel=1e-11)[0]
+    area = np.diff(lon)[0] * (np.sin(np.deg2rad(0.5)) - np.sin(np.deg2rad(-1.5)))
+    spectrum = integrate.quad(
+        lambda e: truth.evaluate(e * u.TeV, 0 * u.deg, 0 * u.deg, zenith, muoneff).value, 1, 10, epsrel=1e-12
+    )[0] / 9
+    centre = truth.evaluate(1 * u.TeV, 0 * u.deg, 0 * u.deg, zenith, muoneff).value
+    assert 0 < rate[0, 0, 0].value
+    assert_allclose(rate[0, 0, 0].value, spectrum * integral / area / centre, rtol=1e-8)
+
+
+def test_expected_rate_input_errors():
     truth = BackgroundTruth()
     energy_axis = MapAxis.from_energy_edges([1, 10] * u.TeV)
     with pytest.raises(ValueError, match="offset_axis"):
@@ -204,6 +251,54 @@ def test_refuses_to_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # no temporary folder left
 
 
+def test_archive_folders_get_the_users_permissions(tmp_path):
+    """Not tempfile.mkdtemp's 0700: folders are 0777 and files 0666 less the umask."""
+    old = os.umask(0o022)
+    try:
+        path = simulate_archive(tmp_path / "a022", n_off_runs=1, n_source_runs=0)
+        os.umask(0o027)
+        other = simulate_archive(tmp_path / "a027", n_off_runs=1, n_source_runs=0)
+    finally:
+        os.umask(old)
+    for folder, mask in ((path, 0o022), (other, 0o027)):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+        assert stat.S_IMODE((folder / "data").stat().st_mode) == 0o777 & ~mask
+        assert stat.S_IMODE((folder / "obs-index.fits.gz").stat().st_mode) == 0o666 & ~mask
+
+
+def test_interrupted_write_leaves_no_partial_archive(tmp_path, monkeypatch):
+    path = simulate_archive(tmp_path / "store", n_off_runs=1, n_source_runs=0, seed=1)
+    before = (path / "obs-index.fits.gz").read_bytes()
+    calls = []
+
+    def interrupt(data, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return compress(data, **kwargs)
+
+    compress = gzip.compress
+    monkeypatch.setattr(gzip, "compress", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_archive(path, n_off_runs=2, n_source_runs=0, seed=2, overwrite=True)
+    assert len(calls) == 2
+    assert (path / "obs-index.fits.gz").read_bytes() == before  # the old archive is kept whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # and no temporary folder is left
+
+
+def test_module_imports_nothing_from_bkgtemplate():
+    """The truth must not share code with the estimator (e.g. its solid angles)."""
+    tree = ast.parse(open(simulate.__file__).read())
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    relative = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 0]
+    assert not relative and not [name for name in imported if name.split(".")[0] == "bkgtemplate"]
+    assert {name.split(".")[0] for name in imported} <= {
+        "gzip", "io", "logging", "secrets", "shutil", "contextlib", "dataclasses", "pathlib",
+        "numpy", "scipy", "astropy", "gammapy",
+    }
+
+
 def test_obs_index(data_store):
     table = data_store.obs_table
     assert len(table) == 30
@@ -213,7 +308,7 @@ def test_obs_index(data_store):
     )
     for name, unit in units.items():
         assert table[name].unit == u.Unit(unit), name
-    for name in ("OBS_ID", "DEADC", "TARGET_NAME", "OBJECT", "MUONEFF", "EVENT_COUNT", "N_TELS", "QUALITY"):
+    for name in ("OBS_ID", "DEADC", "TARGET_NAME", "MUONEFF", "EVENT_COUNT", "N_TELS", "QUALITY", "DATE-OBS"):
         assert name in table.colnames
     for key in ("MJDREFI", "MJDREFF", "TIMESYS", "TIMEUNIT", "GEOLON", "GEOLAT", "ALTITUDE"):
         assert key in table.meta
@@ -312,7 +407,8 @@ def test_binned_counts_match_expected_rate(simulated_archive, off_runs):
         bins = [energy_axis.edges.to_value("TeV"), offset_axis.edges.to_value("deg")]
         counts += np.histogram2d(events["ENERGY"], offset, bins=bins)[0]
     rate = truth.expected_rate(off_runs, energy_axis, offset_axis=offset_axis, safe_threshold=False)
-    exposure = np.sum(off_runs["ONTIME"]) * u.s * energy_axis.bin_width[:, None] * offset_solid_angle(offset_axis)
+    solid_angle = ring_solid_angle(offset_axis.edges[:-1].value, offset_axis.edges[1:].value) * u.sr
+    exposure = np.sum(off_runs["ONTIME"]) * u.s * energy_axis.bin_width[:, None] * solid_angle
     expected = (rate * exposure).to_value("")
     use = expected > 20
     pull = (counts[use] - expected[use]) / np.sqrt(expected[use])
