@@ -14,9 +14,6 @@ area element (sin r dr dphi, cos lat dlon dlat), not by the estimator's closed f
 import gzip
 import io
 import logging
-import secrets
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -29,6 +26,8 @@ from astropy.time import Time
 from gammapy.irf import PSF3D, EffectiveAreaTable2D, EnergyDispersion2D
 from gammapy.maps import MapAxis
 from gammapy.utils.coordinates import FoVAltAzFrame
+# the one package helper simulate uses: nothing of the estimator's geometry, so the truth is independent
+from .store import staged_write
 
 __all__ = ["RATE_UNIT", "SOURCE_POSITION", "BackgroundTruth", "simulate_archive"]
 
@@ -50,6 +49,7 @@ TIME_META = dict(MJDREFI=MJDREF[0], MJDREFF=MJDREF[1], TIMEUNIT="s", TIMESYS="TT
 RUN_KEYS = ("ONTIME", "LIVETIME", "DEADC", "RA_PNT", "DEC_PNT", "ALT_PNT", "AZ_PNT", "RA_OBJ", "DEC_OBJ", "MUONEFF")
 HDUS = [("events", "events", "EVENTS"), ("gti", "gti", "GTI"), ("aeff", "aeff_2d", "AEFF"),
         ("edisp", "edisp_2d", "EDISP"), ("psf", "psf_table", "PSF")]
+CREATOR = "bkgtemplate.simulate"  # marks the archives simulated here: overwrite=True replaces nothing else
 GADF = dict(HDUCLASS="GADF", HDUDOC="https://github.com/open-gamma-ray-astro/gamma-astro-data-formats")
 GL_X, GL_W = np.polynomial.legendre.leggauss(8)
 
@@ -306,7 +306,7 @@ def _plan_runs(rng, n_off, n_source, truth):
         "SAFE_ENERGY_HI": np.full(n_runs, 100.0) * u.TeV,
     })
     table.meta.update(EXTNAME="OBS_INDEX", **GADF, HDUVERS="0.2", HDUCLAS1="INDEX", HDUCLAS2="OBS", **TIME_META,
-                      **HESS_SITE)
+                      **HESS_SITE, CREATOR=CREATOR)
     return table
 
 
@@ -379,7 +379,7 @@ def _run_tables(rng, run, n, truth):
     times = dict(TSTART=float(run["TSTART"]), TSTOP=float(run["TSTOP"]), **TIME_META)
     meta = dict(EXTNAME="EVENTS", **GADF, HDUVERS="0.3", HDUCLAS1="EVENTS", OBS_ID=int(run["OBS_ID"]), **times,
                 **HESS_SITE, N_TELS=4, OBS_MODE="POINTING", RADESYS="ICRS", TELESCOP="HESS",
-                CREATOR="bkgtemplate.simulate", **{key: float(run[key]) for key in RUN_KEYS})
+                CREATOR=CREATOR, **{key: float(run[key]) for key in RUN_KEYS})
     events = Table({"EVENT_ID": np.arange(1, time.size + 1), "TIME": time[order] * u.s,
                     "RA": ra[order].astype("f4") * u.deg, "DEC": dec[order].astype("f4") * u.deg,
                     "ENERGY": energy[order].astype("f4") * u.TeV}, meta=meta)
@@ -398,32 +398,19 @@ def _write_gzip(tables, filename):
     Path(filename).write_bytes(gzip.compress(buffer.getvalue(), compresslevel=1, mtime=0))
 
 
-def _check_target(path, overwrite):
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory: choose another path for the archive.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True to replace it.")
-
-
-@contextmanager
-def _staged_folder(path, overwrite):
-    """Yield a new sibling folder of ``path``, moved to ``path`` when the block succeeds, else removed."""
-    _check_target(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    tmp.mkdir()  # permissions from the user's umask (tempfile.mkdtemp would give 0700)
+def _check_replaceable(path):
+    """Refuse to replace a non-empty folder unless it holds only an archive simulated here."""
+    if not (path.is_dir() and any(path.iterdir())):
+        return
+    files = {p.relative_to(path).as_posix() for p in path.rglob("*")}
+    foreign = sorted(f for f in files - {"data", "obs-index.fits.gz", "hdu-index.fits.gz"} if not f.startswith("data/run_"))
     try:
-        yield tmp
-        _check_target(path, overwrite)
-        if path.exists():
-            path.rename(tmp.with_suffix(".old"))
-            tmp.rename(path)
-            shutil.rmtree(tmp.with_suffix(".old"))
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        marked = fits.getheader(path / "obs-index.fits.gz", 1).get("CREATOR") == CREATOR
+    except (OSError, IndexError):
+        marked = False
+    if foreign or not marked:
+        why = f"it holds {foreign[:5]}" if foreign else f"its obs index lacks CREATOR = '{CREATOR}'"
+        raise FileExistsError(f"{path} is not an archive simulated by bkgtemplate ({why}): not replaced; choose another folder.")
 
 
 def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=False, truth=None):
@@ -466,8 +453,10 @@ def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=Fal
     table = _plan_runs(rng, n_off_runs, n_source_runs, truth)
     table.meta["SIMSEED"] = int(seed)
     mu, hdu_rows = truth.expected_counts(table), []
-    with _staged_folder(path, overwrite) as tmp:
-        (tmp / "data").mkdir()
+    if overwrite:
+        _check_replaceable(path)
+    with staged_write(path, overwrite) as tmp:
+        (tmp / "data").mkdir(parents=True)
         for idx, run in enumerate(table):
             tables = _run_tables(rng, run, rng.poisson(mu[idx]), truth)
             table["EVENT_COUNT"][idx] = len(tables[0])
