@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from numpy.testing import assert_allclose
 import astropy.units as u
+from astropy.coordinates import AltAz
 from astropy.io import fits
 from astropy.table import Table
 import pytest
@@ -16,6 +17,7 @@ from gammapy.data import DataStore
 from gammapy.datasets import MapDataset
 from gammapy.irf import Background2D, Background3D, FoVAlignment
 from gammapy.makers import MapDatasetMaker
+from gammapy.makers.utils import make_map_background_irf
 from gammapy.maps import MapAxis, WcsGeom
 from bkgtemplate import store
 from bkgtemplate.store import staged_write, write_background_store
@@ -583,17 +585,76 @@ def test_hess_altaz_round_trip(hess_new_store):
         assert hdulist["BKG_ALTAZ"].header["FOVALIGN"] == "ALTAZ"
 
 
+# --- 3D models through gammapy's standard path ---
+
+
+def gradient_model(toward):
+    """An ALTAZ model 20 % brighter at 1 deg toward lower altitude ("lower") or toward east ("east").
+
+    In gammapy's FoVAltAzFrame fov_lat grows with altitude and fov_lon falls with azimuth (east).
+    """
+    energy = MapAxis.from_energy_bounds("0.5 TeV", "50 TeV", nbin=2, name="energy")
+    lon, lat = (MapAxis.from_bounds(-3, 3, nbin=30, unit="deg", name=name) for name in ("fov_lon", "fov_lat"))
+    grid_lon, grid_lat = np.meshgrid(lon.center.to_value("deg"), lat.center.to_value("deg"), indexing="ij")
+    shape = 1 - 0.1 * (grid_lat if toward == "lower" else grid_lon)
+    data = 1e-6 * np.ones((2, 1, 1)) * shape
+    return Background3D(axes=[energy, lon, lat], data=data, unit="s-1 MeV-1 sr-1", fov_alignment="ALTAZ")
+
+
+def background_maps(data_store, model, obs_id, tmp_path):
+    """The background map MapDatasetMaker predicts through a 3D store, and gammapy's map of the ALTAZ model."""
+    ids = data_store.obs_table["OBS_ID"]
+    assignment = Table({"OBS_ID": ids, "BKG_HDU": ["BKG_ALL"] * len(ids)})
+    path = write_background_store(data_store, {"BKG_ALL": model}, assignment, tmp_path / "store3d")
+    observation = DataStore.from_dir(path).obs(obs_id, required_irf="all-optional")
+    pointing = observation.get_pointing_icrs(observation.tmid)
+    geom = WcsGeom.create(skydir=pointing, width=4 * u.deg, binsz=0.1, frame="icrs", axes=[model.axes["energy"]])
+    stored = MapDatasetMaker(selection=["background"]).run(MapDataset.create(geom), observation).background
+    expected = make_map_background_irf(
+        pointing=observation.pointing, ontime=observation.observation_time_duration, bkg=model, geom=geom,
+        time_start=observation.tstart, location=observation.observatory_earth_location,
+    )
+    altaz = geom.to_image().get_coord().skycoord.transform_to(AltAz(obstime=observation.tmid, location=observation.observatory_earth_location))
+    return observation, stored.data[0], expected.data[0], altaz, pointing.transform_to(altaz.frame)
+
+
+def assert_3d_store_follows_altaz_model(data_store, obs_id, rule, tmp_path):
+    assert store.gammapy_fov_alignment(data_store, obs_id) == rule
+    for toward in ("lower", "east"):
+        observation, stored, expected, altaz, pointing = background_maps(data_store, gradient_model(toward), obs_id, tmp_path / toward)
+        assert observation.bkg.fov_alignment.value == rule
+        bright = expected > 0.01 * expected.max()
+        assert_allclose(stored[bright], expected[bright], rtol=0.01)
+        if toward == "lower":
+            side = altaz.alt < pointing.alt
+        else:  # east: larger azimuth, seen from the pointing
+            side = ((altaz.az - pointing.az + 180 * u.deg) % (360 * u.deg) - 180 * u.deg) > 0 * u.deg
+        near = altaz.separation(pointing) < 1.5 * u.deg
+        ratio = stored[side & near].mean() / stored[~side & near].mean()
+        assert 1.1 < ratio < 1.25, f"{toward}: {ratio:.3f}"
+
+
+def test_3d_store_without_legacy_header_keeps_altaz(simulated_store, tmp_path):
+    assert_3d_store_follows_altaz_model(simulated_store, int(simulated_store.obs_table["OBS_ID"][0]), "ALTAZ", tmp_path)
+
+
 @pytest.mark.hess
-@pytest.mark.xfail(
-    strict=True,
-    reason="gammapy 2.1 Observation.bkg forces REVERSE_LON_RADEC on every model of runs whose "
-    "EVENTS have CREATOR='SASH FITS::EventListWriter' and HDUVERS='0.2' (all of HESS DL3 DR1)",
-)
-def test_hess_altaz_through_observation(hess_new_store):
-    path, _ = hess_new_store
-    data_store = DataStore.from_dir(path)
-    obs = data_store.obs(msh_runs(data_store.obs_table)[2])
-    assert obs.bkg.fov_alignment == FoVAlignment.ALTAZ
+def test_3d_store_on_dr1_writes_what_gammapys_rule_reads(hess_store, tmp_path):
+    """gammapy 2.1 reads every DR1 run's background as REVERSE_LON_RADEC: the store writes it so."""
+    assert_3d_store_follows_altaz_model(hess_store, 20136, "REVERSE_LON_RADEC", tmp_path)
+
+
+@pytest.mark.hess
+def test_altaz_model_under_the_rule_would_be_wrong(hess_store, tmp_path):
+    """The negative control: the ALTAZ model itself, read under gammapy's rule, gives another map."""
+    model = gradient_model("lower")
+    observation, stored, expected, _, _ = background_maps(hess_store, model, 20136, tmp_path)
+    observation.bkg = gradient_model("lower")  # what a store without the conversion would give
+    geom = WcsGeom.create(skydir=observation.get_pointing_icrs(observation.tmid), width=4 * u.deg, binsz=0.1,
+                          frame="icrs", axes=[model.axes["energy"]])
+    naive = MapDatasetMaker(selection=["background"]).run(MapDataset.create(geom), observation).background.data[0]
+    bright = expected > 0.01 * expected.max()
+    assert np.max(np.abs(naive[bright] / expected[bright] - 1)) > 0.05
 
 
 @pytest.mark.hess

@@ -16,6 +16,7 @@ import numpy as np
 import astropy.units as u
 from astropy.io import fits
 from astropy.table import Table, vstack
+from gammapy.data.data_store import MissingRequiredHDU
 from gammapy.irf import Background2D, Background3D
 from gammapy.irf.io import COMMON_HEADERS
 from gammapy.maps import MapAxis
@@ -208,12 +209,17 @@ def gammapy_fov_alignment(data_store, obs_id):
     CREATOR and HDUVERS "REVERSE_LON_RADEC" (sky-aligned, longitude not reversed), a
     compatibility rule for the released DR1 models. This asks gammapy itself, with a probe model,
     rather than copying its rule, so that a change of the rule changes what the store writes.
+    A run that gammapy cannot open as an observation (no readable events) gets "ALTAZ".
     """
     axes = [MapAxis.from_edges([1, 10], unit="TeV", name="energy")]
     axes += [MapAxis.from_edges([-1, 1], unit="deg", name=name) for name in ("fov_lon", "fov_lat")]
-    observation = data_store.obs(obs_id, required_irf="all-optional")
-    observation.bkg = Background3D(axes=axes, data=np.ones((1, 1, 1)), unit=RATE_UNIT, fov_alignment="ALTAZ")
-    return observation.bkg.fov_alignment.value
+    try:
+        observation = data_store.obs(obs_id, required_irf="all-optional")
+        observation.bkg = Background3D(axes=axes, data=np.ones((1, 1, 1)), unit=RATE_UNIT, fov_alignment="ALTAZ")
+        return observation.bkg.fov_alignment.value
+    except (MissingRequiredHDU, OSError, KeyError) as error:
+        log.debug(f"Run {obs_id}: gammapy cannot open it ({error}); its model is written as given")
+        return "ALTAZ"
 
 
 def sky_aligned(bkg, run, rotation_step=np.deg2rad(1.0)):
