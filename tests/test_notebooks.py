@@ -101,6 +101,9 @@ def test_main_job_runs_on_the_simulated_archive(tmp_path):
         result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "SIMULATED archive" in result.stderr
+        summary = result.stdout.split("\nSummary\n")[1]  # the data said again at the end
+        assert f"Data: the SIMULATED archive at {tmp_path / 'simulated-archive'}" in summary
+        assert f"{tmp_path / 'store'}/" in summary and f"{tmp_path / 'bkg_2d_zenith.fits'}" in summary
         models.append({name: tree_hashes(tmp_path / name) if (tmp_path / name).is_dir() else tree_hashes(tmp_path)[name] for name in MODEL_FILES})
 
     executed = sorted(path.name for path in (tmp_path / "executed").glob("*.ipynb"))

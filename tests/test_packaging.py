@@ -387,8 +387,34 @@ def write_notebook(path, parameters):
     nbformat.write(notebook, path)
 
 
+def test_run_notebooks_products(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import run_notebooks
+
+    old = tmp_path / "old.fits"
+    old.touch()
+    os.utime(old, (1000, 1000))
+    for name in [
+        "bkg.fits", "bkg.fits.gz", "runs.ecsv", "notes.txt", "store/hdu-index.fits.gz",
+        "store/obs-index.fits.gz", "store/bkg/run1.fits", "executed/01.ipynb",
+        "simulated-archive/hdu-index.fits.gz", "simulated-archive/data/run1.fits",
+    ]:  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    found = run_notebooks.products(tmp_path, since=2000)
+    assert found == {
+        "models": [tmp_path / "bkg.fits", tmp_path / "bkg.fits.gz"],
+        "tables": [tmp_path / "runs.ecsv"],
+        "other files": [tmp_path / "notes.txt"],
+        "data stores": [tmp_path / "store"],
+    }
+    text = run_notebooks.summary(tmp_path, "real data at /data", [tmp_path / "executed" / "01.ipynb"], 2000)
+    assert f"  Data stores:\n    {tmp_path / 'store'}/\n" in text
+    assert str(old) not in text
+
+
 @pytest.mark.slow
-def test_run_notebooks_script(tmp_path, monkeypatch):
+def test_run_notebooks_script(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     import run_notebooks
 
@@ -417,6 +443,10 @@ def test_run_notebooks_script(tmp_path, monkeypatch):
     assert first == {"data_dir": str(store), "output_dir": str(output)}
     second = json.loads((output / "02_second.json").read_text())
     assert second["source_targets"] == ["Crab"]  # real data: the notebook's own default
+    # the closing summary repeats the data and lists every product
+    summary = capsys.readouterr().out.split("\nSummary\n")[1].splitlines()
+    assert summary[:2] == [f"  Data: real data at {store}", f"  Executed notebooks (2): {output / 'executed'}"]
+    assert summary[2:] == ["  Other files:", f"    {output / '01_first.json'}", f"    {output / '02_second.json'}"]
 
     # without data: the simulated archive, with its source target where a notebook declares one
     def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=False):
@@ -436,5 +466,8 @@ def test_run_notebooks_script(tmp_path, monkeypatch):
     assert "source_targets" not in first
     second = json.loads((output / "02_second.json").read_text())
     assert second["source_targets"] == ["Simulated source"]
+    data_line = capsys.readouterr().out.split("\nSummary\n")[1].splitlines()[0]
+    assert data_line.startswith(f"  Data: the SIMULATED archive at {output / 'simulated-archive'} (no real data: ")
+    assert data_line.endswith("results are not H.E.S.S. results")
 
     assert run_notebooks.main(args + ["--data-dir", str(tmp_path / "nowhere")]) == 1
