@@ -6,9 +6,14 @@ the way the README tells users to rerun them.
 
 import gzip
 import hashlib
+import os
+import re
+import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+import nbformat
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -111,3 +116,55 @@ def test_main_job_runs_on_the_simulated_archive(tmp_path):
     assert (tmp_path / "validation.ecsv").exists()
     assert (tmp_path / "store" / "hdu-index.fits.gz").exists()
     assert models[0] == models[1]
+
+
+def readme_rerun_example():
+    """The bash block of the README's section "Rerunning a notebook with other parameters"."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Rerunning a notebook with other parameters", 1)[1]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+
+def git(folder, *args):
+    command = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org", *args]
+    return subprocess.run(command, cwd=folder, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_readme_rerun_example(hess_dir, tmp_path):
+    """The README's papermill example, verbatim, from a fresh shell in a clone-like copy after the
+    notebooks before the one it names have run (what `make run` leaves in output/): it runs,
+    writes its own folder, leaves `make run`'s products and `git status` as they were."""
+    example = readme_rerun_example()
+    name = re.search(r"papermill notebooks/(\S+\.ipynb) ", example).group(1)
+    repo = tmp_path / "repo"
+    for path in git(REPO, "ls-files", "-z").split("\0"):
+        if path and (REPO / path).is_file():
+            (repo / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / path, repo / path)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "copy")
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "papermill").symlink_to(Path(sys.executable).parent / "papermill")
+
+    output = repo / "output"
+    earlier = sorted(path for path in (repo / "notebooks").glob("0*.ipynb") if path.name < name)
+    run_notebooks = runpy.run_path(str(REPO / "scripts" / "run_notebooks.py"))["run_notebooks"]
+    run_notebooks(earlier, output, {"data_dir": str(hess_dir)})
+    products = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in output.rglob("*") if path.is_file()}
+    status = git(repo, "status", "--porcelain", "--ignored")
+
+    # a fresh shell, GAMMAPY_DATA unset, in this project's layout (the data in ../shared)
+    env = {k: v for k, v in os.environ.items() if k != "GAMMAPY_DATA"}
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "gammapy-data").symlink_to(hess_dir.parent)
+    result = subprocess.run(["bash", "-e", "-c", example], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rerun = output / "rerun"
+    executed = nbformat.read(rerun / name, as_version=4)
+    assert executed.metadata["papermill"]["parameters"]["output_dir"] == str(rerun)
+    assert {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in products} == products
+    assert git(repo, "status", "--porcelain", "--ignored") == status
