@@ -4,6 +4,7 @@ nbval (``pytest --nbval-lax notebooks``) runs them with their defaults; these te
 the way the README tells users to rerun them.
 """
 
+import ast
 import gzip
 import hashlib
 import os
@@ -168,3 +169,55 @@ def test_readme_rerun_example(hess_dir, tmp_path):
     assert executed.metadata["papermill"]["parameters"]["output_dir"] == str(rerun)
     assert {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in products} == products
     assert git(repo, "status", "--porcelain", "--ignored") == status
+
+
+def parameter_problems(notebook):
+    """Parameters of ``notebook`` that `papermill --help-notebook` shows without a type or help,
+    or does not show at all (papermill 2.7 drops a line annotated ``X | None``)."""
+    cells = nbformat.read(notebook, as_version=4).cells
+    source = "\n".join(cell.source for cell in cells if "parameters" in cell.metadata.get("tags", []))
+    assigned = []
+    for statement in ast.parse(source).body:
+        targets = statement.targets if isinstance(statement, ast.Assign) else [getattr(statement, "target", None)]
+        assigned += [target.id for target in targets if isinstance(target, ast.Name)]
+    inspected = papermill.inspect_notebook(str(notebook))
+    problems = [f"{name}: not seen by papermill (for X | None write Optional[X])" for name in assigned if name not in inspected]
+    for name, parameter in inspected.items():
+        if parameter["inferred_type_name"] in ("None", ""):
+            problems.append(f"{name}: no type hint")
+        if not parameter["help"].strip():
+            problems.append(f"{name}: no trailing comment")
+    return problems
+
+
+def test_parameter_problems(tmp_path):
+    notebook = nbformat.v4.new_notebook(
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    )
+    cell = nbformat.v4.new_code_cell(
+        "from typing import Optional\n"
+        "energy_bins: int = 15  # number of energy bins\n"
+        "smooth = False\n"
+        "bins: Optional[int] = None  # bins or None\n"
+        "edges: list[float] | None = None  # dropped by papermill\n"
+    )
+    cell.metadata["tags"] = ["parameters"]
+    notebook.cells = [cell]
+    nbformat.write(notebook, tmp_path / "nb.ipynb")
+    assert parameter_problems(tmp_path / "nb.ipynb") == [
+        "edges: not seen by papermill (for X | None write Optional[X])",
+        "smooth: no type hint",
+        "smooth: no trailing comment",
+    ]
+
+
+@pytest.mark.parametrize("notebook", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda path: path.name)
+def test_help_notebook_shows_types_and_help(notebook):
+    """`papermill --help-notebook` shows each parameter's type and meaning: type hints and
+    one-line trailing comments in the parameters cell."""
+    assert papermill.inspect_notebook(str(notebook)), f"{notebook.name} has no parameters cell"
+    assert not parameter_problems(notebook), f"{notebook.name}: {parameter_problems(notebook)}"
+    shown = subprocess.run(
+        [sys.executable, "-m", "papermill", "--help-notebook", str(notebook)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Unknown type" not in shown, shown
