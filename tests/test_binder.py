@@ -195,7 +195,8 @@ def chromium_driver(user_data_dir):
         f"--user-data-dir={user_data_dir}",
     ]:  # fmt: skip
         options.add_argument(argument)
-    service = webdriver.ChromeService(executable_path=CHROMEDRIVER, log_output=str(user_data_dir.parent / "chromedriver.log"))
+    log = user_data_dir.parent / "chromedriver.log"
+    service = webdriver.ChromeService(executable_path=CHROMEDRIVER, log_output=str(log))
     return webdriver.Chrome(options=options, service=service)
 
 
@@ -224,7 +225,8 @@ def test_browser_runs_notebook_in_jupyterlab(hess_dir, tmp_path):
 
     driver = chromium_driver(tmp_path / "chromium-profile")
     root = tmp_path / "root"
-    shutil.copytree(REPO / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("output", ".ipynb_checkpoints"))
+    ignore = shutil.ignore_patterns("output", ".ipynb_checkpoints")
+    shutil.copytree(REPO / "notebooks", root / "notebooks", ignore=ignore)
     (tmp_path / "gammapy-data").symlink_to(hess_dir.parent)  # what binder/postBuild links
     try:
         with binder_jupyterlab(tmp_path, root) as server:
@@ -233,11 +235,10 @@ def test_browser_runs_notebook_in_jupyterlab(hess_dir, tmp_path):
             n_cells = len(driver.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel .jp-CodeCell"))
             assert n_cells > 0, "JupyterLab shows no code cell"
 
-            menu = wait_for(
-                lambda: [item for item in driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item") if item.text == "Run"],
-                PAGE_TIMEOUT,
-                "the Run menu",
-            )
+            def run_menu():
+                return [item for item in driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item") if item.text == "Run"]
+
+            menu = wait_for(run_menu, PAGE_TIMEOUT, "the Run menu")
             menu[0].click()
             run_all = wait_for(
                 lambda: driver.find_elements(By.CSS_SELECTOR, '.lm-Menu-item[data-command="runmenu:run-all"]'),
@@ -250,15 +251,13 @@ def test_browser_runs_notebook_in_jupyterlab(hess_dir, tmp_path):
                 return [p.text for p in driver.find_elements(By.CSS_SELECTOR, ".jp-CodeCell .jp-InputPrompt")]
 
             wait_for(lambda: kernel_state(server) == "busy" or any("*" in p for p in prompts()), 60, "cells started")
-            # done: the kernel idle and no cell queued or running, twice in a row
-            done = []
-            wait_for(
-                lambda: done.append(kernel_state(server) == "idle" and not any("*" in p for p in prompts()))
-                or done[-2:] == [True, True],
-                RUN_TIMEOUT,
-                f"all cells of {BROWSER_NOTEBOOK} executed",
-                poll=2.0,
-            )
+            idle = []
+
+            def finished():  # the kernel idle and no cell queued or running, twice in a row
+                idle.append(kernel_state(server) == "idle" and not any("*" in p for p in prompts()))
+                return idle[-2:] == [True, True]
+
+            wait_for(finished, RUN_TIMEOUT, f"all cells of {BROWSER_NOTEBOOK} executed", poll=2.0)
             driver.save_screenshot(str(tmp_path / "jupyterlab.png"))
 
             outputs = driver.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")

@@ -181,7 +181,8 @@ def parameter_problems(notebook):
         targets = statement.targets if isinstance(statement, ast.Assign) else [getattr(statement, "target", None)]
         assigned += [target.id for target in targets if isinstance(target, ast.Name)]
     inspected = papermill.inspect_notebook(str(notebook))
-    problems = [f"{name}: not seen by papermill (for X | None write Optional[X])" for name in assigned if name not in inspected]
+    unseen = [name for name in assigned if name not in inspected]
+    problems = [f"{name}: not seen by papermill (for X | None write Optional[X])" for name in unseen]
     for name, parameter in inspected.items():
         if parameter["inferred_type_name"] in ("None", ""):
             problems.append(f"{name}: no type hint")
@@ -217,7 +218,6 @@ def test_help_notebook_shows_types_and_help(notebook):
     one-line trailing comments in the parameters cell."""
     assert papermill.inspect_notebook(str(notebook)), f"{notebook.name} has no parameters cell"
     assert not parameter_problems(notebook), f"{notebook.name}: {parameter_problems(notebook)}"
-    shown = subprocess.run(
-        [sys.executable, "-m", "papermill", "--help-notebook", str(notebook)], capture_output=True, text=True, check=True
-    ).stdout
+    command = [sys.executable, "-m", "papermill", "--help-notebook", str(notebook)]
+    shown = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     assert "Unknown type" not in shown, shown
