@@ -41,7 +41,44 @@ def notebook_parameters(notebook, candidates):
     return {name: value for name, value in candidates.items() if name in declared}
 
 
-def run_notebooks(notebooks, output_dir, data_dir=None, simulated=False):
+def choose_data(output_dir, data_dir=None, simulated=False):
+    """The data the notebooks run on: the real data if found, else the simulated archive.
+
+    Parameters
+    ----------
+    output_dir : `~pathlib.Path`
+        Folder for the notebooks' outputs; the simulated archive goes to its ``simulated-archive``.
+    data_dir : str or `~pathlib.Path`, optional
+        Data store folder. Default is None, which means ``$GAMMAPY_DATA/hess-dl3-dr1`` and,
+        if that is absent, a simulated archive.
+    simulated : bool, optional
+        Use the simulated archive even if the real data is there. Default is False.
+
+    Returns
+    -------
+    parameters : dict
+        ``data_dir`` and, for the simulated archive, ``source_targets``.
+    description : str
+        Which data that is, for the summary.
+    """
+    reason = "asked for with --simulated"
+    if not simulated:
+        try:
+            path = find_data_dir(data_dir)
+            log.info(f"Data: {path}")
+            return {"data_dir": str(path)}, f"real data at {path}"
+        except DataNotFoundError as error:
+            if data_dir is not None:
+                raise
+            log.warning(f"{error}")
+            reason = f"no real data: {error}"
+    archive = output_dir / "simulated-archive"
+    log.warning(f"Falling back to the SIMULATED archive: results are not H.E.S.S. results (writing it to {archive})")
+    parameters = {"data_dir": str(simulated_data_dir(output_dir)), "source_targets": SIMULATED_SOURCE_TARGETS}
+    return parameters, f"the SIMULATED archive at {archive} ({reason}); results are not H.E.S.S. results"
+
+
+def run_notebooks(notebooks, output_dir, parameters):
     """Execute ``notebooks`` in order; stop at the first one that fails.
 
     Parameters
@@ -50,11 +87,9 @@ def run_notebooks(notebooks, output_dir, data_dir=None, simulated=False):
         Notebooks, executed in the given order with their folder as working directory.
     output_dir : `~pathlib.Path`
         Folder for the notebooks' outputs; executed notebooks go to ``output_dir/executed``.
-    data_dir : str or `~pathlib.Path`, optional
-        Data store folder. Default is None, which means ``$GAMMAPY_DATA/hess-dl3-dr1`` and,
-        if that is absent, a simulated archive.
-    simulated : bool, optional
-        Use the simulated archive even if the real data is there. Default is False.
+    parameters : dict
+        Parameters for the notebooks (``output_dir`` is added); a notebook gets those its
+        ``parameters`` cell declares.
 
     Returns
     -------
@@ -64,24 +99,7 @@ def run_notebooks(notebooks, output_dir, data_dir=None, simulated=False):
     output_dir = Path(output_dir).absolute()
     executed_dir = output_dir / "executed"
     executed_dir.mkdir(parents=True, exist_ok=True)
-
-    parameters = {"output_dir": str(output_dir)}
-    if not simulated:
-        try:
-            parameters["data_dir"] = str(find_data_dir(data_dir))
-            log.info(f"Data: {parameters['data_dir']}")
-        except DataNotFoundError as error:
-            if data_dir is not None:
-                raise
-            log.warning(f"{error}")
-            simulated = True
-    if simulated:
-        log.warning(
-            "Falling back to the SIMULATED archive: results are not H.E.S.S. results "
-            f"(writing it to {output_dir / 'simulated-archive'})"
-        )
-        parameters["data_dir"] = str(simulated_data_dir(output_dir))
-        parameters["source_targets"] = SIMULATED_SOURCE_TARGETS
+    parameters = {"output_dir": str(output_dir), **parameters}
 
     executed = []
     for notebook in notebooks:
@@ -106,6 +124,38 @@ def run_notebooks(notebooks, output_dir, data_dir=None, simulated=False):
     return executed
 
 
+PRODUCT_KINDS = {".fits": "models", ".ecsv": "tables", ".csv": "tables"}
+
+
+def products(output_dir, since):
+    """What the notebooks wrote into ``output_dir`` since the time ``since`` (s since the epoch),
+    grouped: {kind: [path, ...]}; a folder with an ``hdu-index`` file is one data store."""
+    found = {}
+    skip = {output_dir / "executed", output_dir / "simulated-archive"}
+    stores = sorted(index.parent for index in output_dir.rglob("hdu-index.fits*"))
+    for path in sorted(output_dir.rglob("*")):
+        if not path.is_file() or path.stat().st_mtime < since:
+            continue
+        if any(folder == path or folder in path.parents for folder in skip):
+            continue
+        store = next((store for store in stores if store in path.parents), None)
+        if store is not None:
+            found.setdefault("data stores", []).append(store)
+            continue
+        suffix = path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
+        found.setdefault(PRODUCT_KINDS.get(suffix, "other files"), []).append(path)
+    return {kind: sorted(set(paths)) for kind, paths in found.items()}
+
+
+def summary(output_dir, data, executed, since):
+    """The closing summary of `make run`: the data used and where every product is."""
+    lines = ["", "Summary", f"  Data: {data}", f"  Executed notebooks ({len(executed)}): {output_dir / 'executed'}"]
+    for kind, paths in sorted(products(output_dir, since).items()):
+        lines.append(f"  {kind.capitalize()}:")
+        lines += [f"    {path}{'/' if path.is_dir() else ''}" for path in paths]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="output", help="Default is 'output'.")
@@ -128,18 +178,18 @@ def main(argv=None):
         log.warning(f"No notebooks 0*.ipynb in {args.notebooks_dir}: nothing to run")
         return 0
 
-    start = time.perf_counter()
+    output_dir = Path(args.output_dir).absolute()
+    start, since = time.perf_counter(), time.time() - 1  # 1 s: coarse file time stamps
     try:
-        executed = run_notebooks(notebooks, args.output_dir, args.data_dir, args.simulated)
+        parameters, data = choose_data(output_dir, args.data_dir, args.simulated)
+        executed = run_notebooks(notebooks, output_dir, parameters)
     except DataNotFoundError as error:
         log.error(f"{error}")
         return 1
     except papermill.PapermillExecutionError:
         return 1
-    output_dir = Path(args.output_dir).absolute()
     print(f"\n{len(executed)} notebooks executed in {time.perf_counter() - start:.0f} s.")
-    print(f"Executed notebooks: {output_dir / 'executed'}")
-    print(f"Results (models, tables, the new data store): {output_dir}")
+    print(summary(output_dir, data, executed, since))
     return 0
 
 

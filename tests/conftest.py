@@ -4,6 +4,8 @@ Real-data tests use the ``hess_dir`` or ``hess_store`` fixture (or carry ``@pyte
 they get the ``hess`` marker and are skipped, with the reason, when the H.E.S.S. DL3 DR1 data
 is absent. With ``BKGTEMPLATE_REQUIRE_HESS=1`` (set by ``.ci/run`` when the data is there) such a
 skip is turned into a failure, so CI cannot pass without the real-data tests having run.
+Likewise, tests marked ``ci`` need an optional piece (ray, chromium) and skip, with the reason,
+where it is absent; with ``CI=true`` (set by ``.ci/run``, which installs them) such a skip fails.
 """
 
 import os
@@ -16,11 +18,20 @@ import pytest  # noqa: E402
 
 HESS_FIXTURES = {"hess_dir", "hess_store"}
 REQUIRE_HESS_ENV = "BKGTEMPLATE_REQUIRE_HESS"
+CI_ENV = "CI"
 HESS_RAN = pytest.StashKey[dict]()
 
 
 def _require_hess():
     return os.environ.get(REQUIRE_HESS_ENV, "") not in ("", "0")
+
+
+def _in_ci():
+    return os.environ.get(CI_ENV, "").lower() not in ("", "0", "false")
+
+
+def _skip_reason(report):
+    return report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
 
 
 def pytest_configure(config):
@@ -36,16 +47,26 @@ def pytest_collection_modifyitems(config, items):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
-    if item.get_closest_marker("hess") is None or hasattr(report, "wasxfail"):
+    if hasattr(report, "wasxfail"):
+        return report
+    # a ci test that also needs the real data may skip for its absence where that is allowed
+    hess_optional = item.get_closest_marker("hess") is not None and not _require_hess()
+    if report.skipped and item.get_closest_marker("ci") is not None and _in_ci() and not hess_optional:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{CI_ENV}={os.environ[CI_ENV]} but this test (marked ci) was skipped: {_skip_reason(report)}"
+        )
+        return report
+    if item.get_closest_marker("hess") is None:
         return report
     counts = item.config.stash[HESS_RAN]
     if report.skipped:
         counts["skipped"] += 1
         if _require_hess():
-            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
             report.outcome = "failed"
             report.longrepr = (
-                f"{REQUIRE_HESS_ENV} is set but this real-data (hess) test was skipped: {reason}"
+                f"{REQUIRE_HESS_ENV} is set but this real-data (hess) test was skipped: "
+                f"{_skip_reason(report)}"
             )
     elif report.when == "call":
         counts["ran"] += 1

@@ -66,9 +66,9 @@ def test_serial_and_multiprocessing_agree(hess_store, off_ids, hess_2d):
     assert_allclose(parallel.exposure, hess_2d.exposure, rtol=1e-12)
 
 
+@pytest.mark.ci
 def test_serial_and_ray_agree(hess_store, off_ids, hess_2d):
-    pytest.importorskip("ray")  # installed in CI through the test extra
-    import ray
+    ray = pytest.importorskip("ray", reason="ray absent: pip install -e '.[distributed]' (CI does)")
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -4,11 +4,17 @@ nbval (``pytest --nbval-lax notebooks``) runs them with their defaults; these te
 the way the README tells users to rerun them.
 """
 
+import ast
 import gzip
 import hashlib
+import os
+import re
+import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+import nbformat
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -101,6 +107,9 @@ def test_main_job_runs_on_the_simulated_archive(tmp_path):
         result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "SIMULATED archive" in result.stderr
+        summary = result.stdout.split("\nSummary\n")[1]  # the data said again at the end
+        assert f"Data: the SIMULATED archive at {tmp_path / 'simulated-archive'}" in summary
+        assert f"{tmp_path / 'store'}/" in summary and f"{tmp_path / 'bkg_2d_zenith.fits'}" in summary
         models.append({name: tree_hashes(tmp_path / name) if (tmp_path / name).is_dir() else tree_hashes(tmp_path)[name] for name in MODEL_FILES})
 
     executed = sorted(path.name for path in (tmp_path / "executed").glob("*.ipynb"))
@@ -108,3 +117,107 @@ def test_main_job_runs_on_the_simulated_archive(tmp_path):
     assert (tmp_path / "validation.ecsv").exists()
     assert (tmp_path / "store" / "hdu-index.fits.gz").exists()
     assert models[0] == models[1]
+
+
+def readme_rerun_example():
+    """The bash block of the README's section "Rerunning a notebook with other parameters"."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Rerunning a notebook with other parameters", 1)[1]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+
+def git(folder, *args):
+    command = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org", *args]
+    return subprocess.run(command, cwd=folder, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_readme_rerun_example(hess_dir, tmp_path):
+    """The README's papermill example, verbatim, from a fresh shell in a clone-like copy after the
+    notebooks before the one it names have run (what `make run` leaves in output/): it runs,
+    writes its own folder, leaves `make run`'s products and `git status` as they were."""
+    example = readme_rerun_example()
+    name = re.search(r"papermill notebooks/(\S+\.ipynb) ", example).group(1)
+    repo = tmp_path / "repo"
+    for path in git(REPO, "ls-files", "-z").split("\0"):
+        if path and (REPO / path).is_file():
+            (repo / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / path, repo / path)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "copy")
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "papermill").symlink_to(Path(sys.executable).parent / "papermill")
+
+    output = repo / "output"
+    earlier = sorted(path for path in (repo / "notebooks").glob("0*.ipynb") if path.name < name)
+    run_notebooks = runpy.run_path(str(REPO / "scripts" / "run_notebooks.py"))["run_notebooks"]
+    run_notebooks(earlier, output, {"data_dir": str(hess_dir)})
+    products = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in output.rglob("*") if path.is_file()}
+    status = git(repo, "status", "--porcelain", "--ignored")
+
+    # a fresh shell, GAMMAPY_DATA unset, in this project's layout (the data in ../shared)
+    env = {k: v for k, v in os.environ.items() if k != "GAMMAPY_DATA"}
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "gammapy-data").symlink_to(hess_dir.parent)
+    result = subprocess.run(["bash", "-e", "-c", example], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rerun = output / "rerun"
+    executed = nbformat.read(rerun / name, as_version=4)
+    assert executed.metadata["papermill"]["parameters"]["output_dir"] == str(rerun)
+    assert {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in products} == products
+    assert git(repo, "status", "--porcelain", "--ignored") == status
+
+
+def parameter_problems(notebook):
+    """Parameters of ``notebook`` that `papermill --help-notebook` shows without a type or help,
+    or does not show at all (papermill 2.7 drops a line annotated ``X | None``)."""
+    cells = nbformat.read(notebook, as_version=4).cells
+    source = "\n".join(cell.source for cell in cells if "parameters" in cell.metadata.get("tags", []))
+    assigned = []
+    for statement in ast.parse(source).body:
+        targets = statement.targets if isinstance(statement, ast.Assign) else [getattr(statement, "target", None)]
+        assigned += [target.id for target in targets if isinstance(target, ast.Name)]
+    inspected = papermill.inspect_notebook(str(notebook))
+    unseen = [name for name in assigned if name not in inspected]
+    problems = [f"{name}: not seen by papermill (for X | None write Optional[X])" for name in unseen]
+    for name, parameter in inspected.items():
+        if parameter["inferred_type_name"] in ("None", ""):
+            problems.append(f"{name}: no type hint")
+        if not parameter["help"].strip():
+            problems.append(f"{name}: no trailing comment")
+    return problems
+
+
+def test_parameter_problems(tmp_path):
+    notebook = nbformat.v4.new_notebook(
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    )
+    cell = nbformat.v4.new_code_cell(
+        "from typing import Optional\n"
+        "energy_bins: int = 15  # number of energy bins\n"
+        "smooth = False\n"
+        "bins: Optional[int] = None  # bins or None\n"
+        "edges: list[float] | None = None  # dropped by papermill\n"
+    )
+    cell.metadata["tags"] = ["parameters"]
+    notebook.cells = [cell]
+    nbformat.write(notebook, tmp_path / "nb.ipynb")
+    assert parameter_problems(tmp_path / "nb.ipynb") == [
+        "edges: not seen by papermill (for X | None write Optional[X])",
+        "smooth: no type hint",
+        "smooth: no trailing comment",
+    ]
+
+
+@pytest.mark.parametrize("notebook", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda path: path.name)
+def test_help_notebook_shows_types_and_help(notebook):
+    """`papermill --help-notebook` shows each parameter's type and meaning: type hints and
+    one-line trailing comments in the parameters cell."""
+    assert papermill.inspect_notebook(str(notebook)), f"{notebook.name} has no parameters cell"
+    assert not parameter_problems(notebook), f"{notebook.name}: {parameter_problems(notebook)}"
+    command = [sys.executable, "-m", "papermill", "--help-notebook", str(notebook)]
+    shown = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "Unknown type" not in shown, shown

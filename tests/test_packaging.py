@@ -1,6 +1,7 @@
 """The files around the package say the same as pyproject.toml and the README: environment files,
 Binder, the Makefile, CI and the notebook runner."""
 
+import importlib.metadata
 import json
 import os
 import re
@@ -89,6 +90,82 @@ def test_environment_files_follow_pyproject(filename, extras):
     assert not problems, f"{filename} differs from pyproject.toml: {problems}"
 
 
+def requirement_names(requirements):
+    return {canonicalize_name(requirement.name) for requirement in requirements}
+
+
+def installed_closure(requirements, extra=None):
+    """Names of the installed distributions that ``requirements`` pull in, transitively, and of
+    the requirements not installed here (their own dependencies cannot be followed)."""
+    seen, missing = set(), set()
+    todo = [(requirement, {"extra": extra or ""}) for requirement in requirements]
+    while todo:
+        requirement, environment = todo.pop()
+        if requirement.marker is not None and not requirement.marker.evaluate(environment):
+            continue
+        name = canonicalize_name(requirement.name)
+        key = (name, tuple(sorted(requirement.extras)))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requires = importlib.metadata.requires(requirement.name) or []
+        except importlib.metadata.PackageNotFoundError:
+            missing.add(name)
+            continue
+        for extra_name in [""] + sorted(requirement.extras):
+            todo += [(Requirement(line), {"extra": extra_name}) for line in requires]
+    return {name for name, _ in seen} - missing, missing
+
+
+def test_ray_only_in_the_distributed_extra():
+    """`pip install -e ".[notebooks]"` (make run, Binder) installs no ray; ray comes only with
+    the optional distributed extra, which CI adds to the test extras."""
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert "ray" in requirement_names(Requirement(line) for line in extras["distributed"])
+    for extra in ["notebooks", "test"]:
+        assert "ray" not in requirement_names(pyproject_requirements(extra)), extra
+    for filename in ["environment.yml", "binder/environment.yml"]:
+        assert "ray" not in environment_requirements(REPO / filename)[1], filename
+    # nor through a dependency: follow the installed distributions' metadata
+    closure, missing = installed_closure(pyproject_requirements("notebooks"))
+    assert {"gammapy", "jupyterlab", "ipywidgets"} <= closure, f"not installed here: {missing}"
+    assert "ray" not in closure
+
+
+@pytest.mark.slow
+def test_pip_resolves_notebooks_extra_without_ray(tmp_path):
+    """What pip would install for `.[notebooks]` in an empty environment (resolved from the
+    package index, nothing installed): no ray. A copy of the project keeps build files out of it."""
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ["pyproject.toml", "README.md"]:
+        shutil.copy(REPO / name, project / name)
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
+    result = subprocess.run(
+        command + ["--report", str(report), f"{project}[notebooks]"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0 and re.search(r"Could not find a version|connection|Network", result.stderr, re.I):
+        pytest.skip(f"pip cannot resolve from the package index here: {result.stderr.strip()[-300:]}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = {canonicalize_name(item["metadata"]["name"]) for item in json.loads(report.read_text())["install"]}
+    assert {"bkgtemplate", "gammapy", "jupyterlab", "ipywidgets", "papermill"} <= names
+    assert "ray" not in names
+
+
+def test_installed_closure():
+    closure, missing = installed_closure([Requirement("pytest"), Requirement("no-such-dist-xyz")])
+    assert {"pytest", "pluggy", "iniconfig"} <= closure
+    assert missing == {"no-such-dist-xyz"}
+    with_marker = [Requirement('pytest; extra == "other"')]
+    assert installed_closure(with_marker) == (set(), set())
+    assert "pytest" in installed_closure(with_marker, extra="other")[0]
+
+
 def test_environment_python_matches_requires_python():
     requires = SpecifierSet(PYPROJECT["project"]["requires-python"])
     for filename in ["environment.yml", "binder/environment.yml"]:
@@ -152,17 +229,38 @@ def test_ci_runs_the_readme_test_command():
     assert re.search(r"^set -euo pipefail$", text, re.M)
     assert re.search(rf"^{TEST_COMMAND}( |$)", text, re.M), f".ci/run does not call {TEST_COMMAND}"
     assert "BKGTEMPLATE_REQUIRE_HESS=1" in text
+    # the optional pieces that tests marked `ci` need, and that CI=true makes required
+    assert re.search(r"^export CI=true$", text, re.M)
+    assert re.search(rf"^{TEST_COMMAND} .*TEST_EXTRAS=notebooks,test,distributed", text, re.M)
+    assert re.search(r"apt-get update -qq$", text, re.M)
+    assert re.search(r"apt-get install -y -qq .*\\\n\s*chromium chromium-driver", text)
+
+
+def make_dry_run(target, *variables):
+    # when the tests themselves run under `make test`, the parent make's variables would make
+    # this one print "Entering/Leaving directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    command = ["make", "-n", "-B", "--no-print-directory", target, *variables]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True, env=env).stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_installs_only_the_extras_it_needs():
+    """`make run` installs the notebooks extra (no ray, no test tools); `make test` adds test,
+    and CI's TEST_EXTRAS adds distributed."""
+    installs = {
+        ("run",): '-m pip install -e ".[notebooks]"',
+        ("test",): '-m pip install -e ".[notebooks,test]"',
+        ("test", "TEST_EXTRAS=notebooks,test,distributed"): '-m pip install -e ".[notebooks,test,distributed]"',
+    }
+    for args, install in installs.items():
+        lines = [line for line in make_dry_run(*args).splitlines() if "pip install" in line]
+        assert len(lines) == 1 and lines[0].endswith(install), (args, lines)
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_make_test_command():
-    # when the tests themselves run under `make test`, the parent make's variables would make
-    # this one print "Entering/Leaving directory" lines
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    dry = subprocess.run(
-        ["make", "-n", "--no-print-directory", "test"], cwd=REPO, capture_output=True, text=True, check=True, env=env
-    ).stdout
-    command = dry.strip().splitlines()[-1]
+    command = make_dry_run("test").strip().splitlines()[-1]
     assert "MPLBACKEND=Agg" in command
     assert re.search(r"-m pytest tests( notebooks)? --nbval-lax", command), command
 
@@ -229,6 +327,50 @@ def test_require_hess_turns_skips_into_failures(tmp_path, require):
     assert "SKIPPED [1] test_hess.py" in out  # test_plain is never turned into a failure
 
 
+CI_TESTS = """
+import pytest
+
+@pytest.mark.ci
+def test_optional_piece():
+    pytest.importorskip("no_such_module_xyz", reason="piece absent")
+
+@pytest.mark.ci
+@pytest.mark.hess
+def test_optional_piece_on_real_data():
+    pytest.skip("data absent")
+
+def test_plain():
+    pytest.skip("not a ci test")
+"""
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_ci_turns_skips_of_ci_tests_into_failures(tmp_path, ci):
+    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_ci.py").write_text(CI_TESTS)
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    hess: real data\n    ci: in CI\n")
+    env = dict(os.environ, CI=ci, BKGTEMPLATE_REQUIRE_HESS="0", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = result.stdout
+    if ci:
+        assert result.returncode == 1, out
+        assert "FAILED test_ci.py::test_optional_piece" in out
+        assert re.search(r"CI=true but this test \(marked ci\) was skipped: .*piece absent", out), out
+    else:
+        assert result.returncode == 0, out
+        assert re.search(r"SKIPPED \[1\] test_ci.py:\d+: piece absent", out), out
+    # real data not required here: its absence may skip a ci test, and plain skips stay skips
+    assert re.search(r"SKIPPED \[1\] test_ci.py:\d+: data absent", out), out
+    assert re.search(r"SKIPPED \[1\] test_ci.py:\d+: not a ci test", out), out
+
+
 def write_notebook(path, parameters):
     kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
     notebook = nbformat.v4.new_notebook(metadata={"kernelspec": kernelspec})
@@ -245,8 +387,34 @@ def write_notebook(path, parameters):
     nbformat.write(notebook, path)
 
 
+def test_run_notebooks_products(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import run_notebooks
+
+    old = tmp_path / "old.fits"
+    old.touch()
+    os.utime(old, (1000, 1000))
+    for name in [
+        "bkg.fits", "bkg.fits.gz", "runs.ecsv", "notes.txt", "store/hdu-index.fits.gz",
+        "store/obs-index.fits.gz", "store/bkg/run1.fits", "executed/01.ipynb",
+        "simulated-archive/hdu-index.fits.gz", "simulated-archive/data/run1.fits",
+    ]:  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    found = run_notebooks.products(tmp_path, since=2000)
+    assert found == {
+        "models": [tmp_path / "bkg.fits", tmp_path / "bkg.fits.gz"],
+        "tables": [tmp_path / "runs.ecsv"],
+        "other files": [tmp_path / "notes.txt"],
+        "data stores": [tmp_path / "store"],
+    }
+    text = run_notebooks.summary(tmp_path, "real data at /data", [tmp_path / "executed" / "01.ipynb"], 2000)
+    assert f"  Data stores:\n    {tmp_path / 'store'}/\n" in text
+    assert str(old) not in text
+
+
 @pytest.mark.slow
-def test_run_notebooks_script(tmp_path, monkeypatch):
+def test_run_notebooks_script(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     import run_notebooks
 
@@ -275,6 +443,10 @@ def test_run_notebooks_script(tmp_path, monkeypatch):
     assert first == {"data_dir": str(store), "output_dir": str(output)}
     second = json.loads((output / "02_second.json").read_text())
     assert second["source_targets"] == ["Crab"]  # real data: the notebook's own default
+    # the closing summary repeats the data and lists every product
+    summary = capsys.readouterr().out.split("\nSummary\n")[1].splitlines()
+    assert summary[:2] == [f"  Data: real data at {store}", f"  Executed notebooks (2): {output / 'executed'}"]
+    assert summary[2:] == ["  Other files:", f"    {output / '01_first.json'}", f"    {output / '02_second.json'}"]
 
     # without data: the simulated archive, with its source target where a notebook declares one
     def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=False):
@@ -294,5 +466,8 @@ def test_run_notebooks_script(tmp_path, monkeypatch):
     assert "source_targets" not in first
     second = json.loads((output / "02_second.json").read_text())
     assert second["source_targets"] == ["Simulated source"]
+    data_line = capsys.readouterr().out.split("\nSummary\n")[1].splitlines()[0]
+    assert data_line.startswith(f"  Data: the SIMULATED archive at {output / 'simulated-archive'} (no real data: ")
+    assert data_line.endswith("results are not H.E.S.S. results")
 
     assert run_notebooks.main(args + ["--data-dir", str(tmp_path / "nowhere")]) == 1
