@@ -6,7 +6,6 @@ import logging
 import numpy as np
 import astropy.units as u
 import matplotlib.pyplot as plt
-from matplotlib.colors import LogNorm
 from gammapy.irf import Background2D, Background3D
 from gammapy.maps.axes import UNIT_STRING_FORMAT
 from gammapy.visualization import add_colorbar
@@ -16,14 +15,13 @@ __all__ = ["peek_histograms", "plot_histogram_profiles", "plot_model_ratios", "p
 
 log = logging.getLogger(__name__)
 
-COLUMN_LABELS = {"ZEN_PNT": "Zenith angle", "AZ_PNT": "Azimuth", "SAFE_ENERGY_LO": "Safe energy threshold",
-                 "EVENT_RATE": "Event rate", "MUONEFF": "Muon efficiency"}
+COLUMN_LABELS = {"ZEN_PNT": "Zenith angle", "SAFE_ENERGY_LO": "Safe energy threshold", "EVENT_RATE": "Event rate",
+                 "MUONEFF": "Muon efficiency"}
 PROFILE_MIN_COUNTS = 100  # default profiles: energy bins with at least this many events
 SPECTRUM_DECADES = 10  # gammapy log-interpolates zeros as ~1e-38: rates this far below a model's maximum are left out
 
 
 def _label(name, unit=""):
-    """Axis label "Quantity [unit]" in gammapy's unit format."""
     unit = u.Unit(unit)
     return name if unit == u.dimensionless_unscaled else f"{name} [{unit.to_string(UNIT_STRING_FORMAT)}]"
 
@@ -35,46 +33,42 @@ def _summed_2d(histograms):
 
 
 def peek_histograms(histograms, figsize=(12, 8)):
-    """Counts, exposure, rate and relative error 1/sqrt(counts) of a 2D estimate (`BackgroundHistograms`, all runs summed)
-    as energy x offset maps: what was measured, empty bins blank (`~gammapy.irf.Background2D.plot` shows the filled model).
-    ``figsize`` in inches, Default is (12, 8). Returns the figure.
+    """Energy x offset maps of counts, exposure, rate and relative error 1/sqrt(N) of a 2D estimate, all runs summed.
+
+    The measured bins, empty ones blank (`~gammapy.irf.Background2D.plot` shows the filled model). ``figsize`` in inches,
+    Default is (12, 8). Returns the figure.
     """
     energy_axis, offset_axis, counts, exposure = _summed_2d(histograms)
-    panels = [("Counts", counts, "viridis"), ("Exposure", exposure, "cividis"), ("Background rate", histograms.rate, "GnBu"),
-              ("Relative error 1/$\\sqrt{N}$", histograms.relative_error, "magma_r")]
-    fig, axes = plt.subplots(2, 2, figsize=figsize)
+    panels = [("Counts", u.Quantity(counts), "viridis"), ("Exposure", exposure, "cividis"), ("Background rate", histograms.rate,
+              "GnBu"), ("Relative error 1/$\\sqrt{N}$", u.Quantity(histograms.relative_error), "magma_r")]
+    fig, axes = plt.subplots(2, 2, figsize=figsize, layout="tight")
     for ax, (name, values, cmap) in zip(axes.flat, panels):
-        values = u.Quantity(values)
-        mesh = ax.pcolormesh(energy_axis.edges.value, offset_axis.edges.value, np.ma.masked_invalid(values.value).T,
-                             cmap=cmap, norm=LogNorm(), edgecolors="face")
+        mesh = ax.pcolormesh(energy_axis.edges.value, offset_axis.edges.value, values.value.T, cmap=cmap, norm="log")
         ax.set(xscale="log", xlabel=_label("Energy", energy_axis.unit), ylabel=_label("Offset", offset_axis.unit))
         add_colorbar(mesh, ax=ax, label=_label(name, values.unit))
     fig.suptitle(f"{len(histograms)} runs, {int(counts.sum())} events")
-    fig.tight_layout()
     return fig
 
 
 def plot_histogram_profiles(histograms, ax=None, energies=None, normalize=False, **kwargs):
-    """Measured rate of a 2D estimate versus offset, errors rate/sqrt(counts) (`~matplotlib.pyplot.errorbar`), in the bins
-    holding ``energies`` (Default is None: up to 4 bins spread over those with >= 100 events); ``normalize`` divides by the
-    bin's FoV-averaged rate, all counts / all exposure (Default is False: s-1 MeV-1 sr-1).
+    """Measured rate of a 2D estimate versus offset, with errors rate/sqrt(N) (`~matplotlib.pyplot.errorbar`).
+
+    In the bins holding ``energies`` (Default is None: up to 4 bins spread over those with >= 100 events); ``normalize``
+    divides by the bin's FoV-averaged rate, all counts / all exposure (Default is False: s-1 MeV-1 sr-1, log scale).
     """
     energy_axis, offset_axis, counts, exposure = _summed_2d(histograms)
     ax = plt.gca() if ax is None else ax
     if energies is None:
-        per_energy = counts.sum(axis=1)
-        good = np.flatnonzero(per_energy >= min(PROFILE_MIN_COUNTS, per_energy.max()))
+        good = np.flatnonzero(counts.sum(axis=1) >= min(PROFILE_MIN_COUNTS, counts.sum(axis=1).max()))
         indices = good[np.unique(np.linspace(0, len(good) - 1, min(4, len(good))).round().astype(int))]
     else:
         indices = energy_axis.coord_to_idx(np.atleast_1d(u.Quantity(energies)))
         if np.any(indices < 0):
             raise ValueError(f"energies {energies} are not all within the energy axis {energy_axis.bounds}.")
     kwargs.setdefault("fmt", "o-")
-    kwargs.setdefault("markersize", 3)
     rate, edges = histograms.rate, energy_axis.edges
     for idx in indices:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            values = (rate[idx] * exposure[idx].sum() / counts[idx].sum()).to_value("") if normalize else rate[idx].value
+        values = (rate[idx] * exposure[idx].sum() / counts[idx].sum()).to_value("") if normalize else rate[idx].value
         label = f"{edges[idx].value:.3g}-{edges[idx + 1].value:.3g} {edges.unit}"
         ax.errorbar(offset_axis.center.value, values, yerr=values * histograms.relative_error[idx], label=label, **kwargs)
     ax.set(xlabel=_label("Offset", offset_axis.unit), yscale="linear" if normalize else "log",
@@ -84,7 +78,6 @@ def plot_histogram_profiles(histograms, ax=None, energies=None, normalize=False,
 
 
 def _rate_at_offset(model, energy, offset, n_azimuth=36):
-    """Rate of a 2D model at ``offset``, or of a 3D model averaged over that circle; near-zeros as NaN."""
     if isinstance(model, Background2D):
         rate = model.evaluate(energy=energy, offset=offset)
     else:
@@ -93,26 +86,23 @@ def _rate_at_offset(model, energy, offset, n_azimuth=36):
     return np.where(rate.value > np.nanmax(rate.value, initial=0) * 10.0**-SPECTRUM_DECADES, rate.value, np.nan) * rate.unit
 
 
-def _check_models(models, labels):
+def _check_models(models, labels, ax, offset):
     models = list(models)
-    if not models or not all(isinstance(model, (Background2D, Background3D)) for model in models):
-        raise TypeError(f"Expected a list of Background2D or Background3D, got {[type(m).__name__ for m in models]}.")
     labels = [f"model {i}" for i in range(len(models))] if labels is None else list(labels)
-    if len(labels) != len(models):
-        raise ValueError(f"Got {len(labels)} labels for {len(models)} models.")
-    return models, labels
+    if not models or len(labels) != len(models) or not all(isinstance(m, (Background2D, Background3D)) for m in models):
+        raise ValueError(f"Expected Background2D/3D models, one label each; got {[type(m).__name__ for m in models]}, {labels}.")
+    return models, labels, plt.gca() if ax is None else ax, u.Quantity(offset, "deg")
 
 
 def plot_models_comparison(models, labels=None, ax=None, offset="0.5 deg", **kwargs):
-    """Labelled spectra of several `~gammapy.irf.Background2D` or ``3D`` models (a 3D one averaged over the circle) at
-    ``offset`` (Default is "0.5 deg"), each at its energy bin centres, model i in colour "Ci" (`~matplotlib.pyplot.plot`).
-    ``labels`` are the legend entries (Default is None: "model 0", "model 1", ...).
+    """Labelled spectra of several Background2D or 3D models at one offset (`~matplotlib.pyplot.plot`).
+
+    Each at its energy bin centres, a 3D one averaged over the circle of radius ``offset`` (Default is "0.5 deg"), model i
+    in colour "Ci"; ``labels`` are the legend entries (Default is None: "model 0", "model 1", ...).
     """
-    models, labels = _check_models(models, labels)
-    ax = plt.gca() if ax is None else ax
-    offset, unit, energy_unit = u.Quantity(offset, "deg"), models[0].unit, models[0].axes["energy"].unit
+    models, labels, ax, offset = _check_models(models, labels, ax, offset)
+    unit, energy_unit = models[0].unit, models[0].axes["energy"].unit
     kwargs.setdefault("marker", "o")
-    kwargs.setdefault("markersize", 3)
     for i, (model, label) in enumerate(zip(models, labels)):
         energy = model.axes["energy"].center
         rate = _rate_at_offset(model, energy, offset).to_value(unit)
@@ -124,12 +114,10 @@ def plot_models_comparison(models, labels=None, ax=None, offset="0.5 deg", **kwa
 
 def plot_model_ratios(models, labels=None, ax=None, offset="0.5 deg", **kwargs):
     """Ratio of each model to the first at the first's energy bin centres; parameters as in `plot_models_comparison`."""
-    models, labels = _check_models(models, labels)
-    ax = plt.gca() if ax is None else ax
-    offset, energy = u.Quantity(offset, "deg"), models[0].axes["energy"].center
+    models, labels, ax, offset = _check_models(models, labels, ax, offset)
+    energy = models[0].axes["energy"].center
     reference = _rate_at_offset(models[0], energy, offset)
     kwargs.setdefault("marker", "o")
-    kwargs.setdefault("markersize", 3)
     ax.axhline(1, color="k", linestyle="--", linewidth=1)
     for i, (model, label) in enumerate(zip(models[1:], labels[1:]), start=1):
         ratio = (_rate_at_offset(model, energy, offset) / reference).to_value("")
@@ -148,28 +136,27 @@ def _column(table, name):
 
 
 def plot_zenith_dependence(table, ax=None, x="ZEN_PNT", y="SAFE_ENERGY_LO", color_by=None, **kwargs):
-    """Scatter of obs-table (one row per run) columns ``y`` against ``x``, coloured by column ``color_by`` with a colour
-    bar (`~matplotlib.pyplot.scatter`; Defaults are "ZEN_PNT", "SAFE_ENERGY_LO" and None). "EVENT_RATE" is EVENT_COUNT /
-    LIVETIME in s-1 if absent; an energy gets a log scale.
+    """Scatter of one obs-table column against another, e.g. safe threshold versus zenith (`~matplotlib.pyplot.scatter`).
+
+    Columns ``x``, ``y`` and ``color_by`` (with a colour bar) default to "ZEN_PNT", "SAFE_ENERGY_LO" and None; "EVENT_RATE"
+    is EVENT_COUNT / LIVETIME in s-1 if absent; an energy gets a log scale.
     """
     ax = plt.gca() if ax is None else ax
     x_values, y_values = _column(table, x), _column(table, y)
-    kwargs.setdefault("s", 15)
-    kwargs.setdefault("label", "runs")
-    if color_by is not None:
-        kwargs.setdefault("c", _column(table, color_by).value)
-    points = ax.scatter(x_values.value, y_values.value, **kwargs)
-    if color_by is not None:
-        add_colorbar(points, ax=ax, label=_label(COLUMN_LABELS.get(color_by, color_by), _column(table, color_by).unit))
+    colour = None if color_by is None else _column(table, color_by)
+    points = ax.scatter(x_values.value, y_values.value, **({} if colour is None else {"c": colour.value}), **kwargs)
+    if colour is not None:
+        add_colorbar(points, ax=ax, label=_label(COLUMN_LABELS.get(color_by, color_by), colour.unit))
     ax.set(xlabel=_label(COLUMN_LABELS.get(x, x), x_values.unit), ylabel=_label(COLUMN_LABELS.get(y, y), y_values.unit),
            yscale="log" if y_values.unit.physical_type == "energy" else "linear")
     return ax
 
 
 def plot_ratio_per_run(table, ax=None, group=None, **kwargs):
-    """Observed / predicted counts per run with errors (`~matplotlib.pyplot.errorbar`) from an evaluation table (OBS_ID,
-    RATIO, ERR), ordered by ``group`` (a column, e.g. "SAMPLE" or "MODEL"; Default is None: one group) and OBS_ID, a band
-    at each group's mean +- std; groups that share runs are drawn side by side.
+    """Observed / predicted counts per run with errors, from an evaluation table (`~matplotlib.pyplot.errorbar`).
+
+    The table has OBS_ID, RATIO, ERR; runs are ordered by ``group`` (a column, e.g. "SAMPLE" or "MODEL"; Default is None),
+    then OBS_ID; a band shows each group's mean +- std; groups that share runs are drawn side by side.
     """
     if len(table) == 0 or {"OBS_ID", "RATIO", "ERR", group or "OBS_ID"} - set(table.colnames):
         raise ValueError(f"Expected rows with OBS_ID, RATIO, ERR and group {group!r}; got {len(table)} of {table.colnames}.")
@@ -180,13 +167,11 @@ def plot_ratio_per_run(table, ax=None, group=None, **kwargs):
     runs = list(dict.fromkeys(obs_id[np.lexsort((obs_id, [names.index(name) for name in groups]))]))
     width = 0.6 / len(names) if len(runs) < len(table) else 0.0
     kwargs.setdefault("fmt", "o")
-    kwargs.setdefault("markersize", 4)
     for i, name in enumerate(names):
         rows = groups == name
         x = np.array([runs.index(run) for run in obs_id[rows]]) + (i - (len(names) - 1) / 2) * width
         mean, std = np.nanmean(ratio[rows]), np.nanstd(ratio[rows], ddof=1) if np.isfinite(ratio[rows]).sum() > 1 else 0.0
-        label = f"{name}: {mean:.2f} $\\pm$ {std:.2f}"
-        ax.errorbar(x, ratio[rows], yerr=error[rows], label=label, **{"color": f"C{i}", **kwargs})
+        ax.errorbar(x, ratio[rows], error[rows], label=f"{name}: {mean:.2f} $\\pm$ {std:.2f}", **{"color": f"C{i}", **kwargs})
         ax.fill_between([x.min() - 0.5, x.max() + 0.5], mean - std, mean + std, color=f"C{i}", alpha=0.15, linewidth=0)
     ax.axhline(1, color="k", linestyle="--", linewidth=1)
     ax.set_xticks(np.arange(len(runs)), [str(run) for run in runs], rotation=90, fontsize="x-small")
