@@ -17,6 +17,7 @@ Run ``python benchmarks/benchmark.py --help``; see ``benchmarks/README.md`` for 
 import argparse
 import gzip
 import io
+import itertools
 import json
 import logging
 import os
@@ -350,10 +351,15 @@ def measure_archive(data_store, obs_ids, repeats, with_loop=True, with_njobs2=Fa
     return {"n_runs": len(obs_ids), "n_events": int(n_events), "times": time_interleaved(functions, repeats)}
 
 
-def _rss_now_mb():
+def _status_mb(key):
+    """A size from ``/proc/self/status`` in MB: ``VmRSS`` (resident now) or ``VmHWM`` (peak resident).
+
+    ``VmHWM`` belongs to this program alone; ``ru_maxrss`` would not do: Linux carries it over
+    ``fork`` and ``exec``, so in a subprocess it is at least the parent's resident size.
+    """
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -368,23 +374,25 @@ def memory_probe(store_dir, max_runs=None, n_jobs=1, kind="2d"):
     -------
     result : dict
         ``n_runs``, ``n_jobs``, ``kind``, ``rss_before_mb`` (after imports and opening the
-        store), ``rss_after_mb`` (with the model and the per-run histograms), ``peak_rss_mb`` (``ru_maxrss`` of this process), ``peak_rss_children_mb``
-        (largest worker) and ``histograms_mb`` (per-run counts and exposure), in MB.
+        store), ``rss_after_mb`` (holding the model and the per-run histograms),
+        ``peak_rss_mb`` (``VmHWM``, the peak of this process), ``peak_rss_children_mb``
+        (``ru_maxrss`` of the largest worker, which counts the pages it shares with this
+        process) and ``histograms_mb`` (the per-run counts and exposure), in MB.
     """
     data_store = DataStore.from_dir(store_dir)
     obs_ids = off_obs_ids(data_store, max_runs)
-    rss_before = _rss_now_mb()
+    rss_before = _status_mb("VmRSS")
     estimator = make_estimators(n_jobs=n_jobs)[kind]
     histograms = estimator.fill(data_store, obs_ids)
     histograms.to_irf(smooth_sigma=estimator.smooth_sigma)
-    rss_after = _rss_now_mb()
+    rss_after = _status_mb("VmRSS")
     return {
         "n_runs": len(obs_ids),
         "n_jobs": n_jobs,
         "kind": kind,
         "rss_before_mb": rss_before,
         "rss_after_mb": rss_after,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _status_mb("VmHWM"),
         "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "histograms_mb": (histograms.counts.nbytes + histograms.exposure.nbytes) / 2**20,
     }
@@ -432,12 +440,12 @@ def evaluate_targets(results):
             )
         )
     memory = results.get("memory", {})
-    for kind, label in [("2d", "2D"), ("3d", "ALTAZ 3D")]:
+    for (kind, label), (key, what) in itertools.product([("2d", "2D"), ("3d", "ALTAZ 3D")], [("peak_rss_mb", "peak"), ("rss_after_mb", "held")]):
         if f"a_{kind}" in memory and f"b_{kind}" in memory:
-            value = memory[f"b_{kind}"]["peak_rss_mb"] / memory[f"a_{kind}"]["peak_rss_mb"]
+            value = memory[f"b_{kind}"][key] / memory[f"a_{kind}"][key]
             rows.append(
                 dict(
-                    name=f"peak RSS (b) / (a), {label}",
+                    name=f"RSS {what} (b) / (a), {label}",
                     value=value,
                     value_median=value,
                     value_cpu=None,
