@@ -208,17 +208,24 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
             pool_kwargs=dict(processes=n_jobs),
             task_name=f"Groups of runs ({len(runs)} runs)",
         )
-        by_id = {obs_id: (counts, exposure) for filled, _ in results for obs_id, counts, exposure in filled}
         skipped = [row for _, rows in results for row in rows]
-        done = [run.obs_id for run in runs if run.obs_id in by_id]
+        skipped_ids = {row[0] for row in skipped}
+        done = [run.obs_id for run in runs if run.obs_id not in skipped_ids]
         if skipped:
             log.warning(f"{len(skipped)} of {len(runs)} runs skipped: {[row[0] for row in skipped]}")
         if not done:
             raise RunError("No run could be used; see the warnings above for each run.")
+        # one array each, filled while the workers' results are released: no second copy of every run
+        position = {obs_id: i for i, obs_id in enumerate(done)}
+        counts, exposure = np.empty((2, len(done), *spec.axes.shape))
+        for filled, _ in results:
+            while filled:
+                obs_id, run_counts, run_exposure = filled.pop()
+                counts[position[obs_id]], exposure[position[obs_id]] = run_counts, run_exposure
         histograms = BackgroundHistograms(
             axes=spec.axes,
-            counts=np.array([by_id[obs_id][0] for obs_id in done]),
-            exposure=np.array([by_id[obs_id][1] for obs_id in done]) * EXPOSURE_UNIT,
+            counts=counts,
+            exposure=u.Quantity(exposure, EXPOSURE_UNIT, copy=False),
             obs_table=obs_table_rows(data_store, done),
             fov_alignment=spec.fov_alignment,
             skipped=Table(rows=skipped or None, names=["OBS_ID", "REASON"], dtype=[int, str]),
