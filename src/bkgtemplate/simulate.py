@@ -34,7 +34,7 @@ from astropy.time import Time
 from gammapy.irf import PSF3D, EffectiveAreaTable2D, EnergyDispersion2D
 from gammapy.maps import MapAxis
 from gammapy.utils.coordinates import FoVAltAzFrame
-from .fov import fov_solid_angle, offset_solid_angle
+from .geometry import fov_solid_angle, offset_solid_angle
 
 __all__ = [
     "RATE_UNIT",
