@@ -401,7 +401,7 @@ class BackgroundModelCollection:
                 lo, hi, w = interpolation_weights(x, interpolation_variable(column, self.centres[column]))
                 table[f"{column}_LO"], table[f"{column}_HI"], table[f"{column}_W"] = lo, hi, w
         if outside.any():
-            log.warning(f"Runs {list(table['OBS_ID'][outside])} lie outside the bins of {self.columns}: they get the nearest bin.")
+            log.warning(f"Runs {np.asarray(table['OBS_ID'])[outside].tolist()} lie outside the bins of {self.columns}: they get the nearest bin.")
         table["BKG_BIN"] = np.ravel_multi_index(index, self.shape) if self.columns else np.zeros(len(table), dtype=int)
         table["BKG_HDU"] = [self.bin_names[i] for i in table["BKG_BIN"]]
         table["BKG_NORM"] = self._factors(values, len(table))[:, self._norm_energy_index()]
@@ -585,7 +585,7 @@ class ObservingConditionsEstimator(Maker):
         """Bin edges per column; equal-livetime bins from the runs of ``obs_table``."""
         livetime = u.Quantity(obs_table["LIVETIME" if "LIVETIME" in obs_table.colnames else "ONTIME"], "s").value
         if np.any(~(livetime > 0)):
-            raise ValueError(f"Runs {list(obs_table['OBS_ID'][~(livetime > 0)])} have a livetime <= 0 or NaN; fix or drop them.")
+            raise ValueError(f"Runs {np.asarray(obs_table['OBS_ID'])[~(livetime > 0)].tolist()} have a livetime <= 0 or NaN; fix or drop them.")
         return {
             column: equal_livetime_edges(column_values(obs_table, column), livetime, spec) if isinstance(spec, int) else spec
             for column, spec in self.bins.items()

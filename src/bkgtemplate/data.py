@@ -284,7 +284,7 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     tstop = tstart + ontime if tstop is None else np.where(np.isfinite(tstop), tstop, tstart + ontime)
     for name, bad in [("ONTIME <= 0", ontime <= 0), ("ONTIME > TSTOP - TSTART", ontime > tstop - tstart + 1)]:
         if bad.any():
-            raise ValueError(f"Runs {list(np.array(obs_ids)[bad])} have {name} in the obs index; fix the units or drop them.")
+            raise ValueError(f"Runs {np.array(obs_ids)[bad].tolist()} have {name} in the obs index; fix the units or drop them.")
 
     threshold = np.zeros(len(rows))
     if safe_threshold:
