@@ -7,6 +7,7 @@ skip is turned into a failure, so CI cannot pass without the real-data tests hav
 """
 
 import os
+import shutil
 import matplotlib
 
 matplotlib.use("Agg")
@@ -94,3 +95,53 @@ def simulated_store(simulated_archive):
     from gammapy.data import DataStore
 
     return DataStore.from_dir(simulated_archive)
+
+
+class Archive:
+    """A private copy of the simulated archive that a test may break, with helpers to break it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    @property
+    def store(self):
+        """A `~gammapy.data.DataStore` of the archive as it is now (index files re-read)."""
+        from gammapy.data import DataStore
+
+        return DataStore.from_dir(self.path)
+
+    @property
+    def off_ids(self):
+        table = self.store.obs_table
+        return [int(obs_id) for obs_id in table["OBS_ID"][table["TARGET_NAME"] == "Off data"]]
+
+    def events_file(self, obs_id):
+        location = self.store.hdu_table.hdu_location(obs_id, hdu_type="events")
+        return self.path / location.file_dir / location.file_name
+
+    def change_obs_index(self, change):
+        """Apply ``change(table)`` to the obs index and write it back; returns the new store."""
+        from astropy.table import Table
+
+        path = self.path / "obs-index.fits.gz"
+        table = Table.read(path)
+        change(table)
+        table.write(path, overwrite=True)
+        return self.store
+
+    def change_events(self, obs_id, change):
+        """Apply ``change(hdu)`` to the EVENTS HDU of a run's file and write it back."""
+        from astropy.io import fits
+
+        path = self.events_file(obs_id)
+        with fits.open(path) as hdulist:
+            hdulist = fits.HDUList([hdu.copy() for hdu in hdulist])
+        change(hdulist["EVENTS"])
+        hdulist.writeto(path, overwrite=True)
+        return path
+
+
+@pytest.fixture
+def archive(simulated_archive, tmp_path):
+    """`Archive`: a private copy of the simulated archive (the session's copy is never touched)."""
+    return Archive(shutil.copytree(simulated_archive, tmp_path / "archive"))
