@@ -297,7 +297,7 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
             threshold = np.where(np.isfinite(values), values, 0.0)
 
     locations = [_events_location(data_store, obs_id) for obs_id in obs_ids]
-    needs_headers = not all(key in data_store.obs_table.meta for key in ("GEOLON", "GEOLAT", "ALTITUDE", "MJDREFI"))
+    needs_headers = not all(key in data_store.obs_table.meta for key in ("GEOLON", "GEOLAT", "ALTITUDE", "MJDREFI", "MJDREFF"))
     headers = [_events_header(location, obs_id) if needs_headers else {} for obs_id, location in zip(obs_ids, locations)]
     location, reference = _site_and_reference(data_store.obs_table, headers)
     times = reference + tstart * u.s
