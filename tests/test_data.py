@@ -279,7 +279,7 @@ def hour_angles(runs):
     return np.array([[run.hour_angle, run.dec_apparent, run.latitude] for run in runs])
 
 
-@pytest.mark.parametrize("keys", [("MJDREFI", "MJDREFF"), ("GEOLON", "GEOLAT", "ALTITUDE")])
+@pytest.mark.parametrize("keys", [("MJDREFI", "MJDREFF"), ("MJDREFF",), ("GEOLON", "GEOLAT", "ALTITUDE"), ("ALTITUDE",)])
 def test_site_and_time_reference_from_the_events_headers(archive, caplog, keys):
     """Without them in the obs index, the EVENTS headers give them: the same hour angles, no warning."""
     obs_ids = archive.off_ids[:4]
