@@ -21,6 +21,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.time import Time
 from gammapy.data import DataStore, Observations
+from gammapy.utils.scripts import make_path
 
 __all__ = [
     "DATASET_NAME",
@@ -307,7 +308,7 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     latitude = np.broadcast_to(location.lat.rad, len(obs_ids))
     return [
         RunInfo(
-            obs_id=obs_id, path=str(hdu.path()), hdu=hdu.hdu_name, ontime=float(ontime[i]),
+            obs_id=obs_id, path=str(_full_path(hdu)), hdu=hdu.hdu_name, ontime=float(ontime[i]),
             safe_energy_lo=float(threshold[i]), ra_pnt=float(ra[i]), dec_pnt=float(dec[i]),
             tstart=float(tstart[i]), tstop=float(tstop[i]), hour_angle=float(hour_angle[i]),
             dec_apparent=float(dec_apparent[i]), latitude=float(latitude[i]),
@@ -323,9 +324,14 @@ def _events_location(data_store, obs_id):
     return hdu
 
 
+def _full_path(location):
+    # HDULocation.path() falls back to a path relative to nothing when the file is missing
+    return make_path(location.base_dir) / location.file_dir / location.file_name
+
+
 def _events_header(location, obs_id):
     try:
-        return fits.getheader(location.path(), location.hdu_name)
+        return fits.getheader(_full_path(location), location.hdu_name)
     except (OSError, KeyError, EOFError, zlib.error):
         return {}
 
