@@ -336,7 +336,7 @@ def _events_header(location, obs_id):
         return {}
 
 
-def _unit(columns, name, path, default):
+def _unit(columns, name, path, default, obs_id):
     text = columns[name].unit
     if not text:
         log.warning(f"Column {name} of {path} has no unit: assuming {default} (GADF).")
@@ -344,7 +344,7 @@ def _unit(columns, name, path, default):
     try:
         return u.Unit(text)
     except ValueError:
-        raise RunError(f"Unit {text!r} of column {name} in {path} is not a valid unit; fix the file (e.g. 'TeV').") from None
+        raise RunError(f"Run {obs_id}: unit {text!r} of column {name} in {path} is not a valid unit; fix the file (e.g. '{default}').") from None
 
 
 def read_events(run):
@@ -377,8 +377,8 @@ def read_events(run):
                 _check_complete(path, run)
                 raise RunError(f"Run {run.obs_id}: {path} has no {run.hdu} HDU.") from None
             header, data = hdu.header, hdu.data
-            energy_unit = _unit(data.columns, "ENERGY", path, "TeV")
-            angle_unit = _unit(data.columns, "RA", path, "deg")
+            energy_unit = _unit(data.columns, "ENERGY", path, "TeV", run.obs_id)
+            angle_unit = _unit(data.columns, "RA", path, "deg", run.obs_id)
             # each column converted in one pass, and not at all when it is already in TeV
             energy = data["ENERGY"]
             events = {
