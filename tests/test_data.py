@@ -368,7 +368,7 @@ def test_unparsable_energy_unit_names_run_and_file(archive, unit):
     with pytest.raises(RunError) as error:
         read_run(archive, obs_id)
     message = one_line(error)
-    assert f"Unit {unit!r} of column ENERGY in {path} is not a valid unit" in message
+    assert f"Run {obs_id}: unit {unit!r} of column ENERGY in {path} is not a valid unit" in message
 
 
 def test_index_row_pointing_at_another_runs_file(archive):
