@@ -481,6 +481,9 @@ class BackgroundModelCollection:
             raise ValueError(f"not a background model collection (no {COLLECTION_KEY} in the primary header)")
         columns = [header[f"BINCOL{i}"] for i in range(1, header["NBINCOL"] + 1)]
         shape = tuple(header[f"NBIN{i}"] for i in range(1, len(columns) + 1))
+        expected = 1 + int(np.prod(shape)) + bool(header["NCORR"])
+        if len(hdulist) < expected:
+            raise ValueError(f"the file is truncated: {len(hdulist)} of at least {expected} HDUs")
         edges = {column: np.full(n + 1, np.nan) for column, n in zip(columns, shape)}
         centres = {column: np.full(n, np.nan) for column, n in zip(columns, shape)}
         models = []
@@ -619,6 +622,9 @@ class ObservingConditionsEstimator(Maker):
         _check_finite({c: v[use] for c, v in values.items()}, obs_ids[use])
         livetime = histograms.livetime
         edges, cells = self._fill_bins(edges, values, livetime, use, self.merge_empty if merge_empty is None else merge_empty)
+        outside = np.any([assign_bins(values[c][use], e)[1] for c, e in edges.items()], axis=0) if edges else []
+        if np.any(outside):
+            log.warning(f"Runs {obs_ids[use][outside].tolist()} lie outside the bins of {list(edges)}: they are put in the nearest bin.")
         centres = {}
         for k, column in enumerate(edges):
             index = np.unravel_index(cells, tuple(len(e) - 1 for e in edges.values()))[k][use]
@@ -659,9 +665,6 @@ class ObservingConditionsEstimator(Maker):
             cells = np.ravel_multi_index([assign_bins(values[c], e)[0] for c, e in edges.items()], shape) if edges else np.zeros(len(use), dtype=int)
             empty = np.flatnonzero(np.bincount(cells[use], minlength=int(np.prod(shape))) == 0)
             if not len(empty):
-                outside = np.any([assign_bins(values[c][use], e)[1] for c, e in edges.items()], axis=0) if edges else []
-                if np.any(outside):
-                    log.warning(f"{int(np.sum(outside))} runs lie outside the bins of {list(edges)}: they are put in the nearest bin.")
                 return edges, cells
             index = np.unravel_index(empty[0], shape)
             spans = ", ".join(f"{c} {np.min(values[c][use]):.4g}-{np.max(values[c][use]):.4g}" for c in edges)
