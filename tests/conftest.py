@@ -145,3 +145,41 @@ class Archive:
 def archive(simulated_archive, tmp_path):
     """`Archive`: a private copy of the simulated archive (the session's copy is never touched)."""
     return Archive(shutil.copytree(simulated_archive, tmp_path / "archive"))
+
+
+def _synthetic_histograms(zenith, muoneff=None, azimuth=None, livetime=None, rate=None, exposure=1e9):
+    """Per-run histograms in 2 x 2 bins with counts = rate x shape x exposure exactly (no noise)."""
+    import numpy as np
+    import astropy.units as u
+    from astropy.table import Table
+    from gammapy.maps import MapAxes, MapAxis
+    from bkgtemplate.histograms import BackgroundHistograms
+
+    n = len(zenith)
+    energy = MapAxis.from_energy_bounds("1 TeV", "10 TeV", nbin=2, name="energy")
+    axes = MapAxes([energy, MapAxis.from_bounds(0, 2, nbin=2, unit="deg", name="offset")])
+    muoneff = np.ones(n) if muoneff is None else np.asarray(muoneff, float)
+    azimuth = np.full(n, 180.0) if azimuth is None else np.asarray(azimuth, float)
+    livetime = np.full(n, 1000.0) if livetime is None else np.asarray(livetime, float)
+    rate = np.full(n, 1e-6) if rate is None else np.asarray(rate, float)
+    exposure = np.broadcast_to(np.asarray(exposure, float).reshape(-1, 1, 1), (n, *axes.shape)).copy()
+    shape = np.array([[1.0, 0.5], [0.1, 0.05]])  # a shape in energy and offset that all runs share
+    table = Table(
+        {
+            "OBS_ID": np.arange(1, n + 1),
+            "ZEN_PNT": np.asarray(zenith, float) * u.deg,
+            "MUONEFF": muoneff,
+            "AZ_PNT": azimuth * u.deg,
+            "LIVETIME": livetime * u.s,
+            "ONTIME": livetime * 1.05 * u.s,
+        }
+    )
+    counts = rate[:, None, None] * shape * exposure
+    return BackgroundHistograms(axes=axes, counts=counts, exposure=exposure * u.Unit("s MeV sr"), obs_table=table)
+
+
+@pytest.fixture
+def synthetic_histograms():
+    """Factory of synthetic per-run histograms: ``synthetic_histograms(zenith, muoneff=None,
+    azimuth=None, livetime=None, rate=None, exposure=1e9)`` (deg, s, s-1 MeV-1 sr-1, s MeV sr)."""
+    return _synthetic_histograms
