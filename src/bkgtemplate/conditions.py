@@ -170,9 +170,8 @@ def equal_livetime_edges(values, livetime, n_bins):
     return np.array(edges + [values[-1]])
 
 
-def _bin_weights(edges, centres, interpolate, values):
-    """Flat bins and weights, each of shape (n_runs, 2 ** n_interpolated), of runs with given column values."""
-    n = len(next(iter(values.values()))) if values else 1
+def _bin_weights(edges, centres, interpolate, values, n):
+    """Flat bins and weights, each of shape (n, 2 ** n_interpolated), of ``n`` runs with given column values."""
     options = []
     for column, column_edges in edges.items():
         if column in interpolate:
@@ -349,7 +348,7 @@ class BackgroundModelCollection:
 
     def _models_for(self, table):
         values = self._values(table)
-        bins, weights = _bin_weights(self.bin_edges, self.centres, self.interpolate, {c: values[c] for c in self.columns})
+        bins, weights = _bin_weights(self.bin_edges, self.centres, self.interpolate, {c: values[c] for c in self.columns}, len(table))
         factors = self._factors(values, len(table))
         return [
             self._combine(bins[i], weights[i], factors[i], {c: values[c][i] for c in self.condition_columns})
@@ -633,7 +632,7 @@ class ObservingConditionsEstimator(Maker):
                 column, np.bincount(index, livetime[use] * x) / np.bincount(index, livetime[use])
             )
         interpolate = tuple(c for c in edges if c in self.interpolate)
-        bins, weights = _bin_weights(edges, centres, interpolate, {c: values[c][use] for c in edges})
+        bins, weights = _bin_weights(edges, centres, interpolate, {c: values[c][use] for c in edges}, int(use.sum()))
         matrix = np.zeros((int(use.sum()), int(np.prod([len(e) - 1 for e in edges.values()]))))
         np.add.at(matrix, (np.repeat(np.arange(len(bins)), bins.shape[1]), bins.ravel()), weights.ravel())
         n_runs, n_energy = histograms.counts.shape[:2]
