@@ -451,3 +451,16 @@ def test_truncated_collection_file(tmp_path):
     message = one_line(error)
     assert f"Cannot read a background model collection from {filename}" in message
     assert "truncated" in message.lower() and "CORRECTIONS" not in message
+
+
+def test_single_model_collection_serves_every_run(synthetic_histograms):
+    """Without bins, one model from all runs; every run to assign gets it (a one-bin weight each)."""
+    runs = synthetic_histograms([10, 20, 30, 40], rate=[1e-6, 2e-6, 3e-6, 4e-6])
+    collection = ObservingConditionsEstimator(bins={}, corrections={}).make_collection(runs)
+    assert collection.n_bins == 1 and collection.shape == ()
+    counts, exposure = runs.sum()
+    assert_allclose(collection.models[0].quantity.to_value(RATE), counts / exposure.value, rtol=1e-12)
+    models, assignment = collection.to_store_inputs(runs.obs_table)
+    assert list(assignment["BKG_HDU"]) == ["BKG_1", "BKG_2", "BKG_3", "BKG_4"]
+    for model in models.values():
+        assert_allclose(model.data, collection.models[0].data, rtol=1e-12)
