@@ -343,7 +343,8 @@ class BackgroundModelCollection:
         missing = [c for c in self.condition_columns if c not in values and not all(s in values for s in source_columns(c))]
         if missing:
             raise ValueError(f"Give a value for {missing}: the collection needs {self.condition_columns}.")
-        table = Table({column: [float(value)] for column, value in values.items()})
+        # a table of one row; a single-model collection needs no value, so the row holds no condition
+        table = Table({column: [float(value)] for column, value in values.items()}) if values else Table({"OBS_ID": [0]})
         return self._models_for(table)[0]
 
     def _models_for(self, table):
