@@ -464,3 +464,4 @@ def test_single_model_collection_serves_every_run(synthetic_histograms):
     assert list(assignment["BKG_HDU"]) == ["BKG_1", "BKG_2", "BKG_3", "BKG_4"]
     for model in models.values():
         assert_allclose(model.data, collection.models[0].data, rtol=1e-12)
+    assert_allclose(collection.model_for().data, collection.models[0].data, rtol=1e-12)
