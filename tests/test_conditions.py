@@ -266,7 +266,7 @@ def test_assign_and_store_inputs():
     assert_allclose(models["BKG_8"].data, collection.model_for(zenith=35, muoneff=1.05, AZ_PNT=0).data, rtol=1e-12)
 
 
-def test_bad_configuration():
+def test_bad_maker_and_collection_configuration():
     with pytest.raises(ValueError, match="Unknown correction 'spline'"):
         ObservingConditionsEstimator(corrections={"MUONEFF": "spline"})
     with pytest.raises(ValueError, match="must increase"):
@@ -393,7 +393,7 @@ def one_line(error):
     return message
 
 
-def test_negative_livetime_names_the_runs(archive):
+def test_negative_livetime_in_the_obs_index_names_the_runs(archive):
     bad = archive.off_ids[3]
 
     def negative(table):

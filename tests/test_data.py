@@ -4,7 +4,6 @@ import gzip
 import logging
 from pathlib import Path
 import numpy as np
-import astropy.units as u
 from astropy.io import fits
 from astropy.table import Table
 from gammapy.data import DataStore

@@ -186,13 +186,6 @@ def test_repeated_runs_are_counted_once(simulated_store, caplog):
     assert_allclose(repeated.data, once.data, rtol=0)
 
 
-@pytest.mark.parametrize("obs_ids", [1000, "1000"])
-def test_obs_ids_not_a_list(simulated_store, obs_ids):
-    with pytest.raises(TypeError) as error:
-        BackgroundModelEstimator().fill(simulated_store, obs_ids)
-    assert f"obs_ids must be a list of run numbers, got {obs_ids!r}" in one_line(error)
-
-
 def test_thresholds_in_gev_labelled_tev(archive):
     def gev(table):
         table["SAFE_ENERGY_LO"] = table["SAFE_ENERGY_LO"] * 1000  # the numbers of GeV, unit still TeV

@@ -236,15 +236,15 @@ def test_summed_rate_error_and_livetime():
     assert bkg.meta["NRUNS"] == 3 and bkg.meta["NEVENTS"] == counts.sum()
 
 
-def test_negative_livetime_names_the_runs():
+def test_livetime_refuses_non_positive_values():
     runs = three_runs()
     runs.obs_table["LIVETIME"][1] = -5
     with pytest.raises(ValueError, match=r"Runs \[12\] have LIVETIME <= 0 or NaN"):
         runs.livetime
 
 
-def test_smoothing_keeps_a_flat_rate_and_the_counts():
-    """Counts and exposure are smoothed alike: a flat rate stays flat, the total counts stay."""
+def test_smoothing_keeps_a_flat_rate_and_spreads_a_peak():
+    """Counts and exposure are smoothed alike: a flat rate stays flat, a peak spreads to its neighbours."""
     axes = MapAxes([ENERGY, OFFSET])
     exposure = np.outer([1.0, 2.0, 3.0], [1.0, 3.0, 5.0]) * 1e9
     runs = one_run(axes, 2e-9 * exposure, exposure)
