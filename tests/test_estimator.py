@@ -138,7 +138,7 @@ def test_exclusion_keeps_counts_and_exposure_consistent(hess_store, off_ids):
     assert_allclose(added.exposure, cut.exposure, rtol=1e-12)
 
 
-def no_unit_energy(archive, obs_id):
+def bad_energy_unit(archive, obs_id):
     def change(hdu):
         hdu.columns.change_attrib("ENERGY", "unit", "TEV")
         hdu.header[f"TUNIT{hdu.columns.names.index('ENERGY') + 1}"] = "TEV"
@@ -152,7 +152,7 @@ def missing_file(archive, obs_id):
     return path
 
 
-@pytest.mark.parametrize("breaker, text", [(missing_file, "does not exist"), (no_unit_energy, "is not a valid unit")])
+@pytest.mark.parametrize("breaker, text", [(missing_file, "does not exist"), (bad_energy_unit, "is not a valid unit")])
 def test_skip_bad_runs(archive, caplog, breaker, text):
     """A run that cannot be read raises by default; with on_error="skip" it is left out, with a
     warning, and the result is exactly the estimate without it."""
