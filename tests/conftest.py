@@ -9,6 +9,7 @@ where it is absent; with ``CI=true`` (set by ``.ci/run``, which installs them) s
 """
 
 import os
+import shutil
 import matplotlib
 
 matplotlib.use("Agg")
@@ -115,3 +116,91 @@ def simulated_store(simulated_archive):
     from gammapy.data import DataStore
 
     return DataStore.from_dir(simulated_archive)
+
+
+class Archive:
+    """A private copy of the simulated archive that a test may break, with helpers to break it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    @property
+    def store(self):
+        """A `~gammapy.data.DataStore` of the archive as it is now (index files re-read)."""
+        from gammapy.data import DataStore
+
+        return DataStore.from_dir(self.path)
+
+    @property
+    def off_ids(self):
+        table = self.store.obs_table
+        return [int(obs_id) for obs_id in table["OBS_ID"][table["TARGET_NAME"] == "Off data"]]
+
+    def events_file(self, obs_id):
+        location = self.store.hdu_table.hdu_location(obs_id, hdu_type="events")
+        return self.path / location.file_dir / location.file_name
+
+    def change_obs_index(self, change):
+        """Apply ``change(table)`` to the obs index and write it back; returns the new store."""
+        from astropy.table import Table
+
+        path = self.path / "obs-index.fits.gz"
+        table = Table.read(path)
+        change(table)
+        table.write(path, overwrite=True)
+        return self.store
+
+    def change_events(self, obs_id, change):
+        """Apply ``change(hdu)`` to the EVENTS HDU of a run's file and write it back."""
+        from astropy.io import fits
+
+        path = self.events_file(obs_id)
+        with fits.open(path) as hdulist:
+            hdulist = fits.HDUList([hdu.copy() for hdu in hdulist])
+        change(hdulist["EVENTS"])
+        hdulist.writeto(path, overwrite=True)
+        return path
+
+
+@pytest.fixture
+def archive(simulated_archive, tmp_path):
+    """`Archive`: a private copy of the simulated archive (the session's copy is never touched)."""
+    return Archive(shutil.copytree(simulated_archive, tmp_path / "archive"))
+
+
+def _synthetic_histograms(zenith, muoneff=None, azimuth=None, livetime=None, rate=None, exposure=1e9):
+    """Per-run histograms in 2 x 2 bins with counts = rate x shape x exposure exactly (no noise)."""
+    import numpy as np
+    import astropy.units as u
+    from astropy.table import Table
+    from gammapy.maps import MapAxes, MapAxis
+    from bkgtemplate.histograms import BackgroundHistograms
+
+    n = len(zenith)
+    energy = MapAxis.from_energy_bounds("1 TeV", "10 TeV", nbin=2, name="energy")
+    axes = MapAxes([energy, MapAxis.from_bounds(0, 2, nbin=2, unit="deg", name="offset")])
+    muoneff = np.ones(n) if muoneff is None else np.asarray(muoneff, float)
+    azimuth = np.full(n, 180.0) if azimuth is None else np.asarray(azimuth, float)
+    livetime = np.full(n, 1000.0) if livetime is None else np.asarray(livetime, float)
+    rate = np.full(n, 1e-6) if rate is None else np.asarray(rate, float)
+    exposure = np.broadcast_to(np.asarray(exposure, float).reshape(-1, 1, 1), (n, *axes.shape)).copy()
+    shape = np.array([[1.0, 0.5], [0.1, 0.05]])  # a shape in energy and offset that all runs share
+    table = Table(
+        {
+            "OBS_ID": np.arange(1, n + 1),
+            "ZEN_PNT": np.asarray(zenith, float) * u.deg,
+            "MUONEFF": muoneff,
+            "AZ_PNT": azimuth * u.deg,
+            "LIVETIME": livetime * u.s,
+            "ONTIME": livetime * 1.05 * u.s,
+        }
+    )
+    counts = rate[:, None, None] * shape * exposure
+    return BackgroundHistograms(axes=axes, counts=counts, exposure=exposure * u.Unit("s MeV sr"), obs_table=table)
+
+
+@pytest.fixture
+def synthetic_histograms():
+    """Factory of synthetic per-run histograms: ``synthetic_histograms(zenith, muoneff=None,
+    azimuth=None, livetime=None, rate=None, exposure=1e9)`` (deg, s, s-1 MeV-1 sr-1, s MeV sr)."""
+    return _synthetic_histograms

@@ -12,16 +12,15 @@ from gammapy.maps import MapAxes, MapAxis
 from bkgtemplate import BackgroundModelEstimator
 from bkgtemplate.conditions import (
     BackgroundModelCollection,
-    ConditionCorrection,
     EmptyBinError,
     ObservingConditionsEstimator,
-    RunHistograms,
     assign_bins,
     column_values,
     equal_livetime_edges,
     interpolation_weights,
     north_component,
 )
+from bkgtemplate.corrections import ConditionCorrection
 
 RATE = u.Unit("s-1 MeV-1 sr-1")
 
@@ -35,31 +34,6 @@ def axes_2d():
 def constant_model(value, axes=None):
     axes = axes or axes_2d()
     return Background2D(axes=axes, data=np.full(axes.shape, float(value)), unit=RATE)
-
-
-def make_runs(zenith, muoneff=None, azimuth=None, livetime=None, rate=None, exposure=1e9):
-    """Synthetic run histograms: counts = rate x exposure exactly (no Poisson noise)."""
-    n = len(zenith)
-    axes = axes_2d()
-    muoneff = np.ones(n) if muoneff is None else np.asarray(muoneff, float)
-    azimuth = np.full(n, 180.0) if azimuth is None else np.asarray(azimuth, float)
-    livetime = np.full(n, 1000.0) if livetime is None else np.asarray(livetime, float)
-    rate = np.full(n, 1e-6) if rate is None else np.asarray(rate, float)
-    exposure = np.broadcast_to(np.asarray(exposure, float).reshape(-1, 1, 1), (n, *axes.shape)).copy()
-    # a shape in energy and offset that all runs share
-    shape = np.array([[1.0, 0.5], [0.1, 0.05]])
-    counts = rate[:, None, None] * shape * exposure
-    table = Table(
-        {
-            "OBS_ID": np.arange(1, n + 1),
-            "ZEN_PNT": np.asarray(zenith, float) * u.deg,
-            "MUONEFF": muoneff,
-            "AZ_PNT": azimuth * u.deg,
-            "LIVETIME": livetime * u.s,
-            "ONTIME": livetime * 1.05 * u.s,
-        }
-    )
-    return RunHistograms(axes=axes, counts=counts, exposure=exposure * u.Unit("s MeV sr"), obs_table=table)
 
 
 def test_assign_bins_at_edges():
@@ -98,16 +72,6 @@ def test_equal_livetime_edges():
         equal_livetime_edges([1, 1, 2], [1, 1, 1], 3)
 
 
-def test_corrections_hand_values():
-    power = ConditionCorrection("MUONEFF", "power-law", reference=1.0, coefficient=2.0)
-    assert_allclose(power.factor([0.9, 1.0]), [0.81, 1.0], rtol=1e-12)
-    north_south = ConditionCorrection("AZ_PNT", "cos", reference=0.0, coefficient=-0.1)
-    assert_allclose(north_south.factor([0, 90, 180]), np.exp([-0.1, 0, 0.1]), rtol=1e-12)
-    assert_allclose(ConditionCorrection.reference_of("power-law", [0.5, 2.0], [1, 1]), 1.0, rtol=1e-12)
-    with pytest.raises(ValueError, match="Unknown correction kind"):
-        ConditionCorrection("MUONEFF", "spline", 1.0)
-
-
 def collection_2x2():
     """ZEN_PNT (interpolated) x MUONEFF (interpolated) grid with constant rates 1, 2, 3, 4."""
     models = [constant_model(value) for value in (1, 2, 3, 4)]
@@ -129,7 +93,7 @@ def test_model_for_interpolates_and_clips():
     assert bkg.unit == RATE
     assert_allclose(collection.model_for(zenith=5, muoneff=0.7, AZ_PNT=90).data, 1, rtol=1e-12)
     assert_allclose(collection.model_for(zenith=60, muoneff=1.5, AZ_PNT=0).data, 4 * np.exp(-0.1), rtol=1e-12)
-    with pytest.raises(ValueError, match="Give a value for MUONEFF"):
+    with pytest.raises(ValueError, match=r"Give a value for \['MUONEFF'\]: the collection needs"):
         collection.model_for(zenith=20, AZ_PNT=0)
 
 
@@ -201,8 +165,8 @@ def test_fits_round_trip(tmp_path, kind):
     assert_allclose(bkg.quantity.to_value(RATE), collection.models[3].quantity.to_value(RATE), rtol=1e-6)
 
 
-def test_collection_rates_are_sums_per_bin():
-    runs = make_runs([10, 15, 30, 35], rate=[1e-6, 2e-6, 3e-6, 5e-6], exposure=[1e9, 3e9, 1e9, 1e9])
+def test_collection_rates_are_sums_per_bin(synthetic_histograms):
+    runs = synthetic_histograms([10, 15, 30, 35], rate=[1e-6, 2e-6, 3e-6, 5e-6], exposure=[1e9, 3e9, 1e9, 1e9])
     maker = ObservingConditionsEstimator(bins={"ZEN_PNT": [0, 20, 40, 90]}, corrections={}, merge_empty=True)
     collection = maker.make_collection(runs)
     # bin 0: (1e-6 x 1e9 + 2e-6 x 3e9) / 4e9 = 1.75e-6 in the bin with shape 1
@@ -219,19 +183,19 @@ def test_collection_rates_are_sums_per_bin():
     assert list(collection.runs["BKG_BIN"]) == [0, 0, 1, 1]
 
 
-def test_empty_bin_error_names_bin_and_range():
-    runs = make_runs([5, 10, 25, 30])
+def test_empty_bin_error_names_bin_and_range(synthetic_histograms):
+    runs = synthetic_histograms([5, 10, 25, 30])
     maker = ObservingConditionsEstimator(bins={"ZEN_PNT": [0, 20, 40, 90]}, corrections={})
-    message = r"Bin ZEN_PNT \[40, 90\] deg has no runs \(the 4 runs span ZEN_PNT 5-30 deg\)"
+    message = r"Bin ZEN_PNT \[40, 90\] has no runs \(the 4 runs span ZEN_PNT 5-30\); change the bin edges or use merge_empty=True"
     with pytest.raises(EmptyBinError, match=message):
         maker.make_collection(runs)
     grid = ObservingConditionsEstimator(bins={"ZEN_PNT": [0, 20, 40], "MUONEFF": [0.8, 1.0, 1.2]}, corrections={})
-    with pytest.raises(EmptyBinError, match=r"ZEN_PNT \[0, 20\) deg, MUONEFF \[1, 1.2\] has no runs .*MUONEFF 0.9-0.9"):
-        grid.make_collection(make_runs([5, 10, 25, 30], muoneff=[0.9] * 4))
+    with pytest.raises(EmptyBinError, match=r"ZEN_PNT \[0, 20\], MUONEFF \[1, 1.2\] has no runs .*MUONEFF 0.9-0.9"):
+        grid.make_collection(synthetic_histograms([5, 10, 25, 30], muoneff=[0.9] * 4))
 
 
-def test_merge_empty_with_neighbour_of_less_livetime():
-    runs = make_runs([5, 10, 50, 55], livetime=[1000, 1000, 3000, 3000])
+def test_merge_empty_with_neighbour_of_less_livetime(synthetic_histograms):
+    runs = synthetic_histograms([5, 10, 50, 55], livetime=[1000, 1000, 3000, 3000])
     maker = ObservingConditionsEstimator(bins={"ZEN_PNT": [0, 20, 40, 60, 90]}, corrections={}, merge_empty=True)
     collection = maker.make_collection(runs)
     # [20, 40) is empty; [0, 20) has less livetime than [40, 60): merged with it; then [60, 90] too
@@ -239,8 +203,8 @@ def test_merge_empty_with_neighbour_of_less_livetime():
     assert collection.n_bins == 2
 
 
-def test_runs_outside_bins_warn(caplog):
-    runs = make_runs([5, 15, 25, 35])
+def test_runs_outside_bins_warn(caplog, synthetic_histograms):
+    runs = synthetic_histograms([5, 15, 25, 35])
     maker = ObservingConditionsEstimator(bins={"ZEN_PNT": [10, 20, 30]}, corrections={})
     with caplog.at_level(logging.WARNING, logger="bkgtemplate.conditions"):
         collection = maker.make_collection(runs)
@@ -248,31 +212,16 @@ def test_runs_outside_bins_warn(caplog):
     assert list(collection.runs["BKG_BIN"]) == [0, 0, 1, 1]
 
 
-def test_equal_livetime_bins_from_runs():
-    runs = make_runs([5, 10, 25, 30, 45, 50])
+def test_equal_livetime_bins_from_runs(synthetic_histograms):
+    runs = synthetic_histograms([5, 10, 25, 30, 45, 50])
     collection = ObservingConditionsEstimator(bins={"ZEN_PNT": 3}, corrections={}).make_collection(runs)
     assert_allclose(collection.bin_edges["ZEN_PNT"], [5, 17.5, 37.5, 50])
 
 
-def test_correction_fit_recovers_known_index():
-    muoneff = np.array([0.85, 0.9, 1.0, 1.1, 1.2, 0.95])
-    azimuth = np.array([0, 180, 0, 180, 90, 270])
-    true = (muoneff / 1.0) ** 1.5 * np.exp(-0.1 * np.cos(np.radians(azimuth)))
-    runs = make_runs([10, 12, 14, 16, 18, 11], muoneff=muoneff, azimuth=azimuth, rate=1e-6 * true)
-    maker = ObservingConditionsEstimator(bins={}, corrections={"MUONEFF": "power-law", "AZ_PNT": "cos"})
-    collection = maker.make_collection(runs)
-    index, north_south = collection.corrections
-    assert_allclose([index.coefficient, north_south.coefficient], [1.5, -0.1], atol=2e-3)
-    # the model of each run gives back its counts
-    for i, row in enumerate(runs.obs_table):
-        bkg = collection.model_for(muoneff=row["MUONEFF"], AZ_PNT=row["AZ_PNT"])
-        assert_allclose(bkg.quantity.to_value(RATE) * runs.exposure.value[i], runs.counts[i], rtol=5e-3)
-
-
 @pytest.mark.parametrize("corrections", [{}, {"MUONEFF": "power-law"}])
-def test_leave_one_out_equals_rebuild(corrections):
+def test_leave_one_out_equals_rebuild(corrections, synthetic_histograms):
     rng = np.random.default_rng(3)
-    runs = make_runs(
+    runs = synthetic_histograms(
         [5, 10, 15, 25, 30, 35, 45, 50],
         muoneff=rng.uniform(0.85, 1.2, 8),
         rate=rng.uniform(1e-6, 2e-6, 8),
@@ -290,8 +239,8 @@ def test_leave_one_out_equals_rebuild(corrections):
         )
 
 
-def test_leave_one_out_merges_a_bin_left_empty():
-    runs = make_runs([5, 10, 25, 30, 50])
+def test_leave_one_out_merges_a_bin_left_empty(synthetic_histograms):
+    runs = synthetic_histograms([5, 10, 25, 30, 50])
     maker = ObservingConditionsEstimator(bins={"ZEN_PNT": [0, 20, 40, 90]}, corrections={})
     collections = dict(maker.leave_one_out(runs, obs_ids=[5]))
     assert_allclose(collections[5].bin_edges["ZEN_PNT"], [0, 20, 90])
@@ -317,18 +266,7 @@ def test_assign_and_store_inputs():
     assert_allclose(models["BKG_8"].data, collection.model_for(zenith=35, muoneff=1.05, AZ_PNT=0).data, rtol=1e-12)
 
 
-def test_run_histograms_select_and_stack():
-    runs = make_runs([5, 10, 25], rate=[1e-6, 2e-6, 4e-6])
-    two = runs.select([3, 1])
-    assert two.obs_ids == [3, 1]
-    stacked = two.stack(weights=[2, 1])
-    assert_allclose(stacked.counts, runs.counts[[0, 2]].sum(0))
-    assert_allclose(stacked.exposure.value, 3 * runs.exposure.value[0])
-    with pytest.raises(KeyError, match=r"Runs \[9\]"):
-        runs.select([9])
-
-
-def test_bad_configuration():
+def test_bad_maker_and_collection_configuration():
     with pytest.raises(ValueError, match="Unknown correction 'spline'"):
         ObservingConditionsEstimator(corrections={"MUONEFF": "spline"})
     with pytest.raises(ValueError, match="must increase"):
@@ -348,7 +286,7 @@ def tutorial_off(hess_store):
     table = hess_store.obs_table
     off = [int(i) for i in table["OBS_ID"][table["TARGET_NAME"] == "Off data"]]
     maker = ObservingConditionsEstimator(bins={"ZEN_PNT": [0, 20, 40, 90]}, interpolate=(), corrections={})
-    return maker, maker.fill_runs(hess_store, off)
+    return maker, maker.estimator.fill(hess_store, off)
 
 
 def test_hess_leave_one_out_subtraction_equals_direct_rebuild(hess_store, tutorial_off):
@@ -418,60 +356,6 @@ def test_north_component_hand_values_and_derived_column():
         column_values(Table({"ZEN_PNT": [30.0]}), "NORTH_PNT")
 
 
-def zenith_runs(zenith, slopes, reference=0.9, exposure=None):
-    """Runs whose rate in energy bin e is 1e-6 x shape x exp(slopes[e] x (cos(zenith) - reference)), exactly."""
-    runs = make_runs(zenith)
-    x = np.cos(np.radians(np.asarray(zenith, float)))
-    factor = np.exp(np.asarray(slopes)[None, :] * (x[:, None] - reference))
-    if exposure is not None:
-        runs.exposure = runs.exposure * np.asarray(exposure, float)[:, :, None]
-    runs.counts = 1e-6 * np.array([[1.0, 0.5], [0.1, 0.05]]) * factor[:, :, None] * runs.exposure.value
-    return runs
-
-
-def test_energy_dependent_correction_recovers_known_slopes():
-    zenith = [5, 15, 25, 35, 45, 50]
-    runs = zenith_runs(zenith, slopes=[-4.0, -1.5])
-    maker = ObservingConditionsEstimator(bins={}, corrections={"ZEN_PNT": "cos"})
-    assert maker.energy_dependent == ("ZEN_PNT",)  # the default for a zenith correction
-    collection = maker.make_collection(runs)
-    (correction,) = collection.corrections
-    assert correction.energy_dependent
-    assert_allclose(correction.coefficient, [-4.0, -1.5], atol=2e-3)
-    # the reference is the livetime-weighted mean cos(zenith) of the runs (equal livetimes here)
-    assert_allclose(correction.reference, np.mean(np.cos(np.radians(zenith))), rtol=1e-12)
-    for i, z in enumerate(zenith):
-        bkg = collection.model_for(zenith=z)
-        assert_allclose(bkg.quantity.to_value(RATE) * runs.exposure.value[i], runs.counts[i], rtol=5e-3)
-    # one coefficient for all energies lies between the two
-    shared = ObservingConditionsEstimator(bins={}, corrections={"ZEN_PNT": "cos"}, energy_dependent=())
-    (single,) = shared.make_collection(runs).corrections
-    assert not single.energy_dependent and -4.0 < single.coefficient < -1.5
-
-
-def test_correction_clipped_to_the_runs_that_measured_each_energy():
-    zenith = [10, 20, 30, 40]
-    # the 40 deg run has no exposure in the first energy bin (below its threshold)
-    exposure = np.ones((4, 2))
-    exposure[3, 0] = 0
-    runs = zenith_runs(zenith, slopes=[-3.0, -3.0], exposure=exposure)
-    collection = ObservingConditionsEstimator(bins={}, corrections={"ZEN_PNT": "cos"}).make_collection(runs)
-    (correction,) = collection.corrections
-    assert_allclose(correction.clip_min, np.cos(np.radians([30, 40])), rtol=1e-12)
-    assert_allclose(correction.clip_max, np.cos(np.radians(10)), rtol=1e-12)
-    # beyond the measured range the factor stays at its edge: never extrapolated
-    assert_allclose(correction.factor([30, 55])[1, 0], correction.factor([30])[0, 0], rtol=1e-12)
-    assert_allclose(correction.factor([40, 55])[:, 1], correction.factor([40, 40])[:, 1], rtol=1e-12)
-    assert_allclose(correction.factor([0])[0], correction.factor([10])[0], rtol=1e-12)
-    # a scalar correction is clipped to the range of all runs
-    muoneff = ObservingConditionsEstimator(bins={}, corrections={"MUONEFF": "power-law"}).make_collection(
-        make_runs([10, 20], muoneff=[0.9, 1.1], rate=[1e-6 * 0.9**2, 1e-6 * 1.1**2])
-    )
-    (index,) = muoneff.corrections
-    assert_allclose(index.coefficient, 2, atol=2e-3)
-    assert_allclose(index.factor(1.5), index.factor(1.1), rtol=1e-12)
-
-
 def test_energy_dependent_fits_round_trip(tmp_path):
     correction = ConditionCorrection(
         "ZEN_PNT", "cos", reference=np.array([0.9, 0.85]), coefficient=np.array([-4.0, -2.0]),
@@ -496,5 +380,88 @@ def test_energy_dependent_fits_round_trip(tmp_path):
     assert_allclose(bkg.data, expected[:, None] * np.ones((2, 2)), rtol=1e-12)
     assert_allclose(read.model_for(zenith=30, NORTH_PNT=0.5).data, bkg.data, rtol=1e-12)
     assert_allclose(bkg.meta["CORRFAC"], expected[0] / (1 + w), rtol=1e-12)  # at 1 TeV: energy bin [1, 3.16] TeV
-    with pytest.raises(ValueError, match=r"Give a value for NORTH_PNT \(or for ZEN_PNT and AZ_PNT\)"):
+    with pytest.raises(ValueError, match=r"Give a value for \['NORTH_PNT'\]: the collection needs \['ZEN_PNT', 'NORTH_PNT'\]"):
         read.model_for(zenith=30)
+
+
+# --- bad input (issue 13) ---
+
+
+def one_line(error):
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 400, message
+    return message
+
+
+def test_negative_livetime_in_the_obs_index_names_the_runs(archive):
+    bad = archive.off_ids[3]
+
+    def negative(table):
+        table["LIVETIME"][table["OBS_ID"] == bad] = -1000
+
+    store = archive.change_obs_index(negative)
+    maker = ObservingConditionsEstimator(bins={"ZEN_PNT": 3}, corrections={})
+    with pytest.raises(ValueError) as error:
+        maker.run(store, archive.off_ids)
+    assert f"Runs [{bad}] have a livetime <= 0 or NaN; fix or drop them." in one_line(error)
+
+
+def test_missing_zenith_column(archive):
+    store = archive.change_obs_index(lambda table: table.remove_column("ZEN_PNT"))
+    with pytest.raises(KeyError) as error:
+        ObservingConditionsEstimator(corrections={}).run(store, archive.off_ids)
+    assert "The obs table has no ['ZEN_PNT'] for the bins and corrections" in str(error.value)
+
+
+@pytest.mark.parametrize("column", ["ZEN_PNT", "MUONEFF"])
+def test_nan_condition_of_a_run_outside_the_build_set(column):
+    """A run to assign with NaN zenith or MUONEFF is refused by name, never given a NaN model."""
+    collection = collection_2x2()
+    table = Table({"OBS_ID": [7, 8, 9], "ZEN_PNT": [20.0, 35.0, 30.0], "MUONEFF": [0.95, 1.05, 1.0], "AZ_PNT": [90.0, 0.0, 0.0]})
+    table[column][1] = np.nan
+    message = rf"Runs \[8\] have no valid {column} in the obs table; fix or drop them."
+    with pytest.raises(ValueError, match=message):
+        collection.assign(table)
+    with pytest.raises(ValueError, match=message):
+        collection.to_store_inputs(table)
+    with pytest.raises(ValueError, match=message):
+        collection.to_store_inputs(table, interpolate=False)
+    values = {"zenith": 20.0, "muoneff": 0.95, "AZ_PNT": 0.0}
+    values["zenith" if column == "ZEN_PNT" else "muoneff"] = np.nan
+    with pytest.raises(ValueError, match=rf"no valid {column}"):
+        collection.model_for(**values)
+
+
+def test_text_column_in_bins(synthetic_histograms):
+    runs = synthetic_histograms([5, 10, 25, 30])
+    runs.obs_table["SEASON"] = ["wet", "dry", "wet", "dry"]
+    maker = ObservingConditionsEstimator(bins={"SEASON": [0, 1, 2]}, corrections={})
+    with pytest.raises(TypeError) as error:
+        maker.make_collection(runs)
+    assert "Column SEASON of the obs table holds" in one_line(error) and "bin a numeric column" in one_line(error)
+
+
+def test_truncated_collection_file(tmp_path):
+    filename = tmp_path / "collection.fits"
+    collection_2x2().write(filename)
+    data = filename.read_bytes()
+    filename.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ValueError) as error:
+        BackgroundModelCollection.read(filename)
+    message = one_line(error)
+    assert f"Cannot read a background model collection from {filename}" in message
+    assert "truncated" in message.lower() and "CORRECTIONS" not in message
+
+
+def test_single_model_collection_serves_every_run(synthetic_histograms):
+    """Without bins, one model from all runs; every run to assign gets it (a one-bin weight each)."""
+    runs = synthetic_histograms([10, 20, 30, 40], rate=[1e-6, 2e-6, 3e-6, 4e-6])
+    collection = ObservingConditionsEstimator(bins={}, corrections={}).make_collection(runs)
+    assert collection.n_bins == 1 and collection.shape == ()
+    counts, exposure = runs.sum()
+    assert_allclose(collection.models[0].quantity.to_value(RATE), counts / exposure.value, rtol=1e-12)
+    models, assignment = collection.to_store_inputs(runs.obs_table)
+    assert list(assignment["BKG_HDU"]) == ["BKG_1", "BKG_2", "BKG_3", "BKG_4"]
+    for model in models.values():
+        assert_allclose(model.data, collection.models[0].data, rtol=1e-12)
+    assert_allclose(collection.model_for().data, collection.models[0].data, rtol=1e-12)

@@ -1,4 +1,4 @@
-"""Counts and exposure of single runs, checked against hand calculations."""
+"""Counts and exposure of single runs, and the per-run container, checked against hand calculations."""
 
 import numpy as np
 import astropy.units as u
@@ -10,10 +10,9 @@ import pytest
 from gammapy.maps import MapAxes, MapAxis
 from gammapy.utils.coordinates import FoVAltAzFrame
 from regions import CircleSkyRegion
-from bkgtemplate.exclusion import Exclusion
-from bkgtemplate.fov import fov_solid_angle
-from bkgtemplate.histograms import HistogramSpec, fill_run
-from bkgtemplate.runs import RunError, RunInfo
+from bkgtemplate.data import RunInfo
+from bkgtemplate.geometry import Exclusion, fov_solid_angle
+from bkgtemplate.histograms import BackgroundHistograms, HistogramSpec, fill_run
 
 HESS = EarthLocation(lon=16.5002 * u.deg, lat=-23.2718 * u.deg, height=1835 * u.m)
 POINTING = SkyCoord(228.61, -58.77, unit="deg")
@@ -153,25 +152,6 @@ def test_3d_excluded_solid_angle_is_the_circle_area(tmp_path, alignment):
     assert_allclose(full[0], ONTIME * d_energy * fov_solid_angle(lon_axis, lat_axis).value, rtol=1e-12)
 
 
-def test_unreadable_run_names_run_and_file(tmp_path):
-    sky = POINTING.directional_offset_by([0] * u.deg, [0.3] * u.deg)
-    run = write_run(tmp_path / "run.fits", np.array([0.7]), sky)
-    (tmp_path / "run.fits").write_bytes(b"not a fits file")
-    with pytest.raises(RunError, match=r"Run 1: cannot read events from .*run.fits"):
-        fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
-    (tmp_path / "run.fits").unlink()
-    with pytest.raises(RunError, match=r"Run 1: events file .*run.fits does not exist"):
-        fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
-
-
-def test_nan_events_are_dropped_with_a_warning(tmp_path, caplog):
-    sky = POINTING.directional_offset_by([0, 0] * u.deg, [0.3, 0.3] * u.deg)
-    run = write_run(tmp_path / "run.fits", np.array([0.7, np.nan]), sky)
-    counts, _ = fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
-    assert counts.sum() == 1
-    assert "Run 1: 1 events with NaN energy or direction dropped" in caplog.text
-
-
 def test_reverse_lon_radec_mirrors_radec(tmp_path):
     """gammapy's alignment of the released H.E.S.S. models is RADEC with fov_lon mirrored."""
     rng = np.random.default_rng(5)
@@ -187,24 +167,92 @@ def test_reverse_lon_radec_mirrors_radec(tmp_path):
     assert radec[0].sum() > 0 and not np.allclose(radec[1], reverse[1])
 
 
+def one_run(axes, counts, exposure):
+    """A container of one run with these counts and exposure (s MeV sr)."""
+    return BackgroundHistograms(
+        axes, np.asarray(counts, float)[None], np.asarray(exposure, float)[None] * u.Unit("s MeV sr"), Table({"OBS_ID": [1]})
+    )
+
+
 def test_model_extrapolates_unmeasured_energies_as_power_laws():
     """Zeros next to measured bins would make gammapy's log interpolation collapse."""
-    from bkgtemplate.histograms import BackgroundHistograms
-
     energy = MapAxis.from_energy_bounds("0.1 TeV", "100 TeV", nbin=6, name="energy")
     offset = MapAxis.from_edges([0, 1, 2] * u.deg, name="offset")
+    axes = MapAxes([energy, offset])
     e = energy.center.to_value("TeV")[:, None]
     exposure = np.ones((6, 2))
     exposure[:2] = 0  # below every run's threshold
     counts = np.where(exposure > 0, 1e4 * e**-2.7 * [1, 2], 0)
     counts[5] = 0  # no event in the last bin
-    histograms = BackgroundHistograms(MapAxes([energy, offset]), counts, exposure * u.Unit("s MeV sr"))
-    rate = histograms.to_irf().quantity.to_value("s-1 MeV-1 sr-1")
+    bkg = one_run(axes, counts, exposure).to_irf()
     # the slopes of the summed spectrum (index 2.7) continue each offset's own rate
-    assert_allclose(rate, 1e4 * e**-2.7 * [1, 2], rtol=1e-10)
-    assert_allclose(histograms.to_irf().meta["EMEASMIN"], energy.edges[2].to_value("TeV"))
+    assert_allclose(bkg.quantity.to_value("s-1 MeV-1 sr-1"), 1e4 * e**-2.7 * [1, 2], rtol=1e-10)
+    assert_allclose(bkg.meta["EMEASMIN"], energy.edges[2].to_value("TeV"))
 
     # a single event does not set the slope: the last bin with >= 10 events and its neighbour do
     counts[4] = [1, 0]
-    rate = BackgroundHistograms(MapAxes([energy, offset]), counts, exposure * u.Unit("s MeV sr")).to_irf().data
+    rate = one_run(axes, counts, exposure).to_irf().data
     assert rate[5, 0] < rate[4, 0] and rate[5, 1] < rate[3, 1]
+
+
+def three_runs():
+    axes = MapAxes([ENERGY, OFFSET])
+    rng = np.random.default_rng(7)
+    counts = rng.poisson(50, (3, *axes.shape)).astype(float)
+    exposure = rng.uniform(1, 2, (3, *axes.shape)) * 1e9 * u.Unit("s MeV sr")
+    table = Table({"OBS_ID": [11, 12, 13], "LIVETIME": [1000.0, 1200.0, 900.0] * u.s})
+    return BackgroundHistograms(axes, counts, exposure, table)
+
+
+def test_select_and_weighted_sum():
+    runs = three_runs()
+    two = runs.select([13, 11])
+    assert two.obs_ids == [13, 11] and len(two) == 2
+    assert_allclose(two.counts, runs.counts[[2, 0]], rtol=0)
+    counts, exposure = two.sum(weights=[2, 1])
+    assert_allclose(counts, runs.counts[[0, 2]].sum(0), rtol=0)
+    assert_allclose(exposure.to_value("s MeV sr"), 2 * runs.exposure.value[2] + runs.exposure.value[0], rtol=1e-12)
+    # weights per run and energy bin
+    weights = np.array([[1, 2, 3], [1, 1, 1]])
+    _, exposure = two.sum(weights=weights)
+    expected = runs.exposure.value[2] * np.array([1, 2, 3])[:, None] + runs.exposure.value[0]
+    assert_allclose(exposure.value, expected, rtol=1e-12)
+    with pytest.raises(KeyError, match=r"Runs \[9\] are not in these histograms"):
+        runs.select([9])
+    with pytest.raises(ValueError, match="The run selection is empty"):
+        runs.select([])
+
+
+def test_summed_rate_error_and_livetime():
+    runs = three_runs()
+    counts, exposure = runs.counts.sum(0), runs.exposure.value.sum(0)
+    assert runs.rate.unit == u.Unit("s-1 MeV-1 sr-1")
+    assert_allclose(runs.rate.to_value("s-1 MeV-1 sr-1"), counts / exposure, rtol=1e-12)
+    assert_allclose(runs.relative_error, 1 / np.sqrt(counts), rtol=1e-12)
+    assert_allclose(runs.livetime, [1000, 1200, 900])
+    # invariant: the model's rate x the summed exposure gives back the counts
+    bkg = runs.to_irf()
+    assert_allclose(bkg.quantity.to_value("s-1 MeV-1 sr-1") * exposure, counts, rtol=1e-12)
+    assert bkg.meta["NRUNS"] == 3 and bkg.meta["NEVENTS"] == counts.sum()
+
+
+def test_livetime_refuses_non_positive_values():
+    runs = three_runs()
+    runs.obs_table["LIVETIME"][1] = -5
+    with pytest.raises(ValueError, match=r"Runs \[12\] have LIVETIME <= 0 or NaN"):
+        runs.livetime
+
+
+def test_smoothing_keeps_a_flat_rate_and_spreads_a_peak():
+    """Counts and exposure are smoothed alike: a flat rate stays flat, a peak spreads to its neighbours."""
+    axes = MapAxes([ENERGY, OFFSET])
+    exposure = np.outer([1.0, 2.0, 3.0], [1.0, 3.0, 5.0]) * 1e9
+    runs = one_run(axes, 2e-9 * exposure, exposure)
+    smoothed = runs.to_irf(smooth_sigma=1.0)
+    assert_allclose(smoothed.quantity.to_value("s-1 MeV-1 sr-1"), 2e-9, rtol=1e-12)
+    peaked = np.zeros(axes.shape)
+    peaked[:, 1] = 100
+    data = one_run(axes, peaked, np.ones(axes.shape) * 1e9).to_irf(smooth_sigma=1.0).data
+    assert np.all(data[:, 0] > 0) and np.all(data[:, 1] < 100e-9)
+    with pytest.raises(ValueError, match="smooth_sigma must be positive"):
+        runs.to_irf(smooth_sigma=-1)

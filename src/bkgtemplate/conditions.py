@@ -162,9 +162,8 @@ def equal_livetime_edges(values, livetime, n_bins):
     return np.array(edges + [values[-1]])
 
 
-def _bin_weights(edges, centres, interpolate, values):
-    """Flat bins and weights, each of shape (n_runs, 2 ** n_interpolated), of runs with given column values."""
-    n = len(next(iter(values.values()))) if values else 1
+def _bin_weights(edges, centres, interpolate, values, n):
+    """Flat bins and weights, each of shape (n, 2 ** n_interpolated), of ``n`` runs with given column values."""
     options = []
     for column, column_edges in edges.items():
         if column in interpolate:
@@ -321,12 +320,13 @@ class BackgroundModelCollection:
         missing = [c for c in self.condition_columns if c not in values and not all(s in values for s in source_columns(c))]
         if missing:
             raise ValueError(f"Give a value for {missing}: the collection needs {self.condition_columns}.")
-        table = Table({column: [float(value)] for column, value in values.items()})
+        # a table of one row; a single-model collection needs no value, so the row holds no condition
+        table = Table({column: [float(value)] for column, value in values.items()}) if values else Table({"OBS_ID": [0]})
         return self._models_for(table)[0]
 
     def _models_for(self, table):
         values = self._values(table)
-        bins, weights = _bin_weights(self.bin_edges, self.centres, self.interpolate, {c: values[c] for c in self.columns})
+        bins, weights = _bin_weights(self.bin_edges, self.centres, self.interpolate, {c: values[c] for c in self.columns}, len(table))
         factors = self._factors(values, len(table))
         return [
             self._combine(bins[i], weights[i], factors[i], {c: values[c][i] for c in self.condition_columns})
@@ -378,7 +378,7 @@ class BackgroundModelCollection:
                 lo, hi, w = interpolation_weights(x, interpolation_variable(column, self.centres[column]))
                 table[f"{column}_LO"], table[f"{column}_HI"], table[f"{column}_W"] = lo, hi, w
         if outside.any():
-            log.warning(f"Runs {list(table['OBS_ID'][outside])} lie outside the bins of {self.columns}: they get the nearest bin.")
+            log.warning(f"Runs {np.asarray(table['OBS_ID'])[outside].tolist()} lie outside the bins of {self.columns}: they get the nearest bin.")
         table["BKG_BIN"] = np.ravel_multi_index(index, self.shape) if self.columns else np.zeros(len(table), dtype=int)
         table["BKG_HDU"] = [self.bin_names[i] for i in table["BKG_BIN"]]
         table["BKG_NORM"] = self._factors(values, len(table))[:, self._norm_energy_index()]
@@ -458,6 +458,9 @@ class BackgroundModelCollection:
             raise ValueError(f"not a background model collection (no {COLLECTION_KEY} in the primary header)")
         columns = [header[f"BINCOL{i}"] for i in range(1, header["NBINCOL"] + 1)]
         shape = tuple(header[f"NBIN{i}"] for i in range(1, len(columns) + 1))
+        expected = 1 + int(np.prod(shape)) + bool(header["NCORR"])
+        if len(hdulist) < expected:
+            raise ValueError(f"the file is truncated: {len(hdulist)} of at least {expected} HDUs")
         edges = {column: np.full(n + 1, np.nan) for column, n in zip(columns, shape)}
         centres = {column: np.full(n, np.nan) for column, n in zip(columns, shape)}
         models = []
@@ -562,7 +565,7 @@ class ObservingConditionsEstimator(Maker):
         """Bin edges per column; equal-livetime bins from the runs of ``obs_table``."""
         livetime = u.Quantity(obs_table["LIVETIME" if "LIVETIME" in obs_table.colnames else "ONTIME"], "s").value
         if np.any(~(livetime > 0)):
-            raise ValueError(f"Runs {list(obs_table['OBS_ID'][~(livetime > 0)])} have a livetime <= 0 or NaN; fix or drop them.")
+            raise ValueError(f"Runs {np.asarray(obs_table['OBS_ID'])[~(livetime > 0)].tolist()} have a livetime <= 0 or NaN; fix or drop them.")
         return {
             column: equal_livetime_edges(column_values(obs_table, column), livetime, spec) if isinstance(spec, int) else spec
             for column, spec in self.bins.items()
@@ -596,6 +599,9 @@ class ObservingConditionsEstimator(Maker):
         _check_finite({c: v[use] for c, v in values.items()}, obs_ids[use])
         livetime = histograms.livetime
         edges, cells = self._fill_bins(edges, values, livetime, use, self.merge_empty if merge_empty is None else merge_empty)
+        outside = np.any([assign_bins(values[c][use], e)[1] for c, e in edges.items()], axis=0) if edges else []
+        if np.any(outside):
+            log.warning(f"Runs {obs_ids[use][outside].tolist()} lie outside the bins of {list(edges)}: they are put in the nearest bin.")
         centres = {}
         for k, column in enumerate(edges):
             index = np.unravel_index(cells, tuple(len(e) - 1 for e in edges.values()))[k][use]
@@ -604,7 +610,7 @@ class ObservingConditionsEstimator(Maker):
                 column, np.bincount(index, livetime[use] * x) / np.bincount(index, livetime[use])
             )
         interpolate = tuple(c for c in edges if c in self.interpolate)
-        bins, weights = _bin_weights(edges, centres, interpolate, {c: values[c][use] for c in edges})
+        bins, weights = _bin_weights(edges, centres, interpolate, {c: values[c][use] for c in edges}, int(use.sum()))
         matrix = np.zeros((int(use.sum()), int(np.prod([len(e) - 1 for e in edges.values()]))))
         np.add.at(matrix, (np.repeat(np.arange(len(bins)), bins.shape[1]), bins.ravel()), weights.ravel())
         n_runs, n_energy = histograms.counts.shape[:2]
@@ -636,9 +642,6 @@ class ObservingConditionsEstimator(Maker):
             cells = np.ravel_multi_index([assign_bins(values[c], e)[0] for c, e in edges.items()], shape) if edges else np.zeros(len(use), dtype=int)
             empty = np.flatnonzero(np.bincount(cells[use], minlength=int(np.prod(shape))) == 0)
             if not len(empty):
-                outside = np.any([assign_bins(values[c][use], e)[1] for c, e in edges.items()], axis=0) if edges else []
-                if np.any(outside):
-                    log.warning(f"{int(np.sum(outside))} runs lie outside the bins of {list(edges)}: they are put in the nearest bin.")
                 return edges, cells
             index = np.unravel_index(empty[0], shape)
             spans = ", ".join(f"{c} {np.min(values[c][use]):.4g}-{np.max(values[c][use]):.4g}" for c in edges)

@@ -21,6 +21,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.time import Time
 from gammapy.data import DataStore, Observations
+from gammapy.utils.scripts import make_path
 
 __all__ = ["DATASET_NAME", "DataNotFoundError", "RunError", "RunInfo", "check_obs_ids", "collect_runs",
     "find_data_dir", "obs_table_rows", "open_data_store", "read_events"]
@@ -231,7 +232,7 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     tstop = tstart + ontime if tstop is None else np.where(np.isfinite(tstop), tstop, tstart + ontime)
     for name, bad in [("ONTIME <= 0", ontime <= 0), ("ONTIME > TSTOP - TSTART", ontime > tstop - tstart + 1)]:
         if bad.any():
-            raise ValueError(f"Runs {list(np.array(obs_ids)[bad])} have {name} in the obs index; fix the units or drop them.")
+            raise ValueError(f"Runs {np.array(obs_ids)[bad].tolist()} have {name} in the obs index; fix the units or drop them.")
 
     threshold = np.zeros(len(rows))
     if safe_threshold:
@@ -253,7 +254,7 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     if missing:
         raise RunError(f"Runs {missing} have no or several events rows in the HDU index; fix the index or drop them.")
     locations = [hdu_table.location_info(rows_of[obs_id][0]) for obs_id in obs_ids]
-    needs_headers = not all(key in data_store.obs_table.meta for key in ("GEOLON", "GEOLAT", "ALTITUDE", "MJDREFI"))
+    needs_headers = not all(key in data_store.obs_table.meta for key in ("GEOLON", "GEOLAT", "ALTITUDE", "MJDREFI", "MJDREFF"))
     headers = [_events_header(location) if needs_headers else {} for location in locations]
     location, reference = _site_and_reference(data_store.obs_table, headers)
     times = reference + tstart * u.s
@@ -263,7 +264,7 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     latitude = np.broadcast_to(location.lat.rad, len(obs_ids))
     return [
         RunInfo(
-            obs_id=obs_id, path=str(hdu.path()), hdu=hdu.hdu_name, ontime=float(ontime[i]),
+            obs_id=obs_id, path=str(_full_path(hdu)), hdu=hdu.hdu_name, ontime=float(ontime[i]),
             safe_energy_lo=float(threshold[i]), ra_pnt=float(ra[i]), dec_pnt=float(dec[i]),
             tstart=float(tstart[i]), tstop=float(tstop[i]), hour_angle=float(hour_angle[i]),
             dec_apparent=float(dec_apparent[i]), latitude=float(latitude[i]),
@@ -272,14 +273,19 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     ]
 
 
+def _full_path(location):
+    # HDULocation.path() falls back to a path relative to nothing when the file is missing
+    return make_path(location.base_dir) / location.file_dir / location.file_name
+
+
 def _events_header(location):
     try:
-        return fits.getheader(location.path(), location.hdu_name)
+        return fits.getheader(_full_path(location), location.hdu_name)
     except (OSError, KeyError, EOFError, zlib.error):
         return {}
 
 
-def _unit(columns, name, path, default):
+def _unit(columns, name, path, default, obs_id):
     text = columns[name].unit
     if not text:
         log.warning(f"Column {name} of {path} has no unit: assuming {default} (GADF).")
@@ -287,7 +293,7 @@ def _unit(columns, name, path, default):
     try:
         return u.Unit(text)
     except ValueError:
-        raise RunError(f"Unit {text!r} of column {name} in {path} is not a valid unit; fix the file (e.g. 'TeV').") from None
+        raise RunError(f"Run {obs_id}: unit {text!r} of column {name} in {path} is not a valid unit; fix the file (e.g. '{default}').") from None
 
 
 def read_events(run):
@@ -320,8 +326,8 @@ def read_events(run):
                 _check_complete(path, run)
                 raise RunError(f"Run {run.obs_id}: {path} has no {run.hdu} HDU.") from None
             header, data = hdu.header, hdu.data
-            energy_unit = _unit(data.columns, "ENERGY", path, "TeV")
-            angle_unit = _unit(data.columns, "RA", path, "deg")
+            energy_unit = _unit(data.columns, "ENERGY", path, "TeV", run.obs_id)
+            angle_unit = _unit(data.columns, "RA", path, "deg", run.obs_id)
             # each column converted in one pass, and not at all when it is already in TeV
             energy = data["ENERGY"]
             to_rad = (lambda x: np.deg2rad(x, dtype=float)) if angle_unit == u.deg else (lambda x: u.Quantity(x, angle_unit).to_value("rad"))

@@ -192,11 +192,12 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         adds sky regions to the estimator's own (e.g. the targets of source-field runs).
         """
         spec = self.spec
-        if exclusion:
-            if spec.exclusion is not None and spec.exclusion.mask is not None:
-                raise ValueError("Cannot add regions to an exclusion mask; give all regions to the estimator.")
+        if exclusion is not None and not (isinstance(exclusion, (list, tuple)) and not exclusion):
+            added = Exclusion(exclusion)  # checks the kind: a SkyCoord or pixel region is a TypeError
+            if added.mask is not None or (spec.exclusion is not None and spec.exclusion.mask is not None):
+                raise ValueError("Cannot combine an exclusion mask with other regions; give all regions to the estimator.")
             regions = [] if spec.exclusion is None else spec.exclusion.regions
-            spec = replace(spec, exclusion=Exclusion(list(regions) + list(exclusion)))
+            spec = replace(spec, exclusion=Exclusion(list(regions) + added.regions))
         runs = collect_runs(data_store, obs_ids, safe_threshold=spec.safe_threshold)
         n_jobs = max(1, self.n_jobs or 1)
         # a few interleaved groups per process: balanced load and a progress bar that moves

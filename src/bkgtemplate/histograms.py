@@ -244,7 +244,7 @@ class BackgroundHistograms:
                 livetime = u.Quantity(self.obs_table[name], "s").to_value("s").astype(float)
                 bad = ~(livetime > 0)
                 if bad.any():
-                    raise ValueError(f"Runs {list(np.array(self.obs_ids)[bad])} have {name} <= 0 or NaN; fix or drop them.")
+                    raise ValueError(f"Runs {np.array(self.obs_ids)[bad].tolist()} have {name} <= 0 or NaN; fix or drop them.")
                 return livetime
         raise KeyError("The obs table has neither LIVETIME nor ONTIME.")
 

@@ -1,18 +1,23 @@
+"""Field-of-view geometry and exclusion regions, against astropy, gammapy and hand values."""
+
 import numpy as np
 import astropy.units as u
 from astropy.coordinates import AltAz, EarthLocation, HADec, SkyCoord
 from astropy.time import Time
 from numpy.testing import assert_allclose
 import pytest
-from gammapy.maps import MapAxis
+from gammapy.maps import MapAxis, WcsGeom
 from gammapy.utils.coordinates import FoVAltAzFrame, sky_to_fov
-from bkgtemplate.fov import (
+from regions import CirclePixelRegion, CircleSkyRegion, PixCoord, RectangleSkyRegion
+from bkgtemplate.geometry import (
+    Exclusion,
     fov_altaz_to_radec,
     fov_radec_to_altaz,
     fov_radec_to_sky,
     fov_solid_angle,
     offset_solid_angle,
     parallactic_angle,
+    sky_to_fov_altaz,
     sky_to_fov_radec,
 )
 
@@ -94,3 +99,53 @@ def test_fov_solid_angle_exact():
     lat = MapAxis.from_edges([2.0, 2.1] * u.deg, name="fov_lat")
     expected = np.deg2rad(0.1) * (np.sin(np.deg2rad(2.1)) - np.sin(np.deg2rad(2.0)))
     assert_allclose(fov_solid_angle(lon, lat).value, [[expected]], rtol=1e-12)
+
+
+def test_sky_to_fov_altaz_is_the_rotated_radec_offset(events):
+    pointing, sky = events
+    args = sky.ra.rad, sky.dec.rad, pointing.ra.rad, pointing.dec.rad
+    angle = np.linspace(-3, 3, len(sky))
+    assert_allclose(sky_to_fov_altaz(*args, angle), fov_radec_to_altaz(*sky_to_fov_radec(*args), angle), rtol=0, atol=1e-13)
+
+
+def test_exclusion_circles_and_other_regions(events):
+    pointing, sky = events
+    center = pointing.directional_offset_by(30 * u.deg, 1 * u.deg)
+    args = sky.ra.rad, sky.dec.rad, pointing.ra.rad, pointing.dec.rad
+    circle = Exclusion(CircleSkyRegion(center, 0.6 * u.deg))
+    assert_allclose(circle.excluded(*args), sky.separation(center) < 0.6 * u.deg)
+    box = Exclusion([RectangleSkyRegion(center, 1.2 * u.deg, 1.2 * u.deg)])
+    assert 0 < box.excluded(*args).sum() < len(sky)
+    # a field 5 deg away cannot touch the circle; the pointing's own field does
+    far = pointing.directional_offset_by(210 * u.deg, 5 * u.deg)
+    assert circle.touches(pointing.ra.rad, pointing.dec.rad, np.deg2rad(2.5))
+    assert not circle.touches(far.ra.rad, far.dec.rad, np.deg2rad(2.5))
+
+
+def test_exclusion_mask_follows_gammapy_convention(events):
+    pointing, sky = events
+    geom = WcsGeom.create(skydir=pointing, width=6 * u.deg, binsz=0.02)
+    center = pointing.directional_offset_by(30 * u.deg, 1 * u.deg)
+    mask = ~geom.region_mask([CircleSkyRegion(center, 0.6 * u.deg)])  # True = kept, as in gammapy
+    excluded = Exclusion(mask).excluded(sky.ra.rad, sky.dec.rad, pointing.ra.rad, pointing.dec.rad)
+    near_edge = np.abs(sky.separation(center).deg - 0.6) < 0.03
+    assert_allclose(excluded[~near_edge], (sky.separation(center) < 0.6 * u.deg)[~near_edge])
+    with pytest.raises(TypeError, match="The exclusion mask must be boolean"):
+        Exclusion(mask.copy(data=mask.data.astype(float)))
+
+
+@pytest.mark.parametrize(
+    "exclusion, got",
+    [
+        (CirclePixelRegion(PixCoord(10, 10), 3), "CirclePixelRegion"),
+        (SkyCoord(83.6, 22.0, unit="deg"), "SkyCoord"),
+        ([CircleSkyRegion(SkyCoord(83.6, 22.0, unit="deg"), 0.5 * u.deg), SkyCoord(80, 20, unit="deg")], "SkyCoord"),
+        ([CirclePixelRegion(PixCoord(10, 10), 3)], "CirclePixelRegion"),
+        ([], "list"),
+    ],
+)
+def test_exclusion_of_the_wrong_kind(exclusion, got):
+    with pytest.raises(TypeError) as error:
+        Exclusion(exclusion)
+    message = str(error.value)
+    assert "\n" not in message and "exclusion must" in message and got in message
