@@ -22,6 +22,7 @@ log = logging.getLogger("run_notebooks")
 
 REPO = Path(__file__).resolve().parent.parent
 SIMULATED_SOURCE_TARGETS = ["Simulated source"]
+SIMULATED_EXCLUSION_RADII_DEG = {"Simulated source": 0.5}  # a point source, PSF sigma 0.1 deg
 
 
 def simulated_data_dir(output_dir):
@@ -82,6 +83,7 @@ def run_notebooks(notebooks, output_dir, data_dir=None, simulated=False):
         )
         parameters["data_dir"] = str(simulated_data_dir(output_dir))
         parameters["source_targets"] = SIMULATED_SOURCE_TARGETS
+        parameters["exclusion_radii_deg"] = SIMULATED_EXCLUSION_RADII_DEG
 
     executed = []
     for notebook in notebooks:
