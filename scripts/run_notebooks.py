@@ -22,6 +22,7 @@ log = logging.getLogger("run_notebooks")
 
 REPO = Path(__file__).resolve().parent.parent
 SIMULATED_SOURCE_TARGETS = ["Simulated source"]
+SIMULATED_EXCLUSION_RADII_DEG = {"Simulated source": 0.5}  # a point source, PSF sigma 0.1 deg
 
 
 def simulated_data_dir(output_dir):
@@ -57,7 +58,7 @@ def choose_data(output_dir, data_dir=None, simulated=False):
     Returns
     -------
     parameters : dict
-        ``data_dir`` and, for the simulated archive, ``source_targets``.
+        ``data_dir`` and, for the simulated archive, ``source_targets`` and ``exclusion_radii_deg``.
     description : str
         Which data that is, for the summary.
     """
@@ -74,7 +75,11 @@ def choose_data(output_dir, data_dir=None, simulated=False):
             reason = f"no real data: {error}"
     archive = output_dir / "simulated-archive"
     log.warning(f"Falling back to the SIMULATED archive: results are not H.E.S.S. results (writing it to {archive})")
-    parameters = {"data_dir": str(simulated_data_dir(output_dir)), "source_targets": SIMULATED_SOURCE_TARGETS}
+    parameters = {
+        "data_dir": str(simulated_data_dir(output_dir)),
+        "source_targets": SIMULATED_SOURCE_TARGETS,
+        "exclusion_radii_deg": SIMULATED_EXCLUSION_RADII_DEG,
+    }
     return parameters, f"the SIMULATED archive at {archive} ({reason}); results are not H.E.S.S. results"
 
 
