@@ -103,7 +103,7 @@ def test_model_for_lookup_without_interpolation():
     assert_allclose(collection.model_for(zenith=19.9).data, 1)
     assert_allclose(collection.model_for(zenith=20).data, 3)  # on the edge: upper bin
     assert collection.bin_names == ["BKG_ZEN_PNT0", "BKG_ZEN_PNT1"]
-    assert collection.bin_labels == ["ZEN_PNT [0, 20) deg", "ZEN_PNT [20, 40] deg"]
+    assert collection.bin_labels == ["ZEN_PNT 0-20 deg", "ZEN_PNT 20-40 deg"]
 
 
 @pytest.mark.parametrize("kind", ["2d", "3d"])

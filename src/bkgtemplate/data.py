@@ -94,6 +94,7 @@ def find_data_dir(path=None):
     missing = [f"{stem}.fits(.gz)" for stem in INDEX_STEMS if stem not in _index_files(folder)]
     if missing:
         raise DataNotFoundError(f"Data not found: folder {folder} exists but has no {' and '.join(missing)}; {_how_to_get()}")
+    log.debug(f"Data store found in {folder}")
     return folder
 
 
