@@ -1,8 +1,8 @@
 """Store: a new gammapy data store in which every run has its background model.
 
 The new store holds only what is new (the background models and two index files); its index
-points at the original event and IRF files where they are, through FILE_DIRs relative to the
-new store's folder, so nothing is copied and the input store is never written to.
+points at the original event and IRF files through FILE_DIRs relative to the new store's folder,
+so nothing is copied and the input store is never written to.
 """
 
 import errno
@@ -41,34 +41,16 @@ STORE_FILES = {BKG_DIR, f"{BKG_DIR}/{BKG_FILE}", HDU_INDEX_FILE, OBS_INDEX_FILE}
 
 @contextmanager
 def staged_write(path, overwrite=False):
-    """Write a file or folder under a temporary name, then move it into place.
+    """Write a file or folder under a temporary name beside ``path``, then move it into place.
 
-    Yields a path (named like ``path``, in a private temporary folder beside it) to write the
-    file or folder to. When the block ends without error it is moved to ``path``: without
-    overwrite by a hard link (file) or `os.rename` (folder), which fail on an existing target;
-    with overwrite by `os.replace` (file), or a folder is moved aside and deleted once the new
-    one is in place. On any error (``KeyboardInterrupt`` included) the temporary is removed,
-    ``path`` is left as it was and the error is raised again.
-
-    Parameters
-    ----------
-    path : str or `~pathlib.Path`
-        Final file or folder. Missing parent folders are created, and removed again on error.
-    overwrite : bool, optional
-        Replace an existing ``path``. If False, an existing file or non-empty folder is never
-        replaced, not even one that appears while writing: `FileExistsError` is raised before
-        the block runs or at the final move. Default is False.
-
-    Yields
-    ------
-    stage : `~pathlib.Path`
-        Temporary path to write to.
-
-    Examples
-    --------
-    >>> from bkgtemplate.store import staged_write
-    >>> with staged_write("bkg.fits", overwrite=True) as stage:  # doctest: +SKIP
-    ...     bkg.write(stage)
+    Yields the temporary `~pathlib.Path` to write to; missing parent folders of ``path`` are
+    created. When the block ends without error the result is moved to ``path``: without
+    ``overwrite`` by a hard link (file) or `os.rename` (folder), which fail on an existing target,
+    so an existing file or non-empty folder is never replaced, not even one that appears while
+    writing (`FileExistsError`); with ``overwrite`` by `os.replace` (file), or the old folder is
+    moved aside and deleted once the new one is in place. On any error (``KeyboardInterrupt``
+    included) the temporary and the parent folders created are removed, ``path`` is left as it
+    was and the error is raised again. Default of ``overwrite`` is False.
     """
     path = make_path(path).absolute()
     if _exists(path) and not overwrite and not (path.is_dir() and not any(path.iterdir())):
@@ -126,8 +108,12 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
     written by gammapy and named by its key in ``models``), an HDU index and an obs index. The
     HDU index has every row of the input one except its ``bkg`` rows, plus exactly one ``bkg``
     row per run; the kept rows point at the original event and IRF files through FILE_DIRs
-    relative to the new store's folder. The obs index is the input one plus the extra columns
-    of ``assignment``. Everything is checked before anything is written, then written through
+    relative between resolved paths (absolute ones stay absolute), so the store works when moved
+    together with the input data; no BASE_DIR is written (gammapy sets it to the index file's
+    folder). The obs index is the input one plus the extra columns of ``assignment``. An ALTAZ
+    `~gammapy.irf.Background3D` of a run that gammapy reads as sky-aligned (`gammapy_fov_alignment`)
+    is written as `sky_aligned` for that run. Everything is checked before anything is written
+    (FITS holds ASCII only: non-ASCII text, e.g. a FILE_DIR, is refused), then written through
     `staged_write`: an error leaves the previous folder as it was, never part of a store.
 
     Parameters
@@ -152,12 +138,6 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
     path : `~pathlib.Path`
         Folder of the new store (resolved), to open with `~gammapy.data.DataStore.from_dir`.
 
-    Notes
-    -----
-    FILE_DIRs are relative between resolved paths (absolute ones stay absolute): the store
-    works when moved together with the input data. No BASE_DIR is written: gammapy sets it to
-    the index file's folder. FITS holds ASCII only: non-ASCII text, e.g. a FILE_DIR, is refused.
-
     Examples
     --------
     >>> from gammapy.data import DataStore
@@ -175,13 +155,12 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
     _check_output_dir(output_dir, input_dir, overwrite)
     models, run_models = _as_gammapy_reads(data_store, dict(models), run_models)
 
-    model_hdus = [model.to_table_hdu(format="gadf-dl3") for model in models.values()]
-    for hdu, name in zip(model_hdus, models):
+    model_hdus = {name: model.to_table_hdu(format="gadf-dl3") for name, model in models.items()}
+    for name, hdu in model_hdus.items():
         hdu.name = name
-    sizes = {name: hdu.filebytes() for hdu, name in zip(model_hdus, models)}
-    hdu_table = _make_hdu_index(data_store.hdu_table, run_models, models, sizes, input_dir, output_dir)
+    hdu_table = _make_hdu_index(data_store.hdu_table, run_models, models, model_hdus, input_dir, output_dir)
     obs_table = Table(data_store.obs_table, copy=True)
-    rows = {int(obs_id): i for i, obs_id in enumerate(assignment["OBS_ID"])}
+    rows = {obs_id: i for i, obs_id in enumerate(run_models)}
     for name in extra:
         obs_table[name] = assignment[name][[rows[int(_)] for _ in obs_table["OBS_ID"]]]
     # built in memory first: what FITS cannot hold fails before anything is written
@@ -189,15 +168,16 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
 
     with staged_write(output_dir, overwrite=overwrite) as stage:
         (stage / BKG_DIR).mkdir(parents=True)
-        fits.HDUList([fits.PrimaryHDU(), *model_hdus]).writeto(stage / BKG_DIR / BKG_FILE)
+        fits.HDUList([fits.PrimaryHDU(), *model_hdus.values()]).writeto(stage / BKG_DIR / BKG_FILE)
         for filename, hdu in index_hdus.items():
             fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(stage / filename)
 
-    n_3d, n_old = sum(_.tag == "bkg_3d" for _ in models.values()), len(data_store.hdu_table) - len(hdu_table)
+    n_3d = sum(model.tag == "bkg_3d" for model in models.values())
+    n_old = len(data_store.hdu_table) - len(hdu_table) + len(run_models)
     log.info(
         f"Wrote background store {output_dir}: {len(models)} models ({len(models) - n_3d} 2D, {n_3d} 3D) for "
-        f"{len(run_models)} runs, {n_old + len(run_models)} old bkg rows replaced, events and IRFs read from "
-        f"{input_dir}; models assigned to no run: {sorted(set(models) - set(run_models.values()))}"
+        f"{len(run_models)} runs, {n_old} old bkg rows replaced, events and IRFs read from {input_dir}; "
+        f"models assigned to no run: {sorted(set(models) - set(run_models.values()))}"
     )
     return output_dir
 
@@ -206,10 +186,9 @@ def gammapy_fov_alignment(data_store, obs_id):
     """The FoV alignment that gammapy's ``Observation.bkg`` gives an ALTAZ `~gammapy.irf.Background3D` of a run.
 
     gammapy 2.1 declares every background of a run whose EVENTS header has the legacy H.E.S.S.
-    CREATOR and HDUVERS "REVERSE_LON_RADEC" (sky-aligned, longitude not reversed), a
-    compatibility rule for the released DR1 models. This asks gammapy itself, with a probe model,
-    rather than copying its rule, so that a change of the rule changes what the store writes.
-    A run that gammapy cannot open as an observation (no readable events) gets "ALTAZ".
+    CREATOR and HDUVERS "REVERSE_LON_RADEC" (a compatibility rule for the released DR1 models).
+    Asking gammapy with a probe model, rather than copying its rule, makes the store follow a
+    change of the rule. A run that gammapy cannot open as an observation gets "ALTAZ".
     """
     axes = [MapAxis.from_edges([1, 10], unit="TeV", name="energy")]
     axes += [MapAxis.from_edges([-1, 1], unit="deg", name=name) for name in ("fov_lon", "fov_lat")]
@@ -225,11 +204,10 @@ def gammapy_fov_alignment(data_store, obs_id):
 def sky_aligned(bkg, run, rotation_step=np.deg2rad(1.0)):
     """An ALTAZ `~gammapy.irf.Background3D` averaged over a run's field rotation, as a REVERSE_LON_RADEC model.
 
-    Each bin centre of the sky-aligned grid is followed through the run (time steps in which the
-    field turns by less than ``rotation_step`` rad, see `~bkgtemplate.histograms.rotation_steps`)
-    and the ALTAZ model's rate there is averaged: what gammapy computes for the ALTAZ model
-    itself, in a model it reads in the convention it imposes on the run
-    (`gammapy_fov_alignment`). ``run`` is the run's `~bkgtemplate.data.RunInfo`.
+    Each bin centre of the sky-aligned grid is followed through the run (`RunInfo` ``run``, in
+    time steps in which the field turns by less than ``rotation_step`` rad, see
+    `~bkgtemplate.histograms.rotation_steps`) and the ALTAZ model's rate there is averaged: what
+    gammapy computes for the ALTAZ model itself, in the convention it imposes on the run.
     """
     lon, lat = np.meshgrid(*(bkg.axes[name].center.to_value("rad") for name in ("fov_lon", "fov_lat")), indexing="ij")
     energy = bkg.axes["energy"].center[:, None, None]
@@ -278,10 +256,8 @@ def _check_models(models):
         data = np.asarray(model.data, dtype=float)
         n_nan, n_inf, n_neg = np.isnan(data).sum(), np.isinf(data).sum(), (data < 0).sum()
         if n_nan or n_inf or n_neg:
-            raise ValueError(
-                f"Model {name!r} has {n_nan} NaN, {n_inf} infinite and {n_neg} negative rates in "
-                f"{data.size} bins: a background rate must be finite and >= 0"
-            )
+            raise ValueError(f"Model {name!r} has {n_nan} NaN, {n_inf} infinite and {n_neg} negative rates in "
+                             f"{data.size} bins: a background rate must be finite and >= 0")
 
 
 def _list_runs(obs_ids, limit=20):
@@ -315,10 +291,8 @@ def _check_assignment(assignment, models, obs_table):
             raise ValueError(f"{text}: {_list_runs(runs)}")
     unknown = ~np.isin(hdu_names, list(models))
     if np.any(unknown):
-        raise ValueError(
-            f"Unknown BKG_HDU {sorted(set(hdu_names[unknown]))} for runs {_list_runs(obs_ids[unknown])}; "
-            f"models are {sorted(models)}"
-        )
+        raise ValueError(f"Unknown BKG_HDU {sorted(set(hdu_names[unknown]))} for runs {_list_runs(obs_ids[unknown])}; "
+                         f"models are {sorted(models)}")
     extra = [_ for _ in assignment.colnames if _ not in ("OBS_ID", "BKG_HDU")]
     clash = [_ for _ in extra if _ in obs_table.colnames]
     if clash:
@@ -344,13 +318,11 @@ def _check_output_dir(output_dir, input_dir, overwrite):
         marked = False
     if foreign or not marked:
         why = f"it holds {foreign[:5]}" if foreign else f"its obs index lacks CREATOR = '{CREATOR}'"
-        raise FileExistsError(
-            f"Output folder {output_dir} is not a store written by bkgtemplate ({why}): not replaced; "
-            "choose another folder or empty it yourself"
-        )
+        raise FileExistsError(f"Output folder {output_dir} is not a store written by bkgtemplate ({why}): not "
+                              "replaced; choose another folder or empty it yourself")
 
 
-def _make_hdu_index(hdu_table, run_models, models, sizes, input_dir, output_dir):
+def _make_hdu_index(hdu_table, run_models, models, model_hdus, input_dir, output_dir):
     """HDU index: input rows without the bkg ones, FILE_DIRs relative, one bkg row per run."""
     table = Table(hdu_table, copy=True)
     for name in table.colnames:
@@ -371,7 +343,7 @@ def _make_hdu_index(hdu_table, run_models, models, sizes, input_dir, output_dir)
 
     obs_ids, names, n = list(run_models), list(run_models.values()), len(run_models)
     columns = [obs_ids, ["bkg"] * n, [models[_].tag for _ in names], [BKG_DIR] * n, [BKG_FILE] * n, names]
-    new = Table([*columns, [sizes[_] for _ in names]], dtype=[np.int64, str, str, str, str, str, np.int64],
+    new = Table([*columns, [model_hdus[_].filebytes() for _ in names]], dtype=[np.int64] + [str] * 5 + [np.int64],
                 names=["OBS_ID", "HDU_TYPE", "HDU_CLASS", "FILE_DIR", "FILE_NAME", "HDU_NAME", "SIZE"])
     for name in set(table.colnames) - set(new.colnames):
         new[name] = np.zeros((len(new),) + table[name].shape[1:], dtype=table[name].dtype)
