@@ -1,14 +1,10 @@
 """A seeded simulated GADF DL3 archive with a known background truth.
 
-`BackgroundTruth` is the detected background rate R(E, fov_lon, fov_lat; zenith, muoneff);
-`simulate_archive` draws events from it (plus a point source in wobble runs) and writes a
-store that ``gammapy.data.DataStore.from_dir`` reads.
-
-This module imports nothing from `bkgtemplate`, so that the truth the tests compare the
-estimator with shares no code with it: event FoV coordinates become RA/Dec through gammapy's
-``FoVAltAzFrame`` (not `bkgtemplate.fov`), and `BackgroundTruth.expected_rate` divides the
-integral of the rate over a bin by the bin's solid angle integrated numerically on the same
-area element (sin r dr dphi, cos lat dlon dlat), not by the estimator's closed forms.
+`BackgroundTruth` is the detected background rate R(E, fov_lon, fov_lat; zenith, muoneff); `simulate_archive`
+draws events from it (plus a point source in wobble runs) and writes a store that gammapy reads. From the package
+this module imports only `staged_write`, so that the truth shares no code with the estimator: event FoV coordinates
+become RA/Dec through gammapy's ``FoVAltAzFrame``, and `BackgroundTruth.expected_rate` integrates the rate and the
+solid angle of a bin numerically on the same area element (sin r dr dphi, cos lat dlon dlat), not in closed form.
 """
 
 import gzip
@@ -73,33 +69,14 @@ def _column(table, name, unit=""):
 class BackgroundTruth:
     """Known background rate of the simulated archive, in s-1 MeV-1 sr-1.
 
-    R = norm (cos z)^-zenith_index MUONEFF^muoneff_index (E / E0)^-index / (1 + (E_th(z) / E)^k)
-    exp(-r^2 / (2 radial_width^2)) (1 - altaz_gradient fov_lat), with E_th(z) = threshold_energy
-    (cos z)^-threshold_zenith_index, r the offset and fov_lat in gammapy's ``FoVAltAzFrame``
-    (positive toward higher altitude). R is zero above ``offset_max`` and outside
-    [``energy_min``, ``energy_max``], and constant during a run (mid-run zenith).
-
-    Parameters
-    ----------
-    norm : `~astropy.units.Quantity`, optional
-        Rate at E0, zenith 0, MUONEFF 1, FoV centre, no roll-off. Default is '1.3e-4 s-1 MeV-1 sr-1'.
-    reference_energy : `~astropy.units.Quantity`, optional
-        E0. Default is '1 TeV'.
-    index : float, optional
-        Power-law index. Default is 2.7.
-    threshold_energy : `~astropy.units.Quantity`, optional
-        Roll-off energy at zenith 0. Default is '0.15 TeV'.
-    threshold_zenith_index, rolloff_index, zenith_index, muoneff_index : float, optional
-        Exponents in the formula above. Default is 2.5, 4, 1 and 1.5.
-    radial_width, offset_max : `~astropy.units.Quantity`, optional
-        Gaussian width in offset, and largest offset. Default is '1.5 deg' and '2.8 deg'.
-    altaz_gradient : `~astropy.units.Quantity`, optional
-        Gradient along fov_lat, below 1 / offset_max. Default is '0.1 deg-1'.
-    energy_min, energy_max : `~astropy.units.Quantity`, optional
-        Energy range of the events. Default is '0.1 TeV' and '100 TeV'.
-    safe_threshold_factor : float, optional
-        SAFE_ENERGY_LO is this factor times E_th(z), rounded up to a step of 0.03 in
-        log10(E / TeV) like the H.E.S.S. DR1 values. Default is 2.
+    R = norm (cos z)^-zenith_index MUONEFF^muoneff_index (E / reference_energy)^-index
+    / (1 + (E_th(z) / E)^rolloff_index) exp(-r^2 / (2 radial_width^2)) (1 - altaz_gradient fov_lat), with
+    E_th(z) = threshold_energy (cos z)^-threshold_zenith_index, r the offset and fov_lat in gammapy's
+    ``FoVAltAzFrame`` (positive toward higher altitude). R is zero above ``offset_max`` and outside
+    [``energy_min``, ``energy_max``], and constant during a run (mid-run zenith); |altaz_gradient| must be
+    below 1 / offset_max. SAFE_ENERGY_LO is ``safe_threshold_factor`` x E_th(z), rounded up to a step of 0.03
+    in log10(E / TeV) like the H.E.S.S. DR1 values. Quantities may be given in any unit convertible to those
+    of the defaults below.
     """
 
     norm: u.Quantity = field(default_factory=lambda: 1.3e-4 * RATE_UNIT)
@@ -216,11 +193,9 @@ class BackgroundTruth:
         return np.sum(inner * np.cos(lat) * w_lat, axis=(-2, -1)), area
 
     def expected_counts(self, obs_table, energy_min=None, energy_max=None):
-        """Expected background events of each run (ONTIME x integral of R), over the whole FoV.
-
-        ``obs_table`` needs ONTIME, ZEN_PNT and MUONEFF; ``energy_min`` and ``energy_max``
-        (Quantity) bound the reconstructed energy. Default is None, the truth's range.
-        """
+        """Expected background events of each run (ONTIME x integral of R) over the whole FoV, between
+        ``energy_min`` and ``energy_max`` (Quantity, default None: the truth's range); ``obs_table`` needs
+        ONTIME, ZEN_PNT and MUONEFF."""
         e_lo = self.energy_min if energy_min is None else u.Quantity(energy_min, "TeV")
         e_hi = self.energy_max if energy_max is None else u.Quantity(energy_max, "TeV")
         zenith = np.deg2rad(_column(obs_table, "ZEN_PNT", "deg"))
@@ -233,12 +208,11 @@ class BackgroundTruth:
                       safe_threshold=True):
         """Bin-averaged truth of a set of runs, as a template estimator measures it (s-1 MeV-1 sr-1).
 
-        Per bin, sum_r(ONTIME_r x integral of R_r dE dOmega) / sum_r(ONTIME_r x dE x dOmega), where
-        a run enters an energy bin only if the bin's lower edge is at or above its SAFE_ENERGY_LO
-        (if ``safe_threshold``). Shape (energy, offset) for ``offset_axis``, (energy, fov_lon,
-        fov_lat) for the FoV axes of an ALTAZ-aligned model; NaN where no run contributes.
-        ``obs_table`` needs ONTIME, ZEN_PNT, MUONEFF (and SAFE_ENERGY_LO). Defaults are None
-        (axes) and True.
+        Per bin, sum_r(ONTIME_r x integral of R_r dE dOmega) / sum_r(ONTIME_r x dE x dOmega), where a run enters
+        an energy bin only if the bin's lower edge is at or above its SAFE_ENERGY_LO (if ``safe_threshold``,
+        default True). Shape (energy, offset) for ``offset_axis``, (energy, fov_lon, fov_lat) for the FoV axes of
+        an ALTAZ-aligned model; NaN where no run contributes. ``obs_table`` needs ONTIME, ZEN_PNT, MUONEFF
+        (and SAFE_ENERGY_LO).
         """
         if (offset_axis is None) == (fov_lon_axis is None or fov_lat_axis is None):
             raise ValueError("Give either offset_axis, or both fov_lon_axis and fov_lat_axis.")
@@ -358,8 +332,8 @@ def _run_tables(rng, run, n, truth):
     time = rng.uniform(run["TSTART"], run["TSTOP"], n)
     with erfa_astrom.set(ErfaAstromInterpolator(300 * u.s)):  # error far below a milliarcsecond
         times = T_REF + time * u.s
-        frame = FoVAltAzFrame(origin=pointing.transform_to(AltAz(obstime=times, location=SITE)), location=SITE,
-                              obstime=times)
+        origin = pointing.transform_to(AltAz(obstime=times, location=SITE))
+        frame = FoVAltAzFrame(origin=origin, location=SITE, obstime=times)
         sky = SkyCoord(fov_lon=fov_lon * u.rad, fov_lat=fov_lat * u.rad, frame=frame).transform_to(ICRS())
     ra, dec = sky.ra.deg, sky.dec.deg
     if run["TARGET_NAME"] == "Simulated source":  # power law x AEFF x LIVETIME, Gaussian edisp and PSF
@@ -398,32 +372,16 @@ def _write_gzip(tables, filename):
     Path(filename).write_bytes(gzip.compress(buffer.getvalue(), compresslevel=1, mtime=0))
 
 
-def _check_replaceable(path):
-    """Refuse to replace a non-empty folder unless it holds only an archive simulated here."""
-    if not (path.is_dir() and any(path.iterdir())):
-        return
-    files = {p.relative_to(path).as_posix() for p in path.rglob("*")}
-    foreign = sorted(f for f in files - {"data", "obs-index.fits.gz", "hdu-index.fits.gz"} if not f.startswith("data/run_"))
-    try:
-        marked = fits.getheader(path / "obs-index.fits.gz", 1).get("CREATOR") == CREATOR
-    except (OSError, IndexError):
-        marked = False
-    if foreign or not marked:
-        why = f"it holds {foreign[:5]}" if foreign else f"its obs index lacks CREATOR = '{CREATOR}'"
-        raise FileExistsError(f"{path} is not an archive simulated by bkgtemplate ({why}): not replaced; choose another folder.")
-
-
 def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=False, truth=None):
     """Write a seeded simulated GADF DL3 archive whose background is `BackgroundTruth`.
 
-    Off runs ("Off data") point at zenith 5-55 deg and random azimuths; source runs
-    ("Simulated source") wobble 0.5 deg around `SOURCE_POSITION` and also hold a power-law
-    point source (index 2.5, about 60 % of the Crab) folded with AEFF and LIVETIME, a 0.1 deg
-    Gaussian PSF and 10 % energy resolution. Runs last about 28 min in 2004-2009 at the
-    H.E.S.S. site, numbered from 1000 in time order, with MUONEFF in 0.85-1.2. Background
-    events are drawn in the alt-az FoV frame and turned into RA/Dec with gammapy's
-    ``FoVAltAzFrame`` at each event's time. There are no ``bkg`` HDUs. The files are written
-    to a sibling folder moved into place at the end; the same seed gives the same bytes.
+    Off runs ("Off data") point at zenith 5-55 deg and random azimuths; source runs ("Simulated source")
+    wobble 0.5 deg around `SOURCE_POSITION` and also hold a power-law point source (index 2.5, about 60 % of
+    the Crab) folded with AEFF and LIVETIME, a 0.1 deg Gaussian PSF and 10 % energy resolution. Runs last
+    about 28 min in 2004-2009 at the H.E.S.S. site, numbered from 1000 in time order, with MUONEFF in
+    0.85-1.2. Background events are drawn in the alt-az FoV frame and turned into RA/Dec with gammapy's
+    ``FoVAltAzFrame`` at each event's time. There are no ``bkg`` HDUs. The files are written through
+    `~bkgtemplate.store.staged_write`; the same seed gives the same bytes.
 
     Parameters
     ----------
@@ -434,7 +392,7 @@ def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=Fal
     seed : int, optional
         Seed of `numpy.random.default_rng`. Default is 0.
     overwrite : bool, optional
-        Replace a non-empty ``path``. Default is False.
+        Replace a non-empty ``path`` that holds nothing but an archive simulated here. Default is False.
     truth : `BackgroundTruth`, optional
         Background truth. Default is None, ``BackgroundTruth()``.
 
@@ -449,12 +407,22 @@ def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=Fal
         raise TypeError(f"Expected a BackgroundTruth, got {type(truth).__name__}.")
     if n_off_runs < 0 or n_source_runs < 0 or n_off_runs + n_source_runs == 0:
         raise ValueError(f"Need at least one run, got n_off_runs={n_off_runs}, n_source_runs={n_source_runs}.")
+    if overwrite and path.is_dir() and any(path.iterdir()):
+        files = {p.relative_to(path).as_posix() for p in path.rglob("*")}
+        ours = {"data", "obs-index.fits.gz", "hdu-index.fits.gz"}
+        foreign = sorted(f for f in files - ours if not f.startswith("data/run_"))
+        try:
+            marked = fits.getheader(path / "obs-index.fits.gz", 1).get("CREATOR") == CREATOR
+        except (OSError, IndexError):
+            marked = False
+        if foreign or not marked:
+            why = f"it holds {foreign[:5]}" if foreign else f"its obs index lacks CREATOR = '{CREATOR}'"
+            raise FileExistsError(f"{path} is not an archive simulated by bkgtemplate ({why}): not replaced; "
+                                  "choose another folder.")
     rng = np.random.default_rng(seed)
     table = _plan_runs(rng, n_off_runs, n_source_runs, truth)
     table.meta["SIMSEED"] = int(seed)
     mu, hdu_rows = truth.expected_counts(table), []
-    if overwrite:
-        _check_replaceable(path)
     with staged_write(path, overwrite) as tmp:
         (tmp / "data").mkdir(parents=True)
         for idx, run in enumerate(table):
