@@ -236,9 +236,6 @@ class BackgroundTruth:
         return spectrum.reshape((-1,) + (1,) * integral.ndim) * (integral / solid_angle) * RATE_UNIT
 
 
-# -- archive -------------------------------------------------------------------------------
-
-
 def _plan_runs(rng, n_off, n_source, truth):
     """The obs-index table: off runs at random alt-az, wobble runs on `SOURCE_POSITION`."""
     n_runs = n_off + n_source
@@ -255,7 +252,6 @@ def _plan_runs(rng, n_off, n_source, truth):
     delta = (hour_angle - day_start.sidereal_time("mean", longitude=SITE.lon)).wrap_at(360 * u.deg)
     source_times = day_start + delta.to_value("deg") / 360 * 86164.0905 * u.s
     source = SOURCE_POSITION.directional_offset_by((np.arange(n_source) % 4) * 90 * u.deg, WOBBLE)
-
     mid = np.concatenate([off_times.tt.mjd, source_times.tt.mjd])
     order = np.argsort(mid)
     ra = np.concatenate([off.ra.deg, source.ra.deg])[order]

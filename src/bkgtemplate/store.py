@@ -154,7 +154,6 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
     run_models, extra = _check_assignment(assignment, models, data_store.obs_table)
     _check_output_dir(output_dir, input_dir, overwrite)
     models, run_models = _as_gammapy_reads(data_store, dict(models), run_models)
-
     model_hdus = {name: model.to_table_hdu(format="gadf-dl3") for name, model in models.items()}
     for name, hdu in model_hdus.items():
         hdu.name = name
@@ -171,7 +170,6 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
         fits.HDUList([fits.PrimaryHDU(), *model_hdus.values()]).writeto(stage / BKG_DIR / BKG_FILE)
         for filename, hdu in index_hdus.items():
             fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(stage / filename)
-
     n_3d = sum(model.tag == "bkg_3d" for model in models.values())
     n_old = len(data_store.hdu_table) - len(hdu_table) + len(run_models)
     log.info(
@@ -340,7 +338,6 @@ def _make_hdu_index(hdu_table, run_models, models, model_hdus, input_dir, output
     missing = sorted(_ for _ in paths if not os.path.exists(_))
     if missing:
         log.warning(f"{len(missing)} of {len(paths)} files in the HDU index do not exist (e.g. {missing[0]})")
-
     obs_ids, names, n = list(run_models), list(run_models.values()), len(run_models)
     columns = [obs_ids, ["bkg"] * n, [models[_].tag for _ in names], [BKG_DIR] * n, [BKG_FILE] * n, names]
     new = Table([*columns, [model_hdus[_].filebytes() for _ in names]], dtype=[np.int64] + [str] * 5 + [np.int64],
