@@ -177,38 +177,21 @@ def _extrapolate_ends(rate, log_energy, slopes):
     return rate
 
 
-def _empty_skipped():
-    return Table(names=["OBS_ID", "REASON"], dtype=[int, str])
+def skipped_table(rows=None):
+    """Table of runs that could not be read: OBS_ID and REASON."""
+    return Table(rows=rows or None, names=["OBS_ID", "REASON"], dtype=[int, str])
 
 
 @dataclass
 class BackgroundHistograms:
     """Counts and exposure of each run, with the runs' obs-index rows; sums on demand.
 
-    Parameters
-    ----------
-    axes : `~gammapy.maps.MapAxes`
-        Energy and spatial axes (offset, or fov_lon and fov_lat).
-    counts : `~numpy.ndarray`
-        Event counts, shape ``(n_runs, *axes.shape)``.
-    exposure : `~astropy.units.Quantity`
-        ONTIME x dE x dOmega, same shape, in s MeV sr.
-    obs_table : `~astropy.table.Table`
-        Obs-index rows of the runs, in the same order.
-    fov_alignment : {"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}, optional
-        Alignment of 3D field-of-view coordinates. Default is "ALTAZ".
-    skipped : `~astropy.table.Table`, optional
-        Runs that could not be read (OBS_ID, REASON). Default is an empty table.
-
-    Examples
-    --------
-    >>> from gammapy.data import DataStore
-    >>> from bkgtemplate import BackgroundModelEstimator
-    >>> data_store = DataStore.from_dir("$GAMMAPY_DATA/hess-dl3-dr1")
-    >>> histograms = BackgroundModelEstimator().fill(data_store, [20136, 20137])
-    >>> histograms.counts.shape
-    (2, 15, 10)
-    >>> bkg = histograms.select([20136]).to_irf()
+    ``counts`` has shape ``(n_runs, *axes.shape)`` over the energy and spatial `~gammapy.maps.MapAxes`
+    (offset, or fov_lon and fov_lat); ``exposure`` (ONTIME x dE x dOmega, s MeV sr) the same;
+    ``obs_table`` holds the runs' obs-index rows in the same order. ``fov_alignment`` of 3D
+    coordinates is one of "ALTAZ" (default), "RADEC", "REVERSE_LON_RADEC"; ``skipped`` lists the
+    runs that could not be read (OBS_ID, REASON; default empty). For example
+    ``BackgroundModelEstimator().fill(data_store, [20136, 20137]).select([20136]).to_irf()``.
     """
 
     axes: MapAxes
@@ -216,7 +199,7 @@ class BackgroundHistograms:
     exposure: u.Quantity
     obs_table: Table
     fov_alignment: str = "ALTAZ"
-    skipped: Table = field(default_factory=_empty_skipped)
+    skipped: Table = field(default_factory=skipped_table)
 
     def __post_init__(self):
         if self.counts.shape != self.exposure.shape or self.counts.shape[1:] != self.axes.shape:
