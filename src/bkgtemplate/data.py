@@ -75,9 +75,7 @@ def find_data_dir(path=None):
     """
     if path is None:
         if not os.environ.get("GAMMAPY_DATA"):
-            raise DataNotFoundError(
-                f"H.E.S.S. DL3 DR1 data not found: GAMMAPY_DATA is not set (looked for $GAMMAPY_DATA/{DATASET_NAME}); {_how_to_get()}"
-            )
+            raise DataNotFoundError(f"H.E.S.S. DL3 DR1 data not found: GAMMAPY_DATA is not set (looked for $GAMMAPY_DATA/{DATASET_NAME}); {_how_to_get()}")
         path = Path(os.environ["GAMMAPY_DATA"]) / DATASET_NAME
     expanded = os.path.expanduser(os.path.expandvars(str(path)))
     unset = re.findall(r"\$\{?(\w+)", expanded)
@@ -161,7 +159,8 @@ def _column(table, name, unit):
         return None
     column = table[name]
     if column.unit is None:
-        log.warning(f"Column {name} of {table.meta.get('BASE_DIR', 'the obs index')} has no unit: assuming {GADF_UNITS[name]} (GADF).")
+        source = table.meta.get("BASE_DIR", "the obs index")
+        log.warning(f"Column {name} of {source} has no unit: assuming {GADF_UNITS[name]} (GADF).")
     values = u.Quantity(np.asarray(column, float), column.unit or GADF_UNITS[name]).to_value(unit)
     return np.where(np.ma.getmaskarray(column), np.nan, values)
 
@@ -224,15 +223,13 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
         if bad.any():
             raise ValueError(f"Runs {np.array(obs_ids)[bad].tolist()} have {name} in the obs index; fix the units or drop them.")
 
-    threshold = np.zeros(len(rows))
-    if safe_threshold:
-        values = _column(rows, "SAFE_ENERGY_LO", "TeV")
-        if values is None:
-            log.warning("The obs index has no SAFE_ENERGY_LO column: all energy bins are used for every run.")
-        else:
-            for obs_id in np.array(obs_ids)[~np.isfinite(values)]:
-                log.warning(f"Run {obs_id} has no SAFE_ENERGY_LO: all its energy bins are used.")
-            threshold = np.where(np.isfinite(values), values, 0.0)
+    threshold = _column(rows, "SAFE_ENERGY_LO", "TeV") if safe_threshold else np.zeros(len(rows))
+    if threshold is None:
+        log.warning("The obs index has no SAFE_ENERGY_LO column: all energy bins are used for every run.")
+        threshold = np.zeros(len(rows))
+    for obs_id in np.array(obs_ids)[~np.isfinite(threshold)]:
+        log.warning(f"Run {obs_id} has no SAFE_ENERGY_LO: all its energy bins are used.")
+    threshold = np.where(np.isfinite(threshold), threshold, 0.0)
 
     # one pass over the HDU index: its own lookup searches the whole table once per run
     hdu_table = data_store.hdu_table
@@ -253,7 +250,8 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     latitude = np.broadcast_to(location.lat.rad, len(obs_ids))
     # in the order of RunInfo's fields from ontime on
     values = np.c_[ontime, threshold, ra, dec, tstart, tstop, hadec.ha.rad, hadec.dec.rad, latitude].tolist()
-    return [RunInfo(obs_id, str(_full_path(hdu)), hdu.hdu_name, *row) for obs_id, hdu, row in zip(obs_ids, locations, values)]
+    return [RunInfo(obs_id, str(_full_path(hdu)), hdu.hdu_name, *row)
+            for obs_id, hdu, row in zip(obs_ids, locations, values)]
 
 
 def _full_path(location):
@@ -320,16 +318,12 @@ def read_events(run):
         raise RunError(f"Run {run.obs_id}: {path} holds run {file_obs_id}; fix the HDU index row of run {run.obs_id}.")
     separation = np.rad2deg(angular_separation(*pointing, run.ra_pnt, run.dec_pnt))
     if separation > MAX_POINTING_MISMATCH_DEG:
-        raise RunError(
-            f"Run {run.obs_id}: the pointing of {path} is {separation:.2f} deg from the obs index's; "
-            "fix RA_PNT/DEC_PNT (units?) in one of them."
-        )
+        raise RunError(f"Run {run.obs_id}: the pointing of {path} is {separation:.2f} deg from the obs index's; "
+                       "fix RA_PNT/DEC_PNT (units?) in one of them.")
     time = events["time"]
     if len(time) and (time.min() < run.tstart - TIME_SLACK or time.max() > run.tstop + TIME_SLACK):
-        raise RunError(
-            f"Run {run.obs_id}: event times in {path} ({time.min():.0f}-{time.max():.0f} s) lie outside "
-            f"TSTART-TSTOP ({run.tstart:.0f}-{run.tstop:.0f} s); TIME must count from the mission reference."
-        )
+        raise RunError(f"Run {run.obs_id}: event times in {path} ({time.min():.0f}-{time.max():.0f} s) lie outside "
+                       f"TSTART-TSTOP ({run.tstart:.0f}-{run.tstop:.0f} s); TIME must count from the mission reference.")
     finite = np.isfinite(events["energy"]) & np.isfinite(events["ra"]) & np.isfinite(events["dec"])
     if not finite.all():
         log.warning(f"Run {run.obs_id}: {np.sum(~finite)} events with NaN energy or direction dropped.")

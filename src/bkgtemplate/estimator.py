@@ -134,7 +134,8 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
     tag = "BackgroundModelEstimator"
 
     def __init__(self, energy_axis=None, offset_axis=None, fov_lon_axis=None, fov_lat_axis=None, fov_alignment="ALTAZ",
-                 exclusion=None, safe_threshold=True, smooth_sigma=None, on_error="raise", n_jobs=None, parallel_backend=None):
+                 exclusion=None, safe_threshold=True, smooth_sigma=None, on_error="raise", n_jobs=None,
+                 parallel_backend=None):
         energy_axis = _check_axis(energy_axis or default_energy_axis(), "energy", "TeV")
         if (fov_lon_axis is None) != (fov_lat_axis is None):
             raise ValueError("Give both fov_lon_axis and fov_lat_axis for a 3D model, or neither.")
@@ -206,15 +207,11 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
             # a model of zeros would look like a result
             thresholds = [run.safe_energy_lo for run in runs]
             axis = spec.energy_axis
-            raise ValueError(
-                f"No exposure kept: the runs' SAFE_ENERGY_LO ({min(thresholds):.3g}-{max(thresholds):.3g} TeV) lie above the "
-                f"energy axis ({axis.edges[0]:.3g}-{axis.edges[-1]:.3g}; check the threshold unit), or the exclusion covers the field."
-            )
+            raise ValueError(f"No exposure kept: the runs' SAFE_ENERGY_LO ({min(thresholds):.3g}-{max(thresholds):.3g} TeV) lie above the "
+                             f"energy axis ({axis.edges[0]:.3g}-{axis.edges[-1]:.3g}; check the threshold unit), or the exclusion covers the field.")
         if not counts.sum() > 0:
-            raise ValueError(
-                f"No event kept in {len(done)} runs: the runs hold no events inside the axes "
-                "(energy range, field of view) outside the exclusion; check the axes and the event files."
-            )
+            raise ValueError(f"No event kept in {len(done)} runs: the runs hold no events inside the axes "
+                             "(energy range, field of view) outside the exclusion; check the axes and the event files.")
         log.info(f"Counts and exposure of {len(done)} runs, {int(histograms.counts.sum())} events")
         return histograms
 

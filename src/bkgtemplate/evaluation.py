@@ -92,7 +92,8 @@ def _table(obs_table, n_obs, n_pred, sample):
     ERR and SAMPLE."""
     n_obs, n_pred, n_runs = np.asarray(n_obs, float), np.asarray(n_pred, float), len(obs_table)
     table = Table({"OBS_ID": np.asarray(obs_table["OBS_ID"], dtype=int)})
-    table["TARGET_NAME"] = _names(obs_table["TARGET_NAME"]) if "TARGET_NAME" in obs_table.colnames else np.array([""] * n_runs, dtype=str)
+    names = obs_table["TARGET_NAME"] if "TARGET_NAME" in obs_table.colnames else [""] * n_runs
+    table["TARGET_NAME"] = np.array(_names(names), dtype=str)
     for name in ("ZEN_PNT", "MUONEFF", "AZ_PNT"):
         table[name] = column_values(obs_table, name) if name in obs_table.colnames else np.full(n_runs, np.nan)
     table["ZEN_PNT"].unit = table["AZ_PNT"].unit = "deg"

@@ -172,16 +172,12 @@ class Exclusion:
             self.mask, self.regions = exclusion, []
             return
         if not isinstance(exclusion, (list, tuple)) or not exclusion:
-            raise TypeError(
-                f"exclusion must be a sky region, a list of sky regions or a boolean WcsNDMap, "
-                f"got {type(exclusion).__name__}."
-            )
+            raise TypeError(f"exclusion must be a sky region, a list of sky regions or a boolean WcsNDMap, "
+                            f"got {type(exclusion).__name__}.")
         bad = [type(region).__name__ for region in exclusion if not isinstance(region, SkyRegion)]
         if bad:
-            raise TypeError(
-                f"exclusion must hold sky regions (regions.SkyRegion), got {bad[0]}; "
-                "convert pixel regions with .to_sky(wcs) and give a SkyCoord as a CircleSkyRegion."
-            )
+            raise TypeError(f"exclusion must hold sky regions (regions.SkyRegion), got {bad[0]}; "
+                            "convert pixel regions with .to_sky(wcs) and give a SkyCoord as a CircleSkyRegion.")
         self.mask, self.regions = None, list(exclusion)
 
     def touches(self, ra_pnt, dec_pnt, radius):

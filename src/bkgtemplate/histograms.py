@@ -72,12 +72,8 @@ class HistogramSpec:
             # offsets are binned in sin(offset / 2) ** 2, see `offset_haversine`
             spatial_edges = [np.sin(spatial_edges[0] / 2) ** 2]
         solid_angle = fov_solid_angle(*self.spatial_axes) if self.is_3d else offset_solid_angle(self.spatial_axes[0])
-        return dict(
-            energy_edges=self.energy_axis.edges.to_value("TeV"),
-            d_energy=self.energy_axis.bin_width.to_value("MeV"),
-            spatial_edges=spatial_edges,
-            solid_angle=solid_angle.to_value("sr").ravel(),
-        )
+        return dict(energy_edges=self.energy_axis.edges.to_value("TeV"), d_energy=self.energy_axis.bin_width.to_value("MeV"),
+                    spatial_edges=spatial_edges, solid_angle=solid_angle.to_value("sr").ravel())
 
 
 def _parallactic(run, time):
@@ -157,9 +153,8 @@ def fill_run(run, spec):
     inner = (slice(1, -1),) * len(padded)
     counts = np.bincount(flat, minlength=int(np.prod(padded))).reshape(padded)[inner].astype(float)
 
-    used = np.ones(len(counts), dtype=bool)
-    if spec.safe_threshold:
-        used = binning["energy_edges"][:-1] >= run.safe_energy_lo * (1 - THRESHOLD_RTOL)
+    threshold = run.safe_energy_lo if spec.safe_threshold else -np.inf
+    used = binning["energy_edges"][:-1] >= threshold * (1 - THRESHOLD_RTOL)
     counts[~used] = 0
     solid_angle = binning["solid_angle"] * (_kept_fraction(run, spec) if excluding else 1.0)
     exposure = run.ontime * np.outer(binning["d_energy"] * used, solid_angle).reshape(counts.shape)
@@ -171,9 +166,10 @@ def _extrapolate_ends(rate, log_energy, slopes):
     measured = np.flatnonzero(rate > 0)
     if len(measured) == 0:
         return rate
+    first, last = measured[0], measured[-1]
     rate = rate.copy()
-    for end, outside, slope in [(measured[0], slice(0, measured[0]), slopes[0]), (measured[-1], slice(measured[-1] + 1, None), slopes[1])]:
-        rate[outside] = rate[end] * np.exp(slope * (log_energy[outside] - log_energy[end]))
+    rate[:first] = rate[first] * np.exp(slopes[0] * (log_energy[:first] - log_energy[first]))
+    rate[last + 1:] = rate[last] * np.exp(slopes[1] * (log_energy[last + 1:] - log_energy[last]))
     return rate
 
 
@@ -268,20 +264,16 @@ class BackgroundHistograms:
             return np.where(counts > 0, 1 / np.sqrt(counts), np.nan)
 
     def to_irf(self, weights=None, smooth_sigma=None):
-        """Background IRF of the summed runs, with the missing bins filled.
-
-        Bins without counts or exposure between measured energies are filled by gammapy's
-        ``interp_missing_data`` along energy. Below the first and above the last measured
-        energy of each spatial bin the rate is extrapolated as a power law with the slope of the
-        field-of-view averaged spectrum at that end: gammapy interpolates the model in log rate
-        between bin centres, so a zero next to a measured bin would make it predict almost no
-        background in the outer half of that bin. ``EMEASMIN`` in the meta is the lowest energy
-        (TeV) with exposure: below it the model is an extrapolation.
+        """`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` (s-1 MeV-1 sr-1) of the summed runs.
 
         ``weights`` multiply each run's exposure (per run, or per run and energy bin; a rate
         correction); ``smooth_sigma`` smooths counts and exposure along the spatial axes with a
-        Gaussian of that width in bins (default None: no smoothing). Returns a
-        `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` in s-1 MeV-1 sr-1.
+        Gaussian of that width in bins (default None: no smoothing). Empty bins between measured
+        energies are filled by gammapy's ``interp_missing_data``; beyond the first and last measured
+        energy of each spatial bin the rate follows a power law with the slope of the FoV-averaged
+        spectrum there: gammapy interpolates in log rate between bin centres, so a zero next to a
+        measured bin would predict almost no background in its outer half. ``EMEASMIN`` in the meta
+        is the lowest energy (TeV) with exposure: below it the model is an extrapolation.
         """
         counts, exposure = self.sum(weights)
         exposure = exposure.to_value(EXPOSURE_UNIT)
