@@ -53,12 +53,9 @@ def _how_to_get():
 
 def _index_files(folder):
     """Index files of a data store folder, {stem: path}; a stem without a file is left out."""
-    found = {}
-    for stem in INDEX_STEMS:
-        files = [folder / f"{stem}{suffix}" for suffix in INDEX_SUFFIXES if (folder / f"{stem}{suffix}").is_file()]
-        if files:
-            found[stem] = files[0]
-    return found
+    files = {stem: [folder / f"{stem}{suffix}" for suffix in INDEX_SUFFIXES] for stem in INDEX_STEMS}
+    files = {stem: [path for path in paths if path.is_file()] for stem, paths in files.items()}
+    return {stem: paths[0] for stem, paths in files.items() if paths}
 
 
 def find_data_dir(path=None):
@@ -78,9 +75,7 @@ def find_data_dir(path=None):
     """
     if path is None:
         if not os.environ.get("GAMMAPY_DATA"):
-            raise DataNotFoundError(
-                f"H.E.S.S. DL3 DR1 data not found: GAMMAPY_DATA is not set (looked for $GAMMAPY_DATA/{DATASET_NAME}); {_how_to_get()}"
-            )
+            raise DataNotFoundError(f"H.E.S.S. DL3 DR1 data not found: GAMMAPY_DATA is not set (looked for $GAMMAPY_DATA/{DATASET_NAME}); {_how_to_get()}")
         path = Path(os.environ["GAMMAPY_DATA"]) / DATASET_NAME
     expanded = os.path.expanduser(os.path.expandvars(str(path)))
     unset = re.findall(r"\$\{?(\w+)", expanded)
@@ -163,15 +158,11 @@ def _column(table, name, unit):
     if name not in table.colnames:
         return None
     column = table[name]
-    if column.unit is None and unit is not None:
+    if column.unit is None:
         source = table.meta.get("BASE_DIR", "the obs index")
         log.warning(f"Column {name} of {source} has no unit: assuming {GADF_UNITS[name]} (GADF).")
-        values = u.Quantity(np.asarray(column, float), GADF_UNITS[name]).to_value(unit)
-    else:
-        values = column.quantity.to_value(unit) if unit is not None else np.asarray(column, float)
-    if np.ma.is_masked(column):
-        values = np.where(np.ma.getmaskarray(column), np.nan, values)
-    return np.asarray(values, dtype=float)
+    values = u.Quantity(np.asarray(column, float), column.unit or GADF_UNITS[name]).to_value(unit)
+    return np.where(np.ma.getmaskarray(column), np.nan, values)
 
 
 def _require(table, name, unit, obs_ids, what):
@@ -184,18 +175,15 @@ def _require(table, name, unit, obs_ids, what):
     return values
 
 
-def _site_and_reference(obs_table, runs_headers):
+def _site_and_reference(meta, headers):
     """Observatory location and time reference: obs-index header, else each run's EVENTS header."""
-    meta = obs_table.meta
-    keys = ("GEOLON", "GEOLAT", "ALTITUDE", "MJDREFI", "MJDREFF")
-    values = {key: np.array([float(meta[key])] * len(runs_headers)) for key in keys if key in meta}
-    for key in set(keys) - set(values):
-        found = [header.get(key) for header in runs_headers]
-        if all(value is not None for value in found):
-            values[key] = np.array(found, dtype=float)
-        else:
-            values[key] = np.full(len(runs_headers), HESS_DEFAULTS[key])
-            log.warning(f"Neither the obs index nor the EVENTS headers give {key}: assuming {HESS_DEFAULTS[key]} (H.E.S.S.).")
+    values = {}
+    for key, default in HESS_DEFAULTS.items():
+        found = [meta.get(key, header.get(key)) for header in headers]
+        if any(value is None for value in found):
+            log.warning(f"Neither the obs index nor the EVENTS headers give {key}: assuming {default} (H.E.S.S.).")
+            found = [default] * len(headers)
+        values[key] = np.array(found, dtype=float)
     location = EarthLocation(lon=values["GEOLON"] * u.deg, lat=values["GEOLAT"] * u.deg, height=values["ALTITUDE"] * u.m)
     scale = str(meta.get("TIMESYS", "TT")).lower()
     return location, Time(values["MJDREFI"] + values["MJDREFF"], format="mjd", scale=scale)
@@ -235,15 +223,13 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
         if bad.any():
             raise ValueError(f"Runs {np.array(obs_ids)[bad].tolist()} have {name} in the obs index; fix the units or drop them.")
 
-    threshold = np.zeros(len(rows))
-    if safe_threshold:
-        values = _column(rows, "SAFE_ENERGY_LO", "TeV")
-        if values is None:
-            log.warning("The obs index has no SAFE_ENERGY_LO column: all energy bins are used for every run.")
-        else:
-            for obs_id in np.array(obs_ids)[~np.isfinite(values)]:
-                log.warning(f"Run {obs_id} has no SAFE_ENERGY_LO: all its energy bins are used.")
-            threshold = np.where(np.isfinite(values), values, 0.0)
+    threshold = _column(rows, "SAFE_ENERGY_LO", "TeV") if safe_threshold else np.zeros(len(rows))
+    if threshold is None:
+        log.warning("The obs index has no SAFE_ENERGY_LO column: all energy bins are used for every run.")
+        threshold = np.zeros(len(rows))
+    for obs_id in np.array(obs_ids)[~np.isfinite(threshold)]:
+        log.warning(f"Run {obs_id} has no SAFE_ENERGY_LO: all its energy bins are used.")
+    threshold = np.where(np.isfinite(threshold), threshold, 0.0)
 
     # one pass over the HDU index: its own lookup searches the whole table once per run
     hdu_table = data_store.hdu_table
@@ -255,23 +241,17 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     if missing:
         raise RunError(f"Runs {missing} have no or several events rows in the HDU index; fix the index or drop them.")
     locations = [hdu_table.location_info(rows_of[obs_id][0]) for obs_id in obs_ids]
-    needs_headers = not all(key in data_store.obs_table.meta for key in ("GEOLON", "GEOLAT", "ALTITUDE", "MJDREFI", "MJDREFF"))
-    headers = [_events_header(location) if needs_headers else {} for location in locations]
-    location, reference = _site_and_reference(data_store.obs_table, headers)
+    meta = data_store.obs_table.meta
+    needs_headers = not all(key in meta for key in HESS_DEFAULTS)
+    location, reference = _site_and_reference(meta, [_events_header(hdu) if needs_headers else {} for hdu in locations])
     times = reference + tstart * u.s
     hadec = SkyCoord(ra * u.rad, dec * u.rad).transform_to(HADec(location=location, obstime=times))
     # converted once: indexing a SkyCoord or an EarthLocation per run costs more than reading a run
-    hour_angle, dec_apparent = hadec.ha.rad, hadec.dec.rad
     latitude = np.broadcast_to(location.lat.rad, len(obs_ids))
-    return [
-        RunInfo(
-            obs_id=obs_id, path=str(_full_path(hdu)), hdu=hdu.hdu_name, ontime=float(ontime[i]),
-            safe_energy_lo=float(threshold[i]), ra_pnt=float(ra[i]), dec_pnt=float(dec[i]),
-            tstart=float(tstart[i]), tstop=float(tstop[i]), hour_angle=float(hour_angle[i]),
-            dec_apparent=float(dec_apparent[i]), latitude=float(latitude[i]),
-        )
-        for i, (obs_id, hdu) in enumerate(zip(obs_ids, locations))
-    ]
+    # in the order of RunInfo's fields from ontime on
+    values = np.c_[ontime, threshold, ra, dec, tstart, tstop, hadec.ha.rad, hadec.dec.rad, latitude].tolist()
+    return [RunInfo(obs_id, str(_full_path(hdu)), hdu.hdu_name, *row)
+            for obs_id, hdu, row in zip(obs_ids, locations, values)]
 
 
 def _full_path(location):
@@ -286,13 +266,14 @@ def _events_header(location):
         return {}
 
 
-def _unit(columns, name, path, default, obs_id):
+def _scale(columns, name, path, default, to, obs_id):
+    """Factor from the unit of an events column to ``to``; a column without a unit is in the GADF ``default``."""
     text = columns[name].unit
     if not text:
         log.warning(f"Column {name} of {path} has no unit: assuming {default} (GADF).")
-        return u.Unit(default)
+        text = default
     try:
-        return u.Unit(text)
+        return u.Unit(text).to(to)
     except ValueError:
         raise RunError(f"Run {obs_id}: unit {text!r} of column {name} in {path} is not a valid unit; fix the file (e.g. '{default}').") from None
 
@@ -303,18 +284,8 @@ def read_events(run):
     Units are honoured (GADF units assumed, with a warning, where a column has none); the file
     must belong to the run (OBS_ID, pointing within 0.1 deg of the obs index) and its event
     times must lie within TSTART-TSTOP. Events with NaN energy or direction are dropped.
-
-    Parameters
-    ----------
-    run : `RunInfo`
-        Run to read.
-
-    Returns
-    -------
-    events : dict of `~numpy.ndarray`
-        ``energy`` in TeV, ``ra`` and ``dec`` in rad, ``time`` in s.
-    pointing : tuple of float
-        RA_PNT and DEC_PNT of the EVENTS header (obs-index values if absent), in rad.
+    Returns ``(events, pointing)``: a dict of arrays ``energy`` (TeV), ``ra``, ``dec`` (rad) and
+    ``time`` (s), and (RA_PNT, DEC_PNT) of the EVENTS header (obs-index values if absent) in rad.
     """
     path = Path(run.path)
     if not path.is_file():
@@ -327,15 +298,13 @@ def read_events(run):
                 _check_complete(path, run)
                 raise RunError(f"Run {run.obs_id}: {path} has no {run.hdu} HDU.") from None
             header, data = hdu.header, hdu.data
-            energy_unit = _unit(data.columns, "ENERGY", path, "TeV", run.obs_id)
-            angle_unit = _unit(data.columns, "RA", path, "deg", run.obs_id)
+            energy_scale = _scale(data.columns, "ENERGY", path, "TeV", "TeV", run.obs_id)
+            angle_scale = _scale(data.columns, "RA", path, "deg", "rad", run.obs_id)
             # each column converted in one pass, and not at all when it is already in TeV
-            energy = data["ENERGY"]
-            to_rad = (lambda x: np.deg2rad(x, dtype=float)) if angle_unit == u.deg else (lambda x: u.Quantity(x, angle_unit).to_value("rad"))
             events = {
-                "energy": energy if energy_unit == u.TeV else u.Quantity(energy, energy_unit).to_value("TeV"),
-                "ra": to_rad(data["RA"]),
-                "dec": to_rad(data["DEC"]),
+                "energy": data["ENERGY"] if energy_scale == 1 else np.multiply(data["ENERGY"], energy_scale, dtype=float),
+                "ra": np.multiply(data["RA"], angle_scale, dtype=float),
+                "dec": np.multiply(data["DEC"], angle_scale, dtype=float),
                 "time": data["TIME"].astype(float),
             }
             # the header keeps the pointing in double precision, the obs index often in float32
@@ -345,28 +314,21 @@ def read_events(run):
         raise
     except Exception as error:  # any failure to read a run is that run's error
         raise RunError(f"Run {run.obs_id}: cannot read events from {path} ({type(error).__name__}: {error}).") from None
-    _check_matches_index(run, path, file_obs_id, pointing, events["time"])
+    if int(file_obs_id) != run.obs_id:
+        raise RunError(f"Run {run.obs_id}: {path} holds run {file_obs_id}; fix the HDU index row of run {run.obs_id}.")
+    separation = np.rad2deg(angular_separation(*pointing, run.ra_pnt, run.dec_pnt))
+    if separation > MAX_POINTING_MISMATCH_DEG:
+        raise RunError(f"Run {run.obs_id}: the pointing of {path} is {separation:.2f} deg from the obs index's; "
+                       "fix RA_PNT/DEC_PNT (units?) in one of them.")
+    time = events["time"]
+    if len(time) and (time.min() < run.tstart - TIME_SLACK or time.max() > run.tstop + TIME_SLACK):
+        raise RunError(f"Run {run.obs_id}: event times in {path} ({time.min():.0f}-{time.max():.0f} s) lie outside "
+                       f"TSTART-TSTOP ({run.tstart:.0f}-{run.tstop:.0f} s); TIME must count from the mission reference.")
     finite = np.isfinite(events["energy"]) & np.isfinite(events["ra"]) & np.isfinite(events["dec"])
     if not finite.all():
         log.warning(f"Run {run.obs_id}: {np.sum(~finite)} events with NaN energy or direction dropped.")
         events = {name: values[finite] for name, values in events.items()}
     return events, pointing
-
-
-def _check_matches_index(run, path, file_obs_id, pointing, time):
-    if int(file_obs_id) != run.obs_id:
-        raise RunError(f"Run {run.obs_id}: {path} holds run {file_obs_id}; fix the HDU index row of run {run.obs_id}.")
-    separation = angular_separation(pointing[0], pointing[1], run.ra_pnt, run.dec_pnt)
-    if np.rad2deg(separation) > MAX_POINTING_MISMATCH_DEG:
-        raise RunError(
-            f"Run {run.obs_id}: the pointing of {path} is {np.rad2deg(separation):.2f} deg from the obs index's; "
-            "fix RA_PNT/DEC_PNT (units?) in one of them."
-        )
-    if len(time) and (time.min() < run.tstart - TIME_SLACK or time.max() > run.tstop + TIME_SLACK):
-        raise RunError(
-            f"Run {run.obs_id}: event times in {path} ({time.min():.0f}-{time.max():.0f} s) lie outside "
-            f"TSTART-TSTOP ({run.tstart:.0f}-{run.tstop:.0f} s); TIME must count from the mission reference."
-        )
 
 
 def _check_complete(path, run):

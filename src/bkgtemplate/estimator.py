@@ -4,13 +4,12 @@ import logging
 from dataclasses import replace
 import numpy as np
 import astropy.units as u
-from astropy.table import Table
 from gammapy.makers import Maker
 from gammapy.maps import MapAxis
 from gammapy.utils.parallel import ParallelMixin, run_multiprocessing
 from .data import RunError, collect_runs, obs_table_rows
 from .geometry import Exclusion
-from .histograms import EXPOSURE_UNIT, BackgroundHistograms, HistogramSpec, fill_run
+from .histograms import EXPOSURE_UNIT, BackgroundHistograms, HistogramSpec, fill_run, skipped_table
 
 __all__ = ["BackgroundModelEstimator", "default_energy_axis", "default_fov_axes", "default_offset_axis",
     "make_energy_axis", "make_offset_axis"]
@@ -134,20 +133,9 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
 
     tag = "BackgroundModelEstimator"
 
-    def __init__(
-        self,
-        energy_axis=None,
-        offset_axis=None,
-        fov_lon_axis=None,
-        fov_lat_axis=None,
-        fov_alignment="ALTAZ",
-        exclusion=None,
-        safe_threshold=True,
-        smooth_sigma=None,
-        on_error="raise",
-        n_jobs=None,
-        parallel_backend=None,
-    ):
+    def __init__(self, energy_axis=None, offset_axis=None, fov_lon_axis=None, fov_lat_axis=None, fov_alignment="ALTAZ",
+                 exclusion=None, safe_threshold=True, smooth_sigma=None, on_error="raise", n_jobs=None,
+                 parallel_backend=None):
         energy_axis = _check_axis(energy_axis or default_energy_axis(), "energy", "TeV")
         if (fov_lon_axis is None) != (fov_lat_axis is None):
             raise ValueError("Give both fov_lon_axis and fov_lat_axis for a 3D model, or neither.")
@@ -167,13 +155,8 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
             raise ValueError(f"smooth_sigma must be positive (in bins) or None, got {smooth_sigma}.")
         if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1):
             raise ValueError(f"n_jobs must be None or a whole number >= 1, got {n_jobs!r}.")
-        self.spec = HistogramSpec(
-            energy_axis=energy_axis,
-            spatial_axes=spatial,
-            fov_alignment=str(fov_alignment).upper(),
-            safe_threshold=bool(safe_threshold),
-            exclusion=None if exclusion is None else Exclusion(exclusion),
-        )
+        self.spec = HistogramSpec(energy_axis, spatial, str(fov_alignment).upper(), bool(safe_threshold),
+                                  None if exclusion is None else Exclusion(exclusion))
         self.smooth_sigma = smooth_sigma
         self.on_error = on_error
         self.n_jobs = n_jobs
@@ -185,11 +168,10 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         return f"{self.tag}: {axes}{alignment}, n_jobs {self.n_jobs}"
 
     def fill(self, data_store, obs_ids=None, exclusion=None):
-        """Counts and exposure of each run (`~bkgtemplate.histograms.BackgroundHistograms`).
+        """Counts and exposure of each run (`~bkgtemplate.histograms.BackgroundHistograms`), read in parallel.
 
-        Runs are read in parallel with gammapy's `run_multiprocessing`. ``obs_ids`` are run
-        numbers or `~gammapy.data.Observations` (default all runs of ``data_store``); ``exclusion``
-        adds sky regions to the estimator's own (e.g. the targets of source-field runs).
+        ``obs_ids`` are run numbers or `~gammapy.data.Observations` (default all runs of ``data_store``);
+        ``exclusion`` adds sky regions to the estimator's own (e.g. the targets of source-field runs).
         """
         spec = self.spec
         if exclusion is not None and not (isinstance(exclusion, (list, tuple)) and not exclusion):
@@ -202,13 +184,9 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         n_jobs = max(1, self.n_jobs or 1)
         # a few interleaved groups per process: balanced load and a progress bar that moves
         n_chunks = min(len(runs), 8 * n_jobs)
-        results = run_multiprocessing(
-            _fill_chunk,
-            [(runs[i::n_chunks], spec, self.on_error) for i in range(n_chunks)],
-            backend=self.parallel_backend,
-            pool_kwargs=dict(processes=n_jobs),
-            task_name=f"Groups of runs ({len(runs)} runs)",
-        )
+        results = run_multiprocessing(_fill_chunk, [(runs[i::n_chunks], spec, self.on_error) for i in range(n_chunks)],
+                                      backend=self.parallel_backend, pool_kwargs=dict(processes=n_jobs),
+                                      task_name=f"Groups of runs ({len(runs)} runs)")
         skipped = [row for _, rows in results for row in rows]
         skipped_ids = {row[0] for row in skipped}
         done = [run.obs_id for run in runs if run.obs_id not in skipped_ids]
@@ -223,15 +201,17 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
             while filled:
                 obs_id, run_counts, run_exposure = filled.pop()
                 counts[position[obs_id]], exposure[position[obs_id]] = run_counts, run_exposure
-        histograms = BackgroundHistograms(
-            axes=spec.axes,
-            counts=counts,
-            exposure=u.Quantity(exposure, EXPOSURE_UNIT, copy=False),
-            obs_table=obs_table_rows(data_store, done),
-            fov_alignment=spec.fov_alignment,
-            skipped=Table(rows=skipped or None, names=["OBS_ID", "REASON"], dtype=[int, str]),
-        )
-        _check_usable(histograms, runs)
+        histograms = BackgroundHistograms(spec.axes, counts, u.Quantity(exposure, EXPOSURE_UNIT, copy=False),
+                                          obs_table_rows(data_store, done), spec.fov_alignment, skipped_table(skipped))
+        if not np.any(exposure > 0):
+            # a model of zeros would look like a result
+            thresholds = [run.safe_energy_lo for run in runs]
+            axis = spec.energy_axis
+            raise ValueError(f"No exposure kept: the runs' SAFE_ENERGY_LO ({min(thresholds):.3g}-{max(thresholds):.3g} TeV) lie above the "
+                             f"energy axis ({axis.edges[0]:.3g}-{axis.edges[-1]:.3g}; check the threshold unit), or the exclusion covers the field.")
+        if not counts.sum() > 0:
+            raise ValueError(f"No event kept in {len(done)} runs: the runs hold no events inside the axes "
+                             "(energy range, field of view) outside the exclusion; check the axes and the event files.")
         log.info(f"Counts and exposure of {len(done)} runs, {int(histograms.counts.sum())} events")
         return histograms
 
@@ -242,18 +222,3 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         """
         return self.fill(data_store, obs_ids).to_irf(smooth_sigma=self.smooth_sigma)
 
-
-def _check_usable(histograms, runs):
-    """Raise if no exposure or no event was kept: a model of zeros would look like a result."""
-    if not np.any(histograms.exposure.value > 0):
-        thresholds = [run.safe_energy_lo for run in runs]
-        axis = histograms.axes["energy"]
-        raise ValueError(
-            f"No exposure kept: the runs' SAFE_ENERGY_LO ({min(thresholds):.3g}-{max(thresholds):.3g} TeV) lie above the "
-            f"energy axis ({axis.edges[0]:.3g}-{axis.edges[-1]:.3g}; check the threshold unit), or the exclusion covers the field."
-        )
-    if not histograms.counts.sum() > 0:
-        raise ValueError(
-            f"No event kept in {len(histograms)} runs: the runs hold no events inside the axes "
-            "(energy range, field of view) outside the exclusion; check the axes and the event files."
-        )

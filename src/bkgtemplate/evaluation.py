@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_E_MIN = 0.5 * u.TeV
 DEFAULT_OFFSET_MAX = 2.0 * u.deg
-COLUMNS = {"OBS_ID": int, "TARGET_NAME": str, "ZEN_PNT": float, "MUONEFF": float, "AZ_PNT": float,
-           "N_OBS": float, "N_PRED": float, "RATIO": float, "ERR": float, "SAMPLE": str}
 RTOL = 1e-6  # relative slack when comparing bin edges with energy cuts (float32 values in the files)
 
 
@@ -42,22 +40,12 @@ def _names(column):
 
 
 def target_regions(obs_table, radii):
-    """A circle around the target of each named field.
+    """A `~regions.CircleSkyRegion` around the target of each field named in ``radii``.
 
-    The target of a TARGET_NAME is its most frequent (RA_OBJ, DEC_OBJ), weighted by livetime (a
-    few runs of a field may carry their own pointing as RA_OBJ). Fields of one target (e.g. a
-    steady and a flare sample) give one circle.
-
-    Parameters
-    ----------
-    obs_table : `~astropy.table.Table`
-        Obs index with TARGET_NAME, RA_OBJ, DEC_OBJ and LIVETIME.
-    radii : dict of {str: float or `~astropy.units.Quantity`}
-        Radius per TARGET_NAME, floats in deg; targets not named get no circle.
-
-    Returns
-    -------
-    regions : list of `~regions.CircleSkyRegion`
+    ``radii`` maps TARGET_NAME to a radius (floats in deg); ``obs_table`` needs TARGET_NAME,
+    RA_OBJ, DEC_OBJ and LIVETIME (else ONTIME). The target of a TARGET_NAME is its most frequent
+    (RA_OBJ, DEC_OBJ), weighted by livetime (a few runs of a field may carry their own pointing as
+    RA_OBJ). Fields of one target (e.g. a steady and a flare sample) give one circle.
     """
     names = _names(obs_table["TARGET_NAME"])
     unknown = sorted(set(radii) - set(names))
@@ -99,39 +87,33 @@ def predicted_counts(model, exposure, mask):
     return float(np.sum((model.quantity.to_value(RATE_UNIT) * exposure.to_value(EXPOSURE_UNIT))[mask]))
 
 
-def _row(obs_row, n_obs, n_pred, sample):
-    get = {name: float(obs_row[name]) if name in obs_row.colnames else np.nan for name in ("ZEN_PNT", "MUONEFF", "AZ_PNT")}
-    name = obs_row["TARGET_NAME"] if "TARGET_NAME" in obs_row.colnames else ""
-    return [int(obs_row["OBS_ID"]), _names([name])[0], get["ZEN_PNT"], get["MUONEFF"], get["AZ_PNT"], n_obs, n_pred,
-            n_obs / n_pred if n_pred > 0 else np.nan, np.sqrt(max(n_obs, 1.0)) / n_pred if n_pred > 0 else np.nan, sample]
-
-
-def _table(rows):
-    table = Table(rows=rows or None, names=list(COLUMNS), dtype=list(COLUMNS.values()))
+def _table(obs_table, n_obs, n_pred, sample):
+    """One row per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF, AZ_PNT (NaN where absent), N_OBS, N_PRED, RATIO,
+    ERR and SAMPLE."""
+    n_obs, n_pred, n_runs = np.asarray(n_obs, float), np.asarray(n_pred, float), len(obs_table)
+    table = Table({"OBS_ID": np.asarray(obs_table["OBS_ID"], dtype=int)})
+    names = obs_table["TARGET_NAME"] if "TARGET_NAME" in obs_table.colnames else [""] * n_runs
+    table["TARGET_NAME"] = np.array(_names(names), dtype=str)
+    for name in ("ZEN_PNT", "MUONEFF", "AZ_PNT"):
+        table[name] = column_values(obs_table, name) if name in obs_table.colnames else np.full(n_runs, np.nan)
     table["ZEN_PNT"].unit = table["AZ_PNT"].unit = "deg"
+    table["N_OBS"], table["N_PRED"] = n_obs, n_pred
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["RATIO"] = np.where(n_pred > 0, n_obs / n_pred, np.nan)
+        table["ERR"] = np.where(n_pred > 0, np.sqrt(np.maximum(n_obs, 1.0)) / n_pred, np.nan)
+    table["SAMPLE"] = np.array([sample] * n_runs, dtype=str)
     return table
 
 
 def evaluate_predictions(histograms, models, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX, sample=""):
-    """Observed and predicted counts of runs whose histograms are filled in the models' axes.
+    """Observed and predicted counts of runs whose `~bkgtemplate.histograms.BackgroundHistograms` are
+    filled in the models' axes (exclusion applied).
 
-    Parameters
-    ----------
-    histograms : `~bkgtemplate.histograms.BackgroundHistograms`
-        Counts and exposure of each run (exclusion applied).
-    models : `~bkgtemplate.conditions.BackgroundModelCollection`, dict, callable or IRF
-        A collection (each run gets the model of its conditions), a dict or a function of
-        OBS_ID, or one model for all runs.
-    e_min, offset_max : `~astropy.units.Quantity`, optional
-        Cuts (see `evaluation_mask`). Defaults are 0.5 TeV and 2 deg.
-    sample : str, optional
-        Label written in the SAMPLE column. Default is "".
-
-    Returns
-    -------
-    table : `~astropy.table.Table`
-        One row per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF, AZ_PNT, N_OBS, N_PRED, RATIO,
-        ERR and SAMPLE.
+    ``models`` is a `~bkgtemplate.conditions.BackgroundModelCollection` (each run gets the model of
+    its conditions), a dict or a function of OBS_ID, or one model for all runs; ``e_min`` and
+    ``offset_max`` as in `evaluation_mask` (defaults 0.5 TeV, 2 deg); ``sample`` is written in the
+    SAMPLE column (default ""). Returns one row per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF,
+    AZ_PNT, N_OBS, N_PRED, RATIO, ERR and SAMPLE.
     """
     mask = evaluation_mask(histograms.axes, e_min, offset_max)
     if isinstance(models, BackgroundModelCollection):
@@ -139,11 +121,8 @@ def evaluate_predictions(histograms, models, e_min=DEFAULT_E_MIN, offset_max=DEF
     else:
         run_models = [models[obs_id] if isinstance(models, dict) else models(obs_id) if callable(models) else models
                       for obs_id in histograms.obs_ids]
-    rows = [
-        _row(obs_row, float(histograms.counts[i][mask].sum()), predicted_counts(model, histograms.exposure[i], mask), sample)
-        for i, (obs_row, model) in enumerate(zip(histograms.obs_table, run_models))
-    ]
-    return _table(rows)
+    n_pred = [predicted_counts(model, exposure, mask) for model, exposure in zip(run_models, histograms.exposure)]
+    return _table(histograms.obs_table, histograms.counts[:, mask].sum(axis=1), n_pred, sample)
 
 
 def robust_summary(ratios):
@@ -171,29 +150,14 @@ def summarize(table, by="SAMPLE"):
 
 
 def held_out_evaluation(maker, histograms, off_ids, field_ids=None, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX):
-    """Observed / predicted counts of runs not used to build the collection.
+    """Observed / predicted counts of runs not used to build the collection of an
+    `~bkgtemplate.ObservingConditionsEstimator` ``maker``.
 
-    Each off run is predicted by the collection built from the other off runs (leave-one-out,
-    SAMPLE "off (leave-one-out)"); each source-field run by the collection built from all off
-    runs (SAMPLE = its TARGET_NAME).
-
-    Parameters
-    ----------
-    maker : `~bkgtemplate.ObservingConditionsEstimator`
-        Configuration to evaluate.
-    histograms : `~bkgtemplate.histograms.BackgroundHistograms`
-        Counts and exposure of the off and source-field runs, targets cut out.
-    off_ids : list of int
-        Off runs, which build the collections.
-    field_ids : list of int, optional
-        Source-field runs. Default is None (none).
-    e_min, offset_max : `~astropy.units.Quantity`, optional
-        Cuts (see `evaluation_mask`). Defaults are 0.5 TeV and 2 deg.
-
-    Returns
-    -------
-    table : `~astropy.table.Table`
-        Per-run table (see `evaluate_predictions`); summarise it with `summarize`.
+    ``histograms`` hold the off runs ``off_ids`` and the source-field runs ``field_ids`` (default
+    None: none), targets cut out. Each off run is predicted by the collection built from the other
+    off runs (leave-one-out, SAMPLE "off (leave-one-out)"); each source-field run by the collection
+    built from all off runs (SAMPLE = its TARGET_NAME). Cuts as in `evaluation_mask`. Returns the
+    per-run table of `evaluate_predictions`; summarise it with `summarize`.
     """
     off = histograms.select(off_ids)
     tables = [
@@ -217,8 +181,8 @@ def evaluate_models(data_store, models, obs_ids, exclusion=None, e_min=DEFAULT_E
     table of `evaluate_predictions`.
     """
     runs = collect_runs(data_store, obs_ids)
-    rows = []
-    for run, obs_row in progress_bar(list(zip(runs, obs_table_rows(data_store, [r.obs_id for r in runs]))), desc="Runs"):
+    n_obs, n_pred = [], []
+    for run in progress_bar(runs, desc="Runs"):
         model = models[run.obs_id] if isinstance(models, dict) else models(run.obs_id)
         is_3d = isinstance(model, Background3D)
         spec = HistogramSpec(
@@ -229,5 +193,6 @@ def evaluate_models(data_store, models, obs_ids, exclusion=None, e_min=DEFAULT_E
         )
         counts, exposure = fill_run(run, spec)
         mask = evaluation_mask(model.axes, e_min, offset_max)
-        rows.append(_row(obs_row, float(counts[mask].sum()), predicted_counts(model, exposure * EXPOSURE_UNIT, mask), sample))
-    return _table(rows)
+        n_obs.append(counts[mask].sum())
+        n_pred.append(predicted_counts(model, exposure * EXPOSURE_UNIT, mask))
+    return _table(obs_table_rows(data_store, [run.obs_id for run in runs]), n_obs, n_pred, sample)

@@ -26,14 +26,26 @@ SIDEREAL_RATE = 2 * np.pi * 1.00273781191135448 / 86400.0
 """Earth rotation rate relative to the stars, in rad s-1."""
 
 
+def _unit_vector(lon, lat):
+    cos_lat = np.cos(lat)
+    return cos_lat * np.cos(lon), cos_lat * np.sin(lon), np.sin(lat)
+
+
+def _lon_lat(x, y, z):
+    return np.arctan2(y, x), np.arctan2(z, np.hypot(x, y))
+
+
+def _rotate(a, b, angle):
+    """Rotate the components ``(a, b)`` of unit vectors by ``angle`` (rad) about the third axis."""
+    cos_a, sin_a = np.cos(angle), np.sin(angle)
+    return cos_a * a - sin_a * b, sin_a * a + cos_a * b
+
+
 def _fov_radec_vector(ra, dec, ra_pnt, dec_pnt):
     """Unit vector of sky positions in the RADEC-aligned FoV frame (x to the pointing, y not reversed)."""
-    d_ra = ra - ra_pnt
     # each per-event sine and cosine once: in float64 they cost more than the rest together
-    cos_dec, sin_dec, cos_d_ra = np.cos(dec), np.sin(dec), np.cos(d_ra)
-    x = np.cos(dec_pnt) * cos_dec * cos_d_ra + np.sin(dec_pnt) * sin_dec
-    y = cos_dec * np.sin(d_ra)
-    z = np.cos(dec_pnt) * sin_dec - np.sin(dec_pnt) * cos_dec * cos_d_ra
+    x, y, z = _unit_vector(ra - ra_pnt, dec)
+    x, z = _rotate(x, z, -dec_pnt)
     return x, y, z
 
 
@@ -42,8 +54,8 @@ def sky_to_fov_radec(ra, dec, ra_pnt, dec_pnt):
 
     All angles in rad; returns ``(fov_lon, fov_lat)`` in rad, longitude reversed.
     """
-    x, y, z = _fov_radec_vector(ra, dec, ra_pnt, dec_pnt)
-    return -np.arctan2(y, x), np.arctan2(z, np.hypot(x, y))
+    lon, lat = _lon_lat(*_fov_radec_vector(ra, dec, ra_pnt, dec_pnt))
+    return -lon, lat
 
 
 def sky_to_fov_altaz(ra, dec, ra_pnt, dec_pnt, parallactic):
@@ -52,10 +64,8 @@ def sky_to_fov_altaz(ra, dec, ra_pnt, dec_pnt, parallactic):
     Same as `fov_radec_to_altaz` of `sky_to_fov_radec` to rounding; all angles in rad.
     """
     x, y, z = _fov_radec_vector(ra, dec, ra_pnt, dec_pnt)
-    cos_q, sin_q = np.cos(parallactic), np.sin(parallactic)
-    y_rot = sin_q * z - cos_q * y
-    z_rot = sin_q * y + cos_q * z
-    return -np.arctan2(y_rot, x), np.arctan2(z_rot, np.hypot(x, y_rot))
+    y, z = _rotate(y, z, parallactic)
+    return _lon_lat(x, y, z)
 
 
 def offset_haversine(ra, dec, ra_pnt, dec_pnt):
@@ -69,22 +79,10 @@ def offset_haversine(ra, dec, ra_pnt, dec_pnt):
 
 def fov_radec_to_sky(fov_lon, fov_lat, ra_pnt, dec_pnt):
     """RADEC-aligned field-of-view to sky coordinates (inverse of `sky_to_fov_radec`), in rad."""
-    lon = -np.asarray(fov_lon)
-    cos_lat = np.cos(fov_lat)
-    x, y, z = cos_lat * np.cos(lon), cos_lat * np.sin(lon), np.sin(fov_lat)
-    x_sky = np.cos(dec_pnt) * x - np.sin(dec_pnt) * z
-    z_sky = np.sin(dec_pnt) * x + np.cos(dec_pnt) * z
-    return np.mod(ra_pnt + np.arctan2(y, x_sky), 2 * np.pi), np.arctan2(z_sky, np.hypot(x_sky, y))
-
-
-def _rotate(fov_lon, fov_lat, angle):
-    """Rotate field-of-view coordinates about the pointing direction by ``angle`` (rad)."""
-    cos_lat = np.cos(fov_lat)
-    x, y, z = cos_lat * np.cos(fov_lon), cos_lat * np.sin(fov_lon), np.sin(fov_lat)
-    cos_a, sin_a = np.cos(angle), np.sin(angle)
-    y_rot = cos_a * y - sin_a * z
-    z_rot = sin_a * y + cos_a * z
-    return np.arctan2(y_rot, x), np.arctan2(z_rot, np.hypot(x, y_rot))
+    x, y, z = _unit_vector(-np.asarray(fov_lon), fov_lat)
+    x, z = _rotate(x, z, dec_pnt)
+    d_ra, dec = _lon_lat(x, y, z)
+    return np.mod(ra_pnt + d_ra, 2 * np.pi), dec
 
 
 def fov_radec_to_altaz(fov_lon, fov_lat, parallactic):
@@ -93,13 +91,17 @@ def fov_radec_to_altaz(fov_lon, fov_lat, parallactic):
     A rotation by the parallactic angle and, because azimuth and right ascension turn in
     opposite senses on the sky, a reflection of the longitude.
     """
-    lon, lat = _rotate(fov_lon, fov_lat, -parallactic)
+    x, y, z = _unit_vector(fov_lon, fov_lat)
+    y, z = _rotate(y, z, -parallactic)
+    lon, lat = _lon_lat(x, y, z)
     return -lon, lat
 
 
 def fov_altaz_to_radec(fov_lon, fov_lat, parallactic):
     """ALTAZ-aligned to RADEC-aligned field-of-view coordinates (inverse of `fov_radec_to_altaz`)."""
-    return _rotate(-np.asarray(fov_lon), fov_lat, parallactic)
+    x, y, z = _unit_vector(-np.asarray(fov_lon), fov_lat)
+    y, z = _rotate(y, z, parallactic)
+    return _lon_lat(x, y, z)
 
 
 def parallactic_angle(hour_angle, dec, lat):
@@ -158,13 +160,8 @@ def bin_points(lon_edges, lat_edges, spacing):
 
 
 class Exclusion:
-    """Sky regions or a mask to cut out of the background estimate.
-
-    Parameters
-    ----------
-    exclusion : `~regions.SkyRegion`, list of `~regions.SkyRegion` or `~gammapy.maps.WcsNDMap`
-        Regions to exclude, or a boolean exclusion mask (True = kept, as in gammapy).
-    """
+    """Sky regions (a `~regions.SkyRegion` or a list of them) or a boolean `~gammapy.maps.WcsNDMap`
+    mask (True = kept, as in gammapy) to cut out of the background estimate."""
 
     def __init__(self, exclusion):
         if isinstance(exclusion, SkyRegion):
@@ -175,29 +172,21 @@ class Exclusion:
             self.mask, self.regions = exclusion, []
             return
         if not isinstance(exclusion, (list, tuple)) or not exclusion:
-            raise TypeError(
-                f"exclusion must be a sky region, a list of sky regions or a boolean WcsNDMap, "
-                f"got {type(exclusion).__name__}."
-            )
+            raise TypeError(f"exclusion must be a sky region, a list of sky regions or a boolean WcsNDMap, "
+                            f"got {type(exclusion).__name__}.")
         bad = [type(region).__name__ for region in exclusion if not isinstance(region, SkyRegion)]
         if bad:
-            raise TypeError(
-                f"exclusion must hold sky regions (regions.SkyRegion), got {bad[0]}; "
-                "convert pixel regions with .to_sky(wcs) and give a SkyCoord as a CircleSkyRegion."
-            )
+            raise TypeError(f"exclusion must hold sky regions (regions.SkyRegion), got {bad[0]}; "
+                            "convert pixel regions with .to_sky(wcs) and give a SkyCoord as a CircleSkyRegion.")
         self.mask, self.regions = None, list(exclusion)
 
     def touches(self, ra_pnt, dec_pnt, radius):
         """Whether the exclusion may overlap a field of view of ``radius`` around the pointing (rad)."""
-        if self.mask is not None:
-            return True
         pointing = SkyCoord(ra_pnt * u.rad, dec_pnt * u.rad)
-        for region in self.regions:
-            if not isinstance(region, CircleSkyRegion):
-                return True
-            if region.center.separation(pointing).to_value("rad") < radius + region.radius.to_value("rad"):
-                return True
-        return False
+        return self.mask is not None or any(
+            not isinstance(region, CircleSkyRegion) or region.center.separation(pointing) < radius * u.rad + region.radius
+            for region in self.regions
+        )
 
     def excluded(self, ra, dec, ra_pnt, dec_pnt):
         """Whether sky positions (rad) are excluded; non-circular regions are projected around the pointing."""
@@ -214,14 +203,8 @@ class Exclusion:
             else:
                 if coords is None:
                     coords = SkyCoord(ra * u.rad, dec * u.rad, frame="icrs")
-                excluded |= region.contains(coords, _tangent_wcs(ra_pnt, dec_pnt))
+                    ra_deg, dec_deg = np.rad2deg(ra_pnt), np.rad2deg(dec_pnt)
+                    wcs = WCS({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": ra_deg, "CRVAL2": dec_deg,
+                               "CDELT1": -0.01, "CDELT2": 0.01, "CRPIX1": 0.0, "CRPIX2": 0.0})
+                excluded |= region.contains(coords, wcs)
         return excluded
-
-
-def _tangent_wcs(ra_pnt, dec_pnt):
-    wcs = WCS(naxis=2)
-    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    wcs.wcs.crval = [np.rad2deg(ra_pnt), np.rad2deg(dec_pnt)]
-    wcs.wcs.cdelt = [-0.01, 0.01]
-    wcs.wcs.crpix = [0.0, 0.0]
-    return wcs

@@ -72,12 +72,8 @@ class HistogramSpec:
             # offsets are binned in sin(offset / 2) ** 2, see `offset_haversine`
             spatial_edges = [np.sin(spatial_edges[0] / 2) ** 2]
         solid_angle = fov_solid_angle(*self.spatial_axes) if self.is_3d else offset_solid_angle(self.spatial_axes[0])
-        return dict(
-            energy_edges=self.energy_axis.edges.to_value("TeV"),
-            d_energy=self.energy_axis.bin_width.to_value("MeV"),
-            spatial_edges=spatial_edges,
-            solid_angle=solid_angle.to_value("sr").ravel(),
-        )
+        return dict(energy_edges=self.energy_axis.edges.to_value("TeV"), d_energy=self.energy_axis.bin_width.to_value("MeV"),
+                    spatial_edges=spatial_edges, solid_angle=solid_angle.to_value("sr").ravel())
 
 
 def _parallactic(run, time):
@@ -157,9 +153,8 @@ def fill_run(run, spec):
     inner = (slice(1, -1),) * len(padded)
     counts = np.bincount(flat, minlength=int(np.prod(padded))).reshape(padded)[inner].astype(float)
 
-    used = np.ones(len(counts), dtype=bool)
-    if spec.safe_threshold:
-        used = binning["energy_edges"][:-1] >= run.safe_energy_lo * (1 - THRESHOLD_RTOL)
+    threshold = run.safe_energy_lo if spec.safe_threshold else -np.inf
+    used = binning["energy_edges"][:-1] >= threshold * (1 - THRESHOLD_RTOL)
     counts[~used] = 0
     solid_angle = binning["solid_angle"] * (_kept_fraction(run, spec) if excluding else 1.0)
     exposure = run.ontime * np.outer(binning["d_energy"] * used, solid_angle).reshape(counts.shape)
@@ -171,44 +166,28 @@ def _extrapolate_ends(rate, log_energy, slopes):
     measured = np.flatnonzero(rate > 0)
     if len(measured) == 0:
         return rate
+    first, last = measured[0], measured[-1]
     rate = rate.copy()
-    for end, outside, slope in [(measured[0], slice(0, measured[0]), slopes[0]), (measured[-1], slice(measured[-1] + 1, None), slopes[1])]:
-        rate[outside] = rate[end] * np.exp(slope * (log_energy[outside] - log_energy[end]))
+    rate[:first] = rate[first] * np.exp(slopes[0] * (log_energy[:first] - log_energy[first]))
+    rate[last + 1:] = rate[last] * np.exp(slopes[1] * (log_energy[last + 1:] - log_energy[last]))
     return rate
 
 
-def _empty_skipped():
-    return Table(names=["OBS_ID", "REASON"], dtype=[int, str])
+def skipped_table(rows=None):
+    """Table of runs that could not be read: OBS_ID and REASON."""
+    return Table(rows=rows or None, names=["OBS_ID", "REASON"], dtype=[int, str])
 
 
 @dataclass
 class BackgroundHistograms:
     """Counts and exposure of each run, with the runs' obs-index rows; sums on demand.
 
-    Parameters
-    ----------
-    axes : `~gammapy.maps.MapAxes`
-        Energy and spatial axes (offset, or fov_lon and fov_lat).
-    counts : `~numpy.ndarray`
-        Event counts, shape ``(n_runs, *axes.shape)``.
-    exposure : `~astropy.units.Quantity`
-        ONTIME x dE x dOmega, same shape, in s MeV sr.
-    obs_table : `~astropy.table.Table`
-        Obs-index rows of the runs, in the same order.
-    fov_alignment : {"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}, optional
-        Alignment of 3D field-of-view coordinates. Default is "ALTAZ".
-    skipped : `~astropy.table.Table`, optional
-        Runs that could not be read (OBS_ID, REASON). Default is an empty table.
-
-    Examples
-    --------
-    >>> from gammapy.data import DataStore
-    >>> from bkgtemplate import BackgroundModelEstimator
-    >>> data_store = DataStore.from_dir("$GAMMAPY_DATA/hess-dl3-dr1")
-    >>> histograms = BackgroundModelEstimator().fill(data_store, [20136, 20137])
-    >>> histograms.counts.shape
-    (2, 15, 10)
-    >>> bkg = histograms.select([20136]).to_irf()
+    ``counts`` has shape ``(n_runs, *axes.shape)`` over the energy and spatial `~gammapy.maps.MapAxes`
+    (offset, or fov_lon and fov_lat); ``exposure`` (ONTIME x dE x dOmega, s MeV sr) the same;
+    ``obs_table`` holds the runs' obs-index rows in the same order. ``fov_alignment`` of 3D
+    coordinates is one of "ALTAZ" (default), "RADEC", "REVERSE_LON_RADEC"; ``skipped`` lists the
+    runs that could not be read (OBS_ID, REASON; default empty). For example
+    ``BackgroundModelEstimator().fill(data_store, [20136, 20137]).select([20136]).to_irf()``.
     """
 
     axes: MapAxes
@@ -216,7 +195,7 @@ class BackgroundHistograms:
     exposure: u.Quantity
     obs_table: Table
     fov_alignment: str = "ALTAZ"
-    skipped: Table = field(default_factory=_empty_skipped)
+    skipped: Table = field(default_factory=skipped_table)
 
     def __post_init__(self):
         if self.counts.shape != self.exposure.shape or self.counts.shape[1:] != self.axes.shape:
@@ -285,20 +264,16 @@ class BackgroundHistograms:
             return np.where(counts > 0, 1 / np.sqrt(counts), np.nan)
 
     def to_irf(self, weights=None, smooth_sigma=None):
-        """Background IRF of the summed runs, with the missing bins filled.
-
-        Bins without counts or exposure between measured energies are filled by gammapy's
-        ``interp_missing_data`` along energy. Below the first and above the last measured
-        energy of each spatial bin the rate is extrapolated as a power law with the slope of the
-        field-of-view averaged spectrum at that end: gammapy interpolates the model in log rate
-        between bin centres, so a zero next to a measured bin would make it predict almost no
-        background in the outer half of that bin. ``EMEASMIN`` in the meta is the lowest energy
-        (TeV) with exposure: below it the model is an extrapolation.
+        """`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` (s-1 MeV-1 sr-1) of the summed runs.
 
         ``weights`` multiply each run's exposure (per run, or per run and energy bin; a rate
         correction); ``smooth_sigma`` smooths counts and exposure along the spatial axes with a
-        Gaussian of that width in bins (default None: no smoothing). Returns a
-        `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` in s-1 MeV-1 sr-1.
+        Gaussian of that width in bins (default None: no smoothing). Empty bins between measured
+        energies are filled by gammapy's ``interp_missing_data``; beyond the first and last measured
+        energy of each spatial bin the rate follows a power law with the slope of the FoV-averaged
+        spectrum there: gammapy interpolates in log rate between bin centres, so a zero next to a
+        measured bin would predict almost no background in its outer half. ``EMEASMIN`` in the meta
+        is the lowest energy (TeV) with exposure: below it the model is an extrapolation.
         """
         counts, exposure = self.sum(weights)
         exposure = exposure.to_value(EXPOSURE_UNIT)
