@@ -95,7 +95,7 @@ def _check_edges(column, spec):
     except (TypeError, ValueError):
         edges = np.array([])
     if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
-        raise ValueError(f"Bin edges of {column} must increase, with at least two edges (or give a number of bins >= 1); got {spec!r}.")
+        raise ValueError(f"Bin edges of {column} must increase, with at least two (or give a number of bins); got {spec!r}.")
     return edges
 
 
@@ -160,8 +160,7 @@ def equal_livetime_edges(values, livetime, n_bins):
 def _bin_weights(edges, values, n, centres=None, interpolate=()):
     """Flat bins and weights of ``n`` runs, each of shape (n, 2 ** n_interpolated), and whether each lies outside.
 
-    An interpolated column gives each run two partner bins (see `interpolation_weights`), the
-    others the bin holding it (`assign_bins`); without interpolation ``bins[:, 0]`` is that bin.
+    Without interpolation ``bins[:, 0]`` is the bin holding each run (`assign_bins`).
     """
     bins, weights, outside = np.zeros((n, 1), dtype=int), np.ones((n, 1)), np.zeros(n, dtype=bool)
     for column, column_edges in edges.items():
@@ -386,15 +385,16 @@ class BackgroundModelCollection:
         primary.header.update({COLLECTION_KEY: (True, "bkgtemplate background model collection")})
         primary.header.update({"NBINS": self.n_bins, "NCORR": len(self.corrections), "NBINCOL": len(self.columns)})
         for i, column in enumerate(self.columns, start=1):
-            primary.header.update({f"BINCOL{i}": column, f"BINUNI{i}": self.units[column], f"INTERP{i}": column in self.interpolate})
+            primary.header.update({f"BINCOL{i}": column, f"BINUNI{i}": self.units[column]})
+            primary.header[f"INTERP{i}"] = column in self.interpolate
         hdus = [primary]
         for name, model, index in zip(self.bin_names, self.models, np.ndindex(self.shape)):
             hdus.append(model.to_table_hdu())
             hdus[-1].name = name
             for i, (column, k) in enumerate(zip(self.columns, index), start=1):
-                edges, centre = self.bin_edges[column], self.centres[column][k]
-                hdus[-1].header.update({f"BINCOL{i}": column, f"BINIDX{i}": k, f"BINLO{i}": edges[k], f"BINHI{i}": edges[k + 1]})
-                hdus[-1].header[f"BINCEN{i}"] = centre
+                edges = self.bin_edges[column]
+                hdus[-1].header.update({f"BINCOL{i}": column, f"BINIDX{i}": k, f"BINLO{i}": edges[k]})
+                hdus[-1].header.update({f"BINHI{i}": edges[k + 1], f"BINCEN{i}": self.centres[column][k]})
         if self.corrections:
             n_energy = self.models[0].axes["energy"].nbin
             hdus.append(fits.BinTableHDU(ConditionCorrection.to_table(self.corrections, n_energy), name="CORRECTIONS"))
@@ -518,12 +518,11 @@ class ObservingConditionsEstimator(Maker):
     def make_bin_edges(self, obs_table):
         """Bin edges per column; equal-livetime bins from the runs of ``obs_table``."""
         livetime = u.Quantity(obs_table["LIVETIME" if "LIVETIME" in obs_table.colnames else "ONTIME"], "s").value
-        if np.any(~(livetime > 0)):
-            raise ValueError(f"Runs {np.asarray(obs_table['OBS_ID'])[~(livetime > 0)].tolist()} have a livetime <= 0 or NaN; fix or drop them.")
-        return {
-            column: equal_livetime_edges(column_values(obs_table, column), livetime, spec) if isinstance(spec, int) else spec
-            for column, spec in self.bins.items()
-        }
+        bad = np.asarray(obs_table["OBS_ID"])[~(livetime > 0)].tolist()
+        if bad:
+            raise ValueError(f"Runs {bad} have a livetime <= 0 or NaN; fix or drop them.")
+        return {c: equal_livetime_edges(column_values(obs_table, c), livetime, spec) if isinstance(spec, int) else spec
+                for c, spec in self.bins.items()}
 
     def make_collection(self, histograms, use=None, merge_empty=None):
         """Build the collection from each run's counts and exposure (`BackgroundModelEstimator.fill`).
@@ -542,7 +541,8 @@ class ObservingConditionsEstimator(Maker):
             raise KeyError(f"The obs table has no {missing} for the bins and corrections; give other bins or corrections={{}}.")
         values = {c: column_values(table, c) for c in dict.fromkeys(list(edges) + list(self.corrections))}
         _check_finite(values, obs_ids)
-        edges, cells, outside = self._fill_bins(edges, values, livetime, self.merge_empty if merge_empty is None else merge_empty)
+        merge_empty = self.merge_empty if merge_empty is None else merge_empty
+        edges, cells, outside = self._fill_bins(edges, values, livetime, merge_empty)
         if np.any(outside):
             log.warning(f"Runs {obs_ids[outside].tolist()} lie outside the bins of {list(edges)}: they are put in the nearest bin.")
         centres = {}
