@@ -45,17 +45,15 @@ class EmptyBinError(ValueError):
 
 
 def north_component(zenith, azimuth):
-    """North component ``sin(zenith) cos(azimuth)`` of the pointing (angles in deg).
+    """North component ``sin(zenith) cos(azimuth)`` of the pointing (angles in deg), 0 at the zenith.
 
-    +sin(zenith) pointing north, -sin(zenith) south, 0 at the zenith, where the azimuth means
-    nothing. The geomagnetic field acts on showers through the angle between their axis and the
-    field, whose cosine is a sum of cos(zenith) and this term (field in the magnetic meridian).
+    The geomagnetic field acts on showers through the angle between their axis and the field,
+    whose cosine is a sum of cos(zenith) and this term (field in the magnetic meridian).
 
     >>> north_component([30, 30, 0], [0, 180, 90]).round(3)
     array([ 0.5, -0.5,  0. ])
     """
-    zenith, azimuth = np.deg2rad(np.asarray(zenith, float)), np.deg2rad(np.asarray(azimuth, float))
-    return np.sin(zenith) * np.cos(azimuth)
+    return np.sin(np.deg2rad(zenith)) * np.cos(np.deg2rad(azimuth))
 
 
 DERIVED_COLUMNS = {NORTH: ((ZENITH, AZIMUTH), north_component)}
@@ -81,11 +79,6 @@ def column_values(table, column):
     return np.where(np.ma.getmaskarray(col), np.nan, values) if np.ma.is_masked(col) else values
 
 
-def _unit(table, column):
-    unit = None if column in DERIVED_COLUMNS and column not in table.colnames else getattr(table[column], "unit", None)
-    return "" if unit is None else u.Unit(unit).to_string()
-
-
 def interpolation_variable(column, values):
     """The variable a column is interpolated in: cos(zenith) for ZEN_PNT (deg), else the value."""
     values = np.asarray(values, dtype=float)
@@ -94,6 +87,16 @@ def interpolation_variable(column, values):
 
 def _from_interpolation_variable(column, x):
     return np.rad2deg(np.arccos(np.clip(x, -1, 1))) if column == ZENITH else np.asarray(x, dtype=float)
+
+
+def _check_edges(column, spec):
+    try:
+        edges = np.asarray(spec.to_value("deg") if isinstance(spec, u.Quantity) else spec, dtype=float)
+    except (TypeError, ValueError):
+        edges = np.array([])
+    if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"Bin edges of {column} must increase, with at least two (or give a number of bins); got {spec!r}.")
+    return edges
 
 
 def assign_bins(values, edges):
@@ -122,20 +125,14 @@ def interpolation_weights(x, centres):
     (0, 1, 0.3798)
     """
     x, centres = np.atleast_1d(np.asarray(x, dtype=float)), np.asarray(centres, dtype=float)
-    if len(centres) == 1:
-        zeros = np.zeros(len(x), dtype=int)
-        return zeros, zeros, np.zeros(len(x))
     sign = 1.0 if centres[-1] >= centres[0] else -1.0
-    c, v = sign * centres, sign * x
-    if np.any(np.diff(c) <= 0):
+    if np.any(np.diff(sign * centres) <= 0):
         raise ValueError(f"Bin centres {centres} are not strictly monotonic: cannot interpolate.")
-    v = np.clip(v, c[0], c[-1])
-    lo = np.clip(np.searchsorted(c, v, side="right") - 1, 0, len(c) - 2)
-    weight = (v - c[lo]) / (c[lo + 1] - c[lo])
-    # values clipped to the last centre get that single bin
-    at_top = weight >= 1
-    lo, weight = np.where(at_top, lo + 1, lo), np.where(at_top, 0.0, weight)
-    return lo, np.where(weight == 0, lo, lo + 1), weight
+    # fractional bin index, clipped at the end centres by np.interp
+    position = np.interp(sign * x, sign * centres, np.arange(len(centres)))
+    lo = np.floor(position).astype(int)
+    weight = position - lo
+    return lo, np.where(weight > 0, lo + 1, lo), weight
 
 
 def equal_livetime_edges(values, livetime, n_bins):
@@ -144,41 +141,47 @@ def equal_livetime_edges(values, livetime, n_bins):
     Inner edges lie halfway between the two runs on either side of each livetime quantile; the
     outer edges are the smallest and largest values.
     """
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be at least 1, got {n_bins}.")
     order = np.argsort(values)
     values, livetime = np.asarray(values, float)[order], np.asarray(livetime, float)[order]
-    if len(np.unique(values)) < n_bins:
-        raise ValueError(f"{len(np.unique(values))} distinct values cannot fill {n_bins} equal-livetime bins.")
+    distinct = np.unique(values)
+    if not 1 <= n_bins <= len(distinct):
+        raise ValueError(f"{len(distinct)} distinct values cannot fill {n_bins} equal-livetime bins.")
     cumulative = np.cumsum(livetime) / livetime.sum()
     edges = [values[0]]
     for k in range(1, n_bins):
         i = min(int(np.searchsorted(cumulative, k / n_bins)), len(values) - 2)
-        j = i + 1 + np.argmax(values[i + 1 :] != values[i]) if np.any(values[i + 1 :] != values[i]) else len(values) - 1
-        edge = 0.5 * (values[i] + values[j])
-        if edge <= edges[-1]:
+        above = distinct[min(np.searchsorted(distinct, values[i], side="right"), len(distinct) - 1)]
+        if 0.5 * (values[i] + above) <= edges[-1]:
             raise ValueError(f"Cannot split {len(values)} runs into {n_bins} equal-livetime bins.")
-        edges.append(edge)
+        edges.append(0.5 * (values[i] + above))
     return np.array(edges + [values[-1]])
 
 
-def _bin_weights(edges, centres, interpolate, values, n):
-    """Flat bins and weights, each of shape (n, 2 ** n_interpolated), of ``n`` runs with given column values."""
-    options = []
+def _bin_weights(edges, values, n, centres=None, interpolate=()):
+    """Flat bins and weights of ``n`` runs, each of shape (n, 2 ** n_interpolated), and whether each lies outside.
+
+    Without interpolation ``bins[:, 0]`` is the bin holding each run (`assign_bins`).
+    """
+    bins, weights, outside = np.zeros((n, 1), dtype=int), np.ones((n, 1)), np.zeros(n, dtype=bool)
     for column, column_edges in edges.items():
+        partners, out = assign_bins(values[column], column_edges)
+        partners, shares, outside = partners[:, None], np.ones((n, 1)), outside | out
         if column in interpolate:
             x = interpolation_variable(column, values[column])
             lo, hi, w = interpolation_weights(x, interpolation_variable(column, centres[column]))
-            options.append([(lo, 1 - w), (hi, w)])
-        else:
-            options.append([(assign_bins(values[column], column_edges)[0], np.ones(n))])
-    shape = tuple(len(e) - 1 for e in edges.values())
-    bins, weights = [], []
-    for choice in np.ndindex(*[len(o) for o in options]):
-        index = [options[k][c][0] for k, c in enumerate(choice)]
-        bins.append(np.ravel_multi_index(index, shape) if edges else np.zeros(n, dtype=int))
-        weights.append(np.broadcast_to(np.prod([options[k][c][1] for k, c in enumerate(choice)], axis=0), (n,)))
-    return np.array(bins).T, np.array(weights).T
+            partners, shares = np.stack([lo, hi], axis=1), np.stack([1 - w, w], axis=1)
+        # C order over the columns, as np.ravel_multi_index
+        bins = (bins[:, :, None] * (len(column_edges) - 1) + partners[:, None, :]).reshape(n, -1)
+        weights = (weights[:, :, None] * shares[:, None, :]).reshape(n, -1)
+    return bins, weights, outside
+
+
+def _correction_factors(corrections, values, shape):
+    """Product of the corrections for each run and energy bin, ``shape`` (n_runs, n_energy)."""
+    factor = np.ones(shape)
+    for correction in corrections:
+        factor = factor * correction.factor(values[correction.column]).reshape(shape[0], -1)
+    return factor
 
 
 def _check_finite(values, obs_ids):
@@ -223,10 +226,7 @@ class BackgroundModelCollection:
     """
 
     def __init__(self, models, bin_edges, centres=None, interpolate=None, corrections=None, units=None, runs=None):
-        self.bin_edges = {column: np.asarray(edges, dtype=float) for column, edges in (bin_edges or {}).items()}
-        for column, edges in self.bin_edges.items():
-            if len(edges) < 2 or np.any(np.diff(edges) <= 0):
-                raise ValueError(f"Bin edges of {column} must be increasing with at least one bin, got {edges}.")
+        self.bin_edges = {column: _check_edges(column, edges) for column, edges in (bin_edges or {}).items()}
         self.models = list(models)
         if len(self.models) != int(np.prod(self.shape)):
             raise ValueError(f"{len(self.models)} models for {int(np.prod(self.shape))} bins of shape {self.shape}.")
@@ -257,17 +257,13 @@ class BackgroundModelCollection:
     @property
     def bin_names(self):
         """HDU name of each bin, e.g. "BKG_ZEN_PNT0" ("BKG_ALL" for a single model)."""
-        if not self.columns:
-            return ["BKG_ALL"]
-        index = np.array(np.unravel_index(np.arange(self.n_bins), self.shape)).T
-        return ["BKG_" + "_".join(f"{c}{i}" for c, i in zip(self.columns, idx)) for idx in index]
+        return ["BKG_" + ("_".join(f"{c}{i}" for c, i in zip(self.columns, idx)) or "ALL") for idx in np.ndindex(self.shape)]
 
     @property
     def bin_labels(self):
         """Readable label of each bin, e.g. "ZEN_PNT 0-20 deg" (for plot legends)."""
-        index = [np.unravel_index(flat, self.shape) for flat in range(self.n_bins)]
         return [", ".join(f"{c} {self.bin_edges[c][i]:g}-{self.bin_edges[c][i + 1]:g} {self.units[c]}".strip()
-                          for c, i in zip(self.columns, idx)) or "all runs" for idx in index]
+                          for c, i in zip(self.columns, idx)) or "all runs" for idx in np.ndindex(self.shape)]
 
     def __str__(self):
         lines = [f"BackgroundModelCollection: {self.n_bins} {type(self.models[0]).__name__} models"]
@@ -286,34 +282,20 @@ class BackgroundModelCollection:
         _check_finite(values, table["OBS_ID"] if "OBS_ID" in table.colnames else np.arange(len(table)))
         return values
 
-    def _norm_energy_index(self):
-        edges = self.models[0].axes["energy"].edges
-        return int(np.clip(np.searchsorted(edges, NORM_ENERGY, side="right") - 1, 0, len(edges) - 2))
-
     def _factors(self, values, n):
-        """Product of the corrections per run and energy bin, shape (n, n_energy)."""
-        factor = np.ones((n, self.models[0].axes["energy"].nbin))
-        for correction in self.corrections:
-            factor = factor * correction.factor(values[correction.column]).reshape(n, -1)
-        return factor
+        """Corrections for ``n`` runs per energy bin, and their value at 1 TeV (shapes (n, n_energy) and (n,))."""
+        energy = self.models[0].axes["energy"]
+        norm = int(np.clip(np.searchsorted(energy.edges, NORM_ENERGY, side="right") - 1, 0, energy.nbin - 1))
+        factors = _correction_factors(self.corrections, values, (n, energy.nbin))
+        return factors, factors[:, norm]
 
     def model_for(self, zenith=None, muoneff=None, **values):
         """The background model of one set of observing conditions.
 
-        Parameters
-        ----------
-        zenith : float or `~astropy.units.Quantity`, optional
-            Zenith angle (ZEN_PNT), in deg. Default is None.
-        muoneff : float, optional
-            Optical efficiency (MUONEFF). Default is None.
-        **values : float
-            Values of other binned or corrected columns by name (e.g. ``AZ_PNT=180``); a derived
-            column (NORTH_PNT) may be given through its sources.
-
-        Returns
-        -------
-        bkg : `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
-            The model, with the conditions and the interpolation weights in its meta.
+        ``zenith`` (ZEN_PNT) in deg, as a float or Quantity, ``muoneff`` (MUONEFF) and the values of
+        other binned or corrected columns by name (e.g. ``AZ_PNT=180``; a derived column such as
+        NORTH_PNT may be given through its sources). Returns the `~gammapy.irf.Background2D` or
+        `~gammapy.irf.Background3D`, with the conditions and the interpolation weights in its meta.
         """
         values.update({k: v for k, v in [(ZENITH, zenith), (MUONEFF, muoneff)] if v is not None})
         values = {k: u.Quantity(v).to_value("deg") if isinstance(v, u.Quantity) else v for k, v in values.items()}
@@ -326,23 +308,22 @@ class BackgroundModelCollection:
 
     def _models_for(self, table):
         values = self._values(table)
-        bins, weights = _bin_weights(self.bin_edges, self.centres, self.interpolate, {c: values[c] for c in self.columns}, len(table))
-        factors = self._factors(values, len(table))
+        bins, weights, _ = _bin_weights(self.bin_edges, values, len(table), self.centres, self.interpolate)
+        factors, norms = self._factors(values, len(table))
         return [
-            self._combine(bins[i], weights[i], factors[i], {c: values[c][i] for c in self.condition_columns})
+            self._combine(bins[i], weights[i], factors[i], norms[i], {c: values[c][i] for c in self.condition_columns})
             for i in range(len(table))
         ]
 
-    def _combine(self, bins, weights, factor, values):
+    def _combine(self, bins, weights, factor, norm, values):
         # Per energy bin, only the models measured there (at or above their EMEASMIN) share the
         # weight: a high-zenith bin's extrapolated rate near low-zenith thresholds must not dilute
         # a measured one.
         energy = self.models[0].axes["energy"].edges[:-1].to_value("TeV")
         used = [(self.models[int(i)], w) for i, w in zip(bins, weights) if w > 0]
         measured = np.array([w * (energy >= m.meta.get("EMEASMIN", 0.0) * (1 - 1e-6)) for m, w in used])
-        norm = measured.sum(axis=0)
-        plain = np.array([np.full(len(energy), w) for _, w in used])
-        effective = np.where(norm > 0, measured / np.where(norm > 0, norm, 1), plain)
+        total = measured.sum(axis=0)
+        effective = np.where(total > 0, measured / np.where(total > 0, total, 1), np.array([[w] for _, w in used]))
         expand = (-1,) + (1,) * (self.models[0].data.ndim - 1)
         data = sum(w.reshape(expand) * m.quantity.to_value(RATE_UNIT) for (m, _), w in zip(used, effective))
         template = self.models[int(bins[np.argmax(weights)])]
@@ -351,8 +332,7 @@ class BackgroundModelCollection:
         meta.update({f"CONDVAL{i + 1}": float(value) for i, value in enumerate(values.values())})
         meta.update({f"WBIN{i + 1}": int(b) for i, b in enumerate(bins)})
         meta.update({f"WEIGHT{i + 1}": float(w) for i, w in enumerate(weights)})
-        meta["CORRFAC"] = float(factor[self._norm_energy_index()])
-        meta["EMEASMIN"] = min(m.meta.get("EMEASMIN", 0.0) for m, _ in used)
+        meta.update(CORRFAC=float(norm), EMEASMIN=min(m.meta.get("EMEASMIN", 0.0) for m, _ in used))
         return type(template)(
             axes=template.axes, data=data * factor.reshape(expand), unit=RATE_UNIT, meta=meta, fov_alignment=template.fov_alignment
         )
@@ -360,43 +340,33 @@ class BackgroundModelCollection:
     def assign(self, obs_table):
         """Bin, interpolation partners, weights and correction of each run of ``obs_table``.
 
-        Returns a table with OBS_ID; BKG_BIN (flat index of the bin holding the run, the nearest
-        outside all bins) and BKG_HDU (its name); ``<col>_BIN`` per binned column; ``<col>_LO``,
-        ``<col>_HI`` and ``<col>_W`` (weight of ``_HI``) per interpolated column; BKG_NORM, the
+        Returns a table with OBS_ID; ``<col>_BIN`` per binned column; ``<col>_LO``, ``<col>_HI``
+        and ``<col>_W`` (weight of ``_HI``) per interpolated column; BKG_BIN (flat index of the bin
+        holding the run, the nearest outside all bins) and BKG_HDU (its name); BKG_NORM, the
         product of the corrections at 1 TeV.
         """
         values = self._values(obs_table)
         table = Table({"OBS_ID": np.asarray(obs_table["OBS_ID"], dtype=np.int64)})
-        index, outside = [], np.zeros(len(obs_table), dtype=bool)
         for column in self.columns:
-            idx, out = assign_bins(values[column], self.bin_edges[column])
-            index.append(idx)
-            outside |= out
-            table[f"{column}_BIN"] = idx
+            table[f"{column}_BIN"] = assign_bins(values[column], self.bin_edges[column])[0]
             if column in self.interpolate:
                 x = interpolation_variable(column, values[column])
                 lo, hi, w = interpolation_weights(x, interpolation_variable(column, self.centres[column]))
                 table[f"{column}_LO"], table[f"{column}_HI"], table[f"{column}_W"] = lo, hi, w
+        bins, _, outside = _bin_weights(self.bin_edges, values, len(table))
         if outside.any():
             log.warning(f"Runs {np.asarray(table['OBS_ID'])[outside].tolist()} lie outside the bins of {self.columns}: they get the nearest bin.")
-        table["BKG_BIN"] = np.ravel_multi_index(index, self.shape) if self.columns else np.zeros(len(table), dtype=int)
-        table["BKG_HDU"] = [self.bin_names[i] for i in table["BKG_BIN"]]
-        table["BKG_NORM"] = self._factors(values, len(table))[:, self._norm_energy_index()]
+        table["BKG_BIN"] = bins[:, 0]
+        table["BKG_HDU"] = np.array(self.bin_names)[bins[:, 0]]
+        table["BKG_NORM"] = self._factors(values, len(table))[1]
         return table
 
     def to_store_inputs(self, obs_table, interpolate=True):
-        """Models and assignment for `~bkgtemplate.store.write_background_store`.
+        """Models by HDU name and the assignment table (`assign`) for `~bkgtemplate.store.write_background_store`.
 
         With ``interpolate=True`` every run gets its own model, interpolated and corrected for its
         conditions (HDU names "BKG_<OBS_ID>"); with False, one model per bin, each run taking the
         bin that holds it, without interpolation or corrections.
-
-        Returns
-        -------
-        models : dict of {str: `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`}
-            Models by HDU name.
-        assignment : `~astropy.table.Table`
-            OBS_ID, BKG_HDU and the columns of `assign`.
         """
         assignment = self.assign(obs_table)
         if not interpolate:
@@ -407,26 +377,24 @@ class BackgroundModelCollection:
         return dict(zip(assignment["BKG_HDU"], self._models_for(obs_table))), assignment
 
     def to_hdulist(self):
-        """FITS HDUs: a primary HDU describing the collection, one HDU per bin (the model's
-        ``to_table_hdu`` with BINCOLn, BINIDXn, BINLOn, BINHIn, BINCENn and BINUNIn), a CORRECTIONS
-        table if there are corrections and a RUNS table if known."""
+        """FITS HDUs: a primary HDU describing the collection (BINCOLi, BINUNIi and INTERPi of the
+        i-th binned column), one HDU per bin (the model's ``to_table_hdu`` with BINCOLi, BINIDXi,
+        BINLOi, BINHIi and BINCENi), a CORRECTIONS table if there are corrections and a RUNS table
+        if known."""
         primary = fits.PrimaryHDU()
-        header = primary.header
-        header[COLLECTION_KEY] = (True, "bkgtemplate background model collection")
-        header["NBINCOL"] = len(self.columns)
+        primary.header.update({COLLECTION_KEY: (True, "bkgtemplate background model collection")})
+        primary.header.update({"NBINS": self.n_bins, "NCORR": len(self.corrections), "NBINCOL": len(self.columns)})
         for i, column in enumerate(self.columns, start=1):
-            header[f"BINCOL{i}"], header[f"BINUNI{i}"] = column, self.units[column]
-            header[f"NBIN{i}"], header[f"INTERP{i}"] = self.shape[i - 1], column in self.interpolate
-        header["NCORR"] = len(self.corrections)
+            primary.header.update({f"BINCOL{i}": column, f"BINUNI{i}": self.units[column]})
+            primary.header[f"INTERP{i}"] = column in self.interpolate
         hdus = [primary]
-        for flat, (name, model) in enumerate(zip(self.bin_names, self.models)):
-            hdu = model.to_table_hdu()
-            hdu.name = name
-            for i, (column, idx) in enumerate(zip(self.columns, np.unravel_index(flat, self.shape)), start=1):
+        for name, model, index in zip(self.bin_names, self.models, np.ndindex(self.shape)):
+            hdus.append(model.to_table_hdu())
+            hdus[-1].name = name
+            for i, (column, k) in enumerate(zip(self.columns, index), start=1):
                 edges = self.bin_edges[column]
-                hdu.header.update({f"BINCOL{i}": column, f"BINUNI{i}": self.units[column], f"BINIDX{i}": int(idx)})
-                hdu.header.update({f"BINLO{i}": edges[idx], f"BINHI{i}": edges[idx + 1], f"BINCEN{i}": self.centres[column][idx]})
-            hdus.append(hdu)
+                hdus[-1].header.update({f"BINCOL{i}": column, f"BINIDX{i}": k, f"BINLO{i}": edges[k]})
+                hdus[-1].header.update({f"BINHI{i}": edges[k + 1], f"BINCEN{i}": self.centres[column][k]})
         if self.corrections:
             n_energy = self.models[0].axes["energy"].nbin
             hdus.append(fits.BinTableHDU(ConditionCorrection.to_table(self.corrections, n_energy), name="CORRECTIONS"))
@@ -456,26 +424,22 @@ class BackgroundModelCollection:
         header = hdulist[0].header
         if not header.get(COLLECTION_KEY, False):
             raise ValueError(f"not a background model collection (no {COLLECTION_KEY} in the primary header)")
-        columns = [header[f"BINCOL{i}"] for i in range(1, header["NBINCOL"] + 1)]
-        shape = tuple(header[f"NBIN{i}"] for i in range(1, len(columns) + 1))
-        expected = 1 + int(np.prod(shape)) + bool(header["NCORR"])
+        expected = 1 + header["NBINS"] + bool(header["NCORR"])
         if len(hdulist) < expected:
             raise ValueError(f"the file is truncated: {len(hdulist)} of at least {expected} HDUs")
-        edges = {column: np.full(n + 1, np.nan) for column, n in zip(columns, shape)}
-        centres = {column: np.full(n, np.nan) for column, n in zip(columns, shape)}
-        models = []
-        for hdu in hdulist[1 : 1 + int(np.prod(shape))]:
-            kind = Background3D if hdu.header.get("HDUCLAS4") == "BKG_3D" else Background2D
-            models.append(kind.from_table(Table.read(hdu)))
-            for i, column in enumerate(columns, start=1):
-                idx = hdu.header[f"BINIDX{i}"]
-                edges[column][idx : idx + 2] = hdu.header[f"BINLO{i}"], hdu.header[f"BINHI{i}"]
-                centres[column][idx] = hdu.header[f"BINCEN{i}"]
+        bin_hdus = hdulist[1 : 1 + header["NBINS"]]
+        columns = [header[f"BINCOL{i}"] for i in range(1, header["NBINCOL"] + 1)]
+        edges, centres = {}, {}
+        for i, column in enumerate(columns, start=1):
+            bins = {hdu.header[f"BINIDX{i}"]: [hdu.header[f"BIN{key}{i}"] for key in ("LO", "HI", "CEN")] for hdu in bin_hdus}
+            lo, hi, centres[column] = np.array([bins[k] for k in sorted(bins)]).T
+            edges[column] = np.append(lo, hi[-1])
+        kinds = [Background3D if hdu.header.get("HDUCLAS4") == "BKG_3D" else Background2D for hdu in bin_hdus]
         return cls(
-            models,
+            [kind.from_table(Table.read(hdu)) for kind, hdu in zip(kinds, bin_hdus)],
             edges,
             centres,
-            interpolate=tuple(c for i, c in enumerate(columns, start=1) if header[f"INTERP{i}"]),
+            interpolate=tuple(column for i, column in enumerate(columns, start=1) if header[f"INTERP{i}"]),
             corrections=ConditionCorrection.from_table(Table.read(hdulist["CORRECTIONS"])) if header["NCORR"] else [],
             units={column: header[f"BINUNI{i}"] for i, column in enumerate(columns, start=1)},
             runs=Table.read(hdulist["RUNS"]) if "RUNS" in hdulist else None,
@@ -522,18 +486,8 @@ class ObservingConditionsEstimator(Maker):
             raise TypeError(f"estimator must be a BackgroundModelEstimator, got {type(self.estimator).__name__}.")
         self.bins = {}
         for column, spec in ({ZENITH: TUTORIAL_ZENITH_EDGES} if bins is None else bins).items():
-            if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
-                if spec < 1:
-                    raise ValueError(f"The number of bins of {column} must be >= 1, got {spec}.")
-                self.bins[column] = int(spec)
-                continue
-            try:
-                edges = np.asarray(u.Quantity(spec, "deg").value if isinstance(spec, u.Quantity) else spec, dtype=float)
-            except (TypeError, ValueError):
-                raise ValueError(f"Bins of {column} must be a list of edges or a number of bins, got {spec!r}.") from None
-            if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
-                raise ValueError(f"Bin edges of {column} must increase, with at least two edges; got {spec!r}.")
-            self.bins[column] = edges
+            is_number = isinstance(spec, (int, np.integer)) and not isinstance(spec, bool) and spec >= 1
+            self.bins[column] = int(spec) if is_number else _check_edges(column, spec)
         self.interpolate = tuple(DEFAULT_INTERPOLATE if interpolate is None else interpolate)
         not_binned = [c for c in self.interpolate if c not in self.bins and c not in DEFAULT_INTERPOLATE]
         if not_binned:
@@ -564,95 +518,80 @@ class ObservingConditionsEstimator(Maker):
     def make_bin_edges(self, obs_table):
         """Bin edges per column; equal-livetime bins from the runs of ``obs_table``."""
         livetime = u.Quantity(obs_table["LIVETIME" if "LIVETIME" in obs_table.colnames else "ONTIME"], "s").value
-        if np.any(~(livetime > 0)):
-            raise ValueError(f"Runs {np.asarray(obs_table['OBS_ID'])[~(livetime > 0)].tolist()} have a livetime <= 0 or NaN; fix or drop them.")
-        return {
-            column: equal_livetime_edges(column_values(obs_table, column), livetime, spec) if isinstance(spec, int) else spec
-            for column, spec in self.bins.items()
-        }
+        bad = np.asarray(obs_table["OBS_ID"])[~(livetime > 0)].tolist()
+        if bad:
+            raise ValueError(f"Runs {bad} have a livetime <= 0 or NaN; fix or drop them.")
+        return {c: equal_livetime_edges(column_values(obs_table, c), livetime, spec) if isinstance(spec, int) else spec
+                for c, spec in self.bins.items()}
 
     def make_collection(self, histograms, use=None, merge_empty=None):
-        """Build the collection from each run's counts and exposure.
+        """Build the collection from each run's counts and exposure (`BackgroundModelEstimator.fill`).
 
-        Parameters
-        ----------
-        histograms : `~bkgtemplate.histograms.BackgroundHistograms`
-            Counts and exposure of each run (`BackgroundModelEstimator.fill`).
-        use : `~numpy.ndarray` of bool, optional
-            Runs to build from. Equal-livetime edges always come from all runs. Default is all.
-        merge_empty : bool, optional
-            Override of the configured ``merge_empty``. Default is None.
-
-        Returns
-        -------
-        collection : `BackgroundModelCollection`
+        ``use`` (bool per run, default all) selects the runs to build from; equal-livetime edges
+        always come from all runs. ``merge_empty`` overrides the configured one if not None.
         """
-        table, obs_ids = histograms.obs_table, np.array(histograms.obs_ids)
-        use = np.ones(len(obs_ids), dtype=bool) if use is None else np.asarray(use, dtype=bool)
-        if not use.any():
-            raise ValueError("No run to build the collection from.")
-        edges = self.make_bin_edges(table)
+        edges = self.make_bin_edges(histograms.obs_table)
+        if use is not None:
+            if not np.any(use):
+                raise ValueError("No run to build the collection from.")
+            histograms = histograms.select(np.array(histograms.obs_ids)[np.asarray(use, dtype=bool)])
+        table, obs_ids, livetime = histograms.obs_table, np.array(histograms.obs_ids), histograms.livetime
         missing = [s for c in list(edges) + list(self.corrections) for s in source_columns(c) if s not in table.colnames]
         if missing:
             raise KeyError(f"The obs table has no {missing} for the bins and corrections; give other bins or corrections={{}}.")
         values = {c: column_values(table, c) for c in dict.fromkeys(list(edges) + list(self.corrections))}
-        _check_finite({c: v[use] for c, v in values.items()}, obs_ids[use])
-        livetime = histograms.livetime
-        edges, cells = self._fill_bins(edges, values, livetime, use, self.merge_empty if merge_empty is None else merge_empty)
-        outside = np.any([assign_bins(values[c][use], e)[1] for c, e in edges.items()], axis=0) if edges else []
+        _check_finite(values, obs_ids)
+        merge_empty = self.merge_empty if merge_empty is None else merge_empty
+        edges, cells, outside = self._fill_bins(edges, values, livetime, merge_empty)
         if np.any(outside):
-            log.warning(f"Runs {obs_ids[use][outside].tolist()} lie outside the bins of {list(edges)}: they are put in the nearest bin.")
+            log.warning(f"Runs {obs_ids[outside].tolist()} lie outside the bins of {list(edges)}: they are put in the nearest bin.")
         centres = {}
-        for k, column in enumerate(edges):
-            index = np.unravel_index(cells, tuple(len(e) - 1 for e in edges.values()))[k][use]
-            x = interpolation_variable(column, values[column][use])
-            centres[column] = _from_interpolation_variable(
-                column, np.bincount(index, livetime[use] * x) / np.bincount(index, livetime[use])
-            )
+        for column, column_edges in edges.items():
+            index, x = assign_bins(values[column], column_edges)[0], interpolation_variable(column, values[column])
+            centres[column] = _from_interpolation_variable(column, np.bincount(index, livetime * x) / np.bincount(index, livetime))
         interpolate = tuple(c for c in edges if c in self.interpolate)
-        bins, weights = _bin_weights(edges, centres, interpolate, {c: values[c][use] for c in edges}, int(use.sum()))
-        matrix = np.zeros((int(use.sum()), int(np.prod([len(e) - 1 for e in edges.values()]))))
-        np.add.at(matrix, (np.repeat(np.arange(len(bins)), bins.shape[1]), bins.ravel()), weights.ravel())
+        bins, weights, _ = _bin_weights(edges, values, len(obs_ids), centres, interpolate)
+        matrix = np.zeros((len(obs_ids), int(np.prod([len(e) - 1 for e in edges.values()]))))
+        np.add.at(matrix, (np.arange(len(obs_ids))[:, None], bins), weights)
         n_runs, n_energy = histograms.counts.shape[:2]
-        counts = histograms.counts[use].reshape(int(use.sum()), n_energy, -1)
-        exposure = histograms.exposure.value[use].reshape(counts.shape)
+        counts = histograms.counts.reshape(n_runs, n_energy, -1)
+        exposure = histograms.exposure.value.reshape(counts.shape)
         corrections = fit_corrections(
-            self.corrections, {c: values[c][use] for c in self.corrections}, livetime[use], counts, exposure,
-            cells[use], matrix, energy_dependent=self.energy_dependent,
+            self.corrections, values, livetime, counts, exposure, cells, matrix, energy_dependent=self.energy_dependent
         )
-        factors = np.ones((n_runs, n_energy))
-        for correction in corrections:
-            factors = factors * correction.factor(values[correction.column]).reshape(n_runs, -1)
+        factors = _correction_factors(corrections, values, (n_runs, n_energy))
         models = []
         for cell in range(matrix.shape[1]):
-            members = use & (cells == cell)
+            members = cells == cell
             model = histograms.select(obs_ids[members]).to_irf(factors[members], self.estimator.smooth_sigma)
             model.meta["LIVETIME"] = float(livetime[members].sum())
             models.append(model)
-        runs = Table({"OBS_ID": obs_ids[use].astype(np.int64), "BKG_BIN": cells[use], "LIVETIME": livetime[use] * u.s})
-        for column in values:
-            runs[column] = values[column][use]
-        units = {column: _unit(table, column) for column in edges}
+        runs = Table({"OBS_ID": obs_ids.astype(np.int64), "BKG_BIN": cells, "LIVETIME": livetime * u.s, **values})
+        units = {c: u.Unit(getattr(table[c], "unit", None) or "").to_string() if c in table.colnames else "" for c in edges}
         return BackgroundModelCollection(models, edges, centres, interpolate, corrections, units, runs)
 
-    def _fill_bins(self, edges, values, livetime, use, merge_empty):
-        """Each run's flat bin, merging bins without used runs with a neighbour if asked."""
+    @staticmethod
+    def _fill_bins(edges, values, livetime, merge_empty):
+        """Each run's flat bin and whether it lies outside all bins; a bin without runs is merged with its
+        neighbour of less livetime if asked."""
         while True:
             shape = tuple(len(e) - 1 for e in edges.values())
-            cells = np.ravel_multi_index([assign_bins(values[c], e)[0] for c, e in edges.items()], shape) if edges else np.zeros(len(use), dtype=int)
-            empty = np.flatnonzero(np.bincount(cells[use], minlength=int(np.prod(shape))) == 0)
+            bins, _, outside = _bin_weights(edges, values, len(livetime))
+            cells = bins[:, 0]
+            empty = np.flatnonzero(np.bincount(cells, minlength=int(np.prod(shape))) == 0)
             if not len(empty):
-                return edges, cells
+                return edges, cells, outside
             index = np.unravel_index(empty[0], shape)
-            spans = ", ".join(f"{c} {np.min(values[c][use]):.4g}-{np.max(values[c][use]):.4g}" for c in edges)
             label = ", ".join(f"{c} [{edges[c][i]:g}, {edges[c][i + 1]:g}]" for c, i in zip(edges, index))
-            axes = [k for k in reversed(range(len(shape))) if shape[k] > 1]
-            if not merge_empty or not axes:
+            if not merge_empty:
+                spans = ", ".join(f"{c} {np.min(values[c]):.4g}-{np.max(values[c]):.4g}" for c in edges)
                 raise EmptyBinError(
-                    f"Bin {label} has no runs (the {int(use.sum())} runs span {spans}); change the bin edges or use merge_empty=True."
+                    f"Bin {label} has no runs (the {len(livetime)} runs span {spans}); change the bin edges or use merge_empty=True."
                 )
-            k, column = axes[0], list(edges)[axes[0]]
-            per_bin = np.bincount(np.unravel_index(cells, shape)[k][use], livetime[use], minlength=shape[k])
+            # merge along the last column with several bins (every run has a bin, so one has several)
+            k = max(k for k, n in enumerate(shape) if n > 1)
+            column = list(edges)[k]
+            per_bin = np.bincount(np.unravel_index(cells, shape)[k], livetime, minlength=shape[k])
             partner = min((j for j in (index[k] - 1, index[k] + 1) if 0 <= j < shape[k]), key=lambda j: (per_bin[j], j))
             log.info(f"Bin {label} has no runs: merged with {column} bin {partner}.")
             edges = {**edges, column: np.delete(edges[column], max(index[k], partner))}

@@ -28,25 +28,13 @@ NUMBERS = ("reference", "coefficient", "clip_min", "clip_max")
 
 @dataclass(frozen=True, eq=False)
 class ConditionCorrection:
-    """A multiplicative correction of the rate, ``exp(coefficient x g(value))``.
+    """A multiplicative correction of the rate of the runs by the value of an obs-index ``column``.
 
-    Parameters
-    ----------
-    column : str
-        Obs-index column, e.g. "MUONEFF".
-    kind : {"power-law", "cos", "linear"}
-        ``g = log(value / reference)`` (rate proportional to ``(value / reference) ** coefficient``),
-        ``g = cos(value) - reference`` (value in deg) or ``g = value - reference``.
-    reference : float or `~numpy.ndarray`
-        Reference value (value for "power-law", cos(value) for "cos"), where g is 0; one per
-        energy bin for an energy-dependent correction.
-    coefficient : float or `~numpy.ndarray`, optional
-        Fitted coefficient (the index for "power-law"); one per energy bin for an
-        energy-dependent correction. Default is 0.
-    clip_min, clip_max : float or `~numpy.ndarray`, optional
-        Range of the transformed value (log(value) for "power-law", cos(value) for "cos", the
-        value for "linear") over the runs that built the correction, per energy bin or for
-        all; values outside are clipped to it. Default is no clipping.
+    ``kind`` is one of `CORRECTION_KINDS` (see the module). ``reference`` is where g is 0 (the
+    value for "power-law", cos(value) for "cos"); ``coefficient`` (default 0) is the fitted one
+    (the index for "power-law"); ``clip_min`` and ``clip_max`` bound the transformed value
+    (log(value), cos(value) or the value; default no clipping). Each number is a float or, for an
+    energy-dependent correction, an array with one value per energy bin.
     """
 
     column: str
@@ -58,16 +46,13 @@ class ConditionCorrection:
 
     def __post_init__(self):
         if self.kind not in CORRECTION_KINDS:
-            raise ValueError(
-                f"Unknown correction kind {self.kind!r} for {self.column}; choose one of {CORRECTION_KINDS}."
-            )
+            raise ValueError(f"Unknown correction kind {self.kind!r} for {self.column}; choose one of {CORRECTION_KINDS}.")
 
     def __eq__(self, other):
         if not isinstance(other, ConditionCorrection):
             return NotImplemented
-        return (self.column, self.kind) == (other.column, other.kind) and all(
-            np.array_equal(getattr(self, name), getattr(other, name)) for name in NUMBERS
-        )
+        same = [np.array_equal(getattr(self, name), getattr(other, name)) for name in NUMBERS]
+        return (self.column, self.kind) == (other.column, other.kind) and all(same)
 
     __hash__ = None  # a correction may hold arrays
 
@@ -80,13 +65,11 @@ class ConditionCorrection:
     def transform(kind, values):
         """The transformed value (before subtracting the reference)."""
         values = np.asarray(values, dtype=float)
-        if kind == "power-law":
-            if np.any(values <= 0):
-                raise ValueError(f"A power-law correction needs positive values, got {values[values <= 0]}.")
-            return np.log(values)
         if kind == "cos":
             return np.cos(np.deg2rad(values))
-        return values
+        if kind == "power-law" and np.any(values <= 0):
+            raise ValueError(f"A power-law correction needs positive values, got {values[values <= 0]}.")
+        return np.log(values) if kind == "power-law" else values
 
     @classmethod
     def reference_of(cls, kind, values, weights):
@@ -94,15 +77,13 @@ class ConditionCorrection:
         mean = np.average(cls.transform(kind, values), weights=weights)
         return float(np.exp(mean)) if kind == "power-law" else float(mean)
 
-    def _reference_transformed(self):
-        return np.log(self.reference) if self.kind == "power-law" else np.asarray(self.reference, dtype=float)
-
     def variable(self, values):
         """g(value), zero at the reference: shape ``values.shape``, plus an energy axis last if energy-dependent."""
         transformed = self.transform(self.kind, values)
         if self.energy_dependent:
             transformed = transformed[..., np.newaxis]
-        return np.clip(transformed, self.clip_min, self.clip_max) - self._reference_transformed()
+        reference = np.log(self.reference) if self.kind == "power-law" else np.asarray(self.reference, dtype=float)
+        return np.clip(transformed, self.clip_min, self.clip_max) - reference
 
     def factor(self, values):
         """Correction factor ``exp(coefficient x g(value))`` (see `variable` for the shape)."""
@@ -137,34 +118,28 @@ class ConditionCorrection:
             return f"{self.column} {self.kind}, energy-dependent: coefficient per energy bin {span}"
         if self.kind == "power-law":
             return f"{self.column} power law: rate x ({self.column} / {self.reference:.4g}) ** {self.coefficient:.3f}"
-        if self.kind == "cos":
-            return (
-                f"{self.column} cos: rate x exp({self.coefficient:.3f} x (cos({self.column}) - {self.reference:.4g}))"
-            )
-        return f"{self.column} linear: rate x exp({self.coefficient:.3f} x ({self.column} - {self.reference:.4g}))"
+        g = f"cos({self.column})" if self.kind == "cos" else self.column
+        return f"{self.column} {self.kind}: rate x exp({self.coefficient:.3f} x ({g} - {self.reference:.4g}))"
 
 
 def _template(column, kind, values, livetime, measured, energy_dependent):
-    """A correction with its references and clip ranges from the runs, coefficient 0.
+    """A correction with coefficient 0, its reference (livetime-weighted mean) and clip range from the runs.
 
-    ``measured`` (n_runs, n_energy) flags the runs with exposure in each energy bin; an
-    energy-dependent correction gets its reference (livetime-weighted mean) and range per bin
-    from those runs.
+    ``measured`` (n_runs, n_energy) flags the runs with exposure in each energy bin: an
+    energy-dependent correction gets its reference and range per energy bin from those runs.
     """
-    transformed = ConditionCorrection.transform(kind, values)
-    if not energy_dependent:
-        reference = ConditionCorrection.reference_of(kind, values, livetime)
-        return ConditionCorrection(column, kind, reference, 0.0, float(transformed.min()), float(transformed.max()))
-    # an energy bin no run measured gets the mean of all runs, and a range of that one point
+    transformed = ConditionCorrection.transform(kind, values)[:, None]
+    measured = measured if energy_dependent else np.ones((len(transformed), 1), dtype=bool)
     weights = measured * livetime[:, None]
     total = weights.sum(axis=0)
-    fallback = np.average(transformed, weights=livetime)
-    mean = np.where(total > 0, transformed @ weights / np.where(total > 0, total, 1), fallback)
+    # an energy bin no run measured gets the mean of all runs, and a range of that one point
+    fallback = np.average(transformed[:, 0], weights=livetime)
+    mean = np.where(total > 0, (transformed * weights).sum(axis=0) / np.where(total > 0, total, 1), fallback)
     seen = measured.any(axis=0)
-    clip_min = np.where(seen, np.where(measured, transformed[:, None], np.inf).min(axis=0), fallback)
-    clip_max = np.where(seen, np.where(measured, transformed[:, None], -np.inf).max(axis=0), fallback)
-    reference = np.exp(mean) if kind == "power-law" else mean
-    return ConditionCorrection(column, kind, reference, np.zeros(len(mean)), clip_min, clip_max)
+    clip_min = np.where(seen, np.where(measured, transformed, np.inf).min(axis=0), fallback)
+    clip_max = np.where(seen, np.where(measured, transformed, -np.inf).max(axis=0), fallback)
+    numbers = [np.exp(mean) if kind == "power-law" else mean, np.zeros(len(mean)), clip_min, clip_max]
+    return ConditionCorrection(column, kind, *(numbers if energy_dependent else [float(n[0]) for n in numbers]))
 
 
 def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_matrix, energy_dependent=()):
@@ -172,33 +147,12 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
 
     The bins' rates depend on the coefficients through the corrected exposure, so all
     coefficients are fitted jointly, the rates being profiled out (each bin's rate is its counts
-    over its corrected exposure). References are livetime-weighted means over the runs (per
-    energy bin over the runs with exposure there, for energy-dependent corrections), and each
-    correction is clipped to the runs' range.
-
-    Parameters
-    ----------
-    kinds : dict of {str: {"power-law", "cos", "linear"}}
-        Correction kind per obs-index column.
-    values : dict of {str: `~numpy.ndarray`}
-        Value of each corrected column for each run.
-    livetime : `~numpy.ndarray`
-        Livetime of each run, in s.
-    counts : `~numpy.ndarray`
-        Counts of each run, shape ``(n_runs, n_energy, n_pixels)``.
-    exposure : `~numpy.ndarray`
-        Exposure of each run, same shape, in s MeV sr.
-    cells : `~numpy.ndarray` of int
-        Flat bin of each run.
-    weights_matrix : `~numpy.ndarray`
-        Interpolation weight of each run on each bin, shape ``(n_runs, n_bins)``.
-    energy_dependent : tuple of str, optional
-        Columns whose correction gets one coefficient per energy bin. Default is ().
-
-    Returns
-    -------
-    corrections : list of `ConditionCorrection`
-        Fitted corrections, in the order of ``kinds`` (empty without kinds).
+    over its corrected exposure). ``kinds`` maps each corrected column to its kind, ``values`` each
+    column to its value per run; ``livetime`` is in s; ``counts`` and ``exposure`` (s MeV sr) have
+    shape (n_runs, n_energy, n_pixels); ``cells`` is the flat bin of each run, ``weights_matrix``
+    (n_runs, n_bins) its interpolation weight on each bin. Columns in ``energy_dependent``
+    (default none) get one coefficient per energy bin. Returns the fitted `ConditionCorrection`
+    list, in the order of ``kinds`` (references and clip ranges as in the module docstring).
     """
     if not kinds:
         return []
@@ -208,23 +162,17 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
         _template(column, kind, values[column], livetime, measured, column in energy_dependent)
         for column, kind in kinds.items()
     ]
-    # g of each correction for each run and energy bin, and its slice of the parameter vector
-    g = np.array(
-        [np.broadcast_to(c.variable(values[c.column]).reshape(n_runs, -1), (n_runs, n_energy)) for c in template]
-    )
-    sizes = [n_energy if c.energy_dependent else 1 for c in template]
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    one_hot = np.zeros((weights_matrix.shape[1], n_runs))
-    one_hot[cells, np.arange(n_runs)] = 1
+    # g of each parameter for each run and energy bin: an energy-dependent correction has one
+    # parameter per energy bin, whose g is zero in the other energy bins
+    g = []
+    for correction in template:
+        g_runs = np.broadcast_to(correction.variable(values[correction.column]).reshape(n_runs, -1), (n_runs, n_energy))
+        g.extend(g_runs * np.eye(n_energy)[:, None, :] if correction.energy_dependent else [g_runs])
+    g = np.array(g)
+    one_hot = (cells == np.arange(weights_matrix.shape[1])[:, None]).astype(float)  # (n_bins, n_runs)
     counts_flat = counts.reshape(n_runs, -1)
     counts_cell = one_hot @ counts_flat
     has_data = counts_flat > 0
-
-    def log_factor(parameters):
-        coefficients = np.array(
-            [np.broadcast_to(parameters[a:b], (n_energy,)) for a, b in zip(starts[:-1], starts[1:])]
-        )
-        return np.einsum("ke,kne->ne", coefficients, g)
 
     def negative_log_likelihood(parameters):
         """The profiled Poisson likelihood and its gradient.
@@ -233,7 +181,7 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
         the rates change with the corrected exposure, which adds -(O^T b) X F dlogF with
         b = R / E x W^T ((1 - N / mu) X F).
         """
-        factor = np.exp(log_factor(parameters))[:, :, None]
+        factor = np.exp(np.einsum("p,pne->ne", parameters, g))[:, :, None]
         corrected = (exposure * factor).reshape(n_runs, -1)
         exposure_cell = one_hot @ corrected
         filled = exposure_cell > 0
@@ -244,15 +192,14 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
         residual = np.where(good, 1 - counts_flat / np.where(good, mu, 1), 0.0)
         b = np.where(filled, rate / np.where(filled, exposure_cell, 1), 0.0) * (weights_matrix.T @ (residual * corrected))
         h = (residual * mu - (one_hot.T @ b) * corrected).reshape(n_runs, n_energy, -1).sum(axis=2)
-        per_energy = np.einsum("ne,kne->ke", h, g)
-        gradient = np.concatenate([row if size > 1 else [row.sum()] for row, size in zip(per_energy, sizes)])
-        return value, gradient
+        return value, np.einsum("ne,pne->p", h, g)
 
-    result = minimize(negative_log_likelihood, np.zeros(starts[-1]), jac=True, method="L-BFGS-B")
+    result = minimize(negative_log_likelihood, np.zeros(len(g)), jac=True, method="L-BFGS-B")
     if not result.success:
         log.warning(f"The correction fit did not converge ({result.message}); using its last values.")
-    fitted = []
-    for correction, a, b in zip(template, starts[:-1], starts[1:]):
-        coefficient = result.x[a:b].copy() if correction.energy_dependent else float(result.x[a])
-        fitted.append(replace(correction, coefficient=coefficient))
-    return fitted
+    sizes = [n_energy if correction.energy_dependent else 1 for correction in template]
+    parameters = np.split(result.x, np.cumsum(sizes)[:-1])
+    return [
+        replace(correction, coefficient=p.copy() if correction.energy_dependent else float(p[0]))
+        for correction, p in zip(template, parameters)
+    ]
