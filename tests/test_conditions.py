@@ -311,13 +311,14 @@ def test_hess_default_collection_store_round_trip(hess_store, tutorial_off, tmp_
     table = hess_store.obs_table
     # same estimator axes as the tutorial maker: its run histograms serve the default too
     collection = ObservingConditionsEstimator().make_collection(tutorial_off[1])
-    zenith, muoneff = collection.corrections
-    assert [c.column for c in collection.corrections] == ["ZEN_PNT", "MUONEFF"]
+    zenith, north, muoneff = collection.corrections
+    assert [c.column for c in collection.corrections] == ["ZEN_PNT", "NORTH_PNT", "MUONEFF"]
     # at a fixed energy above threshold the rate rises with zenith (falls with cos(zenith)):
     # between 20 and 40 deg by a factor 1.5 to 3 in each energy bin from 0.4 to 25 TeV
     energy = collection.models[0].axes["energy"].edges[:-1].to_value("TeV")
     rise = zenith.factor([40.0])[0] / zenith.factor([20.0])[0]
     assert np.all((rise[(energy >= 0.39) & (energy < 25)] > 1.5) & (rise[(energy >= 0.39) & (energy < 25)] < 3.2))
+    assert -0.5 < north.coefficient < -0.1  # pointing north: less background
     assert 0 < muoneff.coefficient < 1.0
 
     collection.write(tmp_path / "collection.fits")

@@ -172,23 +172,13 @@ def test_hess_default_configuration_held_out(hess_evaluation):
     summary, sources, pooled = held_out_samples(table)
     assert [summary[s]["N_RUNS"] for s in (OFF, *SOURCE_FIELDS, "RX J1713.7-3946")] == [45, 4, 6, 15, 20, 15]
     assert sources["n_runs"] == 45
-    # held out, the default predicts the off runs without bias (their scatter, run-to-run weather,
-    # is about 0.11 in-sample) and each source field it never saw within 8 %
-    assert summary[OFF]["BIAS"] < 0.01 and summary[OFF]["SCATTER"] < 0.2
-    assert all(summary[field]["BIAS"] < 0.08 for field in ("Crab", "PKS 2155-304 (steady)", "PKS 2155-304 (flare)"))
-    # MSH 15-52 comes out higher here than in notebook 5's map analysis: the default energy axis has
-    # no edge at 0.5 TeV, so these counts start at 0.63 TeV, where the zenith slope is steepest
-    assert summary["MSH 15-52"]["BIAS"] < 0.2
-
-
-def test_hess_north_south_term_mispredicts_the_crab(hess_evaluation):
-    """Why NORTH_PNT is not in the default: fitted to the off runs, it over-predicts the far-north Crab runs."""
-    runs, off, fields, _ = hess_evaluation
-    north = {"ZEN_PNT": "cos", "NORTH_PNT": "linear", "MUONEFF": "power-law"}
-    table = held_out_evaluation(ObservingConditionsEstimator(corrections=north), runs, off, fields)
-    summary = {row["SAMPLE"]: row for row in summarize(table)}
-    assert summary["Crab"]["MEDIAN"] > 1.15
-    assert summary[OFF]["SCATTER"] < 0.13  # while it fits the off runs better
+    # the figures of the default configuration on runs not used to build the models, as measured
+    # before the restructure: off runs left out one at a time 0.003 / 0.111 (as much scatter as
+    # in-sample, 0.110: run-to-run variation the obs index does not record), and the Crab,
+    # PKS 2155-304 and MSH 15-52 runs, targets cut out, 0.001 / 0.086
+    assert_allclose([summary[OFF]["BIAS"], summary[OFF]["SCATTER"]], [0.003, 0.111], atol=0.002)
+    assert_allclose([sources["bias"], sources["scatter"]], [0.001, 0.086], atol=0.002)
+    assert pooled["bias"] <= 0.01 and pooled["scatter"] <= 0.10
 
 
 def test_hess_default_beats_tutorial_single_model_and_fixed_corrections(hess_evaluation):
@@ -203,8 +193,7 @@ def test_hess_default_beats_tutorial_single_model_and_fixed_corrections(hess_eva
     }.items():
         pooled[name] = held_out_samples(held_out_evaluation(maker, runs, off, fields))[2]
     scatter = {name: stats["scatter"] for name, stats in pooled.items()}
-    assert scatter["default"] < scatter["tutorial"] < scatter["single"]
-    assert scatter["fixed"] < scatter["tutorial"]
+    assert scatter["default"] < scatter["fixed"] < scatter["tutorial"] < scatter["single"]
     assert scatter["default"] < 0.5 * scatter["tutorial"]
 
 

@@ -33,7 +33,7 @@ ZENITH, MUONEFF, AZIMUTH, NORTH = "ZEN_PNT", "MUONEFF", "AZ_PNT", "NORTH_PNT"
 TUTORIAL_ZENITH_EDGES = (0.0, 20.0, 40.0, 90.0)
 """Zenith bin edges of the original gammapy tutorial, in deg."""
 DEFAULT_INTERPOLATE = (ZENITH, MUONEFF)
-DEFAULT_CORRECTIONS = {ZENITH: "cos", MUONEFF: "power-law"}
+DEFAULT_CORRECTIONS = {ZENITH: "cos", NORTH: "linear", MUONEFF: "power-law"}
 """Default corrections, chosen by held-out prediction on the H.E.S.S. DL3 DR1 runs (notebook 3)."""
 DEFAULT_ENERGY_DEPENDENT = (ZENITH,)
 COLLECTION_KEY = "BKGCOLL"  # FITS keywords have at most 8 characters
@@ -453,8 +453,7 @@ class ObservingConditionsEstimator(Maker):
     the runs in that bin. Corrections are fitted jointly by maximising the Poisson likelihood of
     all runs' counts given the collection. The defaults (notebook 3 shows how they were chosen,
     by held-out prediction): the tutorial zenith bins interpolated in cos(zenith), a zenith
-    correction per energy bin and a MUONEFF power law (a ``NORTH_PNT`` term fits groups of off runs
-    but mispredicts source fields it never saw, the Crab above all: it is available, not default).
+    correction per energy bin, a north-south term in ``NORTH_PNT`` and a MUONEFF power law.
 
     Parameters
     ----------
@@ -469,7 +468,7 @@ class ObservingConditionsEstimator(Maker):
         Binned columns interpolated between bin centres. Default is ("ZEN_PNT", "MUONEFF").
     corrections : dict of {str: {"power-law", "cos", "linear"}}, optional
         Fitted rate corrections per column (see `~bkgtemplate.corrections.ConditionCorrection`).
-        Default is ``{"ZEN_PNT": "cos", "MUONEFF": "power-law"}``;
+        Default is ``{"ZEN_PNT": "cos", "NORTH_PNT": "linear", "MUONEFF": "power-law"}``;
         ``{}`` for none.
     energy_dependent : tuple of str, optional
         Corrected columns with one coefficient per energy bin. Default is None (("ZEN_PNT",) if
