@@ -22,8 +22,8 @@ from astropy.time import Time
 from gammapy.irf import PSF3D, EffectiveAreaTable2D, EnergyDispersion2D
 from gammapy.maps import MapAxis
 from gammapy.utils.coordinates import FoVAltAzFrame
-# the one package helper simulate uses: nothing of the estimator's geometry, so the truth is independent
-from .store import staged_write
+# the package helpers simulate uses, for safe writing only: nothing of the estimator's geometry, so the truth is independent
+from .store import check_replaceable, staged_write
 
 __all__ = ["RATE_UNIT", "SOURCE_POSITION", "BackgroundTruth", "simulate_archive"]
 
@@ -403,18 +403,9 @@ def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=Fal
         raise TypeError(f"Expected a BackgroundTruth, got {type(truth).__name__}.")
     if n_off_runs < 0 or n_source_runs < 0 or n_off_runs + n_source_runs == 0:
         raise ValueError(f"Need at least one run, got n_off_runs={n_off_runs}, n_source_runs={n_source_runs}.")
-    if overwrite and path.is_dir() and any(path.iterdir()):
-        files = {p.relative_to(path).as_posix() for p in path.rglob("*")}
-        ours = {"data", "obs-index.fits.gz", "hdu-index.fits.gz"}
-        foreign = sorted(f for f in files - ours if not f.startswith("data/run_"))
-        try:
-            marked = fits.getheader(path / "obs-index.fits.gz", 1).get("CREATOR") == CREATOR
-        except (OSError, IndexError):
-            marked = False
-        if foreign or not marked:
-            why = f"it holds {foreign[:5]}" if foreign else f"its obs index lacks CREATOR = '{CREATOR}'"
-            raise FileExistsError(f"{path} is not an archive simulated by bkgtemplate ({why}): not replaced; "
-                                  "choose another folder.")
+    if overwrite:
+        check_replaceable(path, CREATOR, ["data", "data/run_*", "obs-index.fits.gz", "hdu-index.fits.gz"],
+                          f"{path} is not an archive simulated by bkgtemplate")
     rng = np.random.default_rng(seed)
     table = _plan_runs(rng, n_off_runs, n_source_runs, truth)
     table.meta["SIMSEED"] = int(seed)

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+from fnmatch import fnmatch
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -25,7 +26,7 @@ from .data import collect_runs
 from .geometry import fov_radec_to_altaz
 from .histograms import RATE_UNIT, rotation_steps
 
-__all__ = ["gammapy_fov_alignment", "sky_aligned", "staged_write", "write_background_store"]
+__all__ = ["check_replaceable", "gammapy_fov_alignment", "sky_aligned", "staged_write", "write_background_store"]
 
 log = logging.getLogger(__name__)
 
@@ -305,19 +306,28 @@ def _check_output_dir(output_dir, input_dir, overwrite):
         raise ValueError(f"Output folder {output_dir} contains the input store {input_dir}")
     if _exists(output_dir) and not output_dir.is_dir():
         raise FileExistsError(f"Output path {output_dir} exists and is not a folder: not replaced")
-    if not (overwrite and output_dir.is_dir() and any(output_dir.iterdir())):
-        return  # without overwrite, staged_write refuses a non-empty folder
-    bkg_dir = output_dir / BKG_DIR
-    entries = [*output_dir.iterdir(), *(bkg_dir.iterdir() if bkg_dir.is_dir() else [])]
-    foreign = sorted({_.relative_to(output_dir).as_posix() for _ in entries} - STORE_FILES)
+    if overwrite:  # without overwrite, staged_write refuses a non-empty folder
+        check_replaceable(output_dir, CREATOR, STORE_FILES, f"Output folder {output_dir} is not a store written by bkgtemplate")
+
+
+def check_replaceable(folder, creator, patterns, what):
+    """Raise `FileExistsError` unless ``folder`` is empty or holds what this package wrote, and nothing else.
+
+    That is: only files matching the glob ``patterns`` (relative to ``folder``) and an obs index
+    whose header says ``CREATOR = creator``. ``what`` starts the message. Used before a folder is
+    replaced, so that ``overwrite=True`` never deletes a user's files.
+    """
+    if not (folder.is_dir() and any(folder.iterdir())):
+        return
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    foreign = [name for name in files if not any(fnmatch(name, pattern) for pattern in patterns)]
     try:
-        marked = fits.getheader(output_dir / OBS_INDEX_FILE, "OBS_INDEX").get("CREATOR") == CREATOR
+        marked = fits.getheader(folder / OBS_INDEX_FILE, "OBS_INDEX").get("CREATOR") == creator
     except (OSError, KeyError):
         marked = False
     if foreign or not marked:
-        why = f"it holds {foreign[:5]}" if foreign else f"its obs index lacks CREATOR = '{CREATOR}'"
-        raise FileExistsError(f"Output folder {output_dir} is not a store written by bkgtemplate ({why}): not "
-                              "replaced; choose another folder or empty it yourself")
+        why = f"it holds {foreign[:5]}" if foreign else f"its obs index lacks CREATOR = '{creator}'"
+        raise FileExistsError(f"{what} ({why}): not replaced; choose another folder or empty it yourself")
 
 
 def _make_hdu_index(hdu_table, run_models, models, model_hdus, input_dir, output_dir):
