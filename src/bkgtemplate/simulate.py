@@ -2,7 +2,7 @@
 
 `BackgroundTruth` is the detected background rate R(E, fov_lon, fov_lat; zenith, muoneff); `simulate_archive`
 draws events from it (plus a point source in wobble runs) and writes a store that gammapy reads. From the package
-this module imports only `staged_write`, so that the truth shares no code with the estimator: event FoV coordinates
+this module imports only the store's safe-writing helpers, so that the truth shares no code with the estimator: event FoV coordinates
 become RA/Dec through gammapy's ``FoVAltAzFrame``, and `BackgroundTruth.expected_rate` integrates the rate and the
 solid angle of a bin numerically on the same area element (sin r dr dphi, cos lat dlon dlat), not in closed form.
 """
