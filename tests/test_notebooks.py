@@ -221,3 +221,21 @@ def test_help_notebook_shows_types_and_help(notebook):
     command = [sys.executable, "-m", "papermill", "--help-notebook", str(notebook)]
     shown = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     assert "Unknown type" not in shown, shown
+
+
+@pytest.mark.parametrize(
+    "notebook, parameters, message",
+    [
+        ("02_estimate_background.ipynb", {"energy_bins": "ten"}, "energy_bins must be"),
+        ("03_zenith_dependence.ipynb", {"zenith_edges_deg": 30}, "zenith_edges_deg must be a list of bin edges in deg, got 30"),
+        ("03_zenith_dependence.ipynb", {"zenith_edges_deg": "0,20,40"}, "zenith_edges_deg must be a list of bin edges in deg"),
+    ],
+)
+def test_wrong_parameter_type_names_the_parameter(tmp_path, notebook, parameters, message):
+    """A papermill parameter of the wrong type stops the notebook with one line naming it (issue 13)."""
+    with pytest.raises(papermill.PapermillExecutionError) as error:
+        papermill.execute_notebook(
+            NOTEBOOKS / notebook, tmp_path / notebook, parameters={"output_dir": str(tmp_path), **parameters},
+            cwd=NOTEBOOKS, kernel_name="python3", progress_bar=False,
+        )
+    assert message in str(error.value.evalue) and "\n" not in str(error.value.evalue)
