@@ -238,8 +238,9 @@ def test_ci_runs_the_readme_test_command():
 
 def make_dry_run(target, *variables):
     # when the tests themselves run under `make test`, the parent make's variables would make
-    # this one print "Entering/Leaving directory" lines
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    # this one print "Entering/Leaving directory" lines, and its command-line variables (CI's
+    # TEST_EXTRAS) reach the environment
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "TEST_EXTRAS")}
     command = ["make", "-n", "-B", "--no-print-directory", target, *variables]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True, env=env).stdout
 
