@@ -295,25 +295,20 @@ def test_plain():
 """
 
 
+def run_with_our_conftest(tmp_path, name, text, **env):
+    """Run the test file ``text`` with the project's conftest in a fresh pytest process."""
+    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / name).write_text(text)
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    hess: real data\n    ci: in CI\n")
+    env = dict(os.environ, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", **env)  # nbval's import alone takes seconds
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", str(tmp_path)]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.parametrize("require", ["0", "1"])
 def test_require_hess_turns_skips_into_failures(tmp_path, require):
-    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
-    (tmp_path / "test_hess.py").write_text(HESS_TESTS)
-    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    hess: real data\n")
-    env = dict(
-        os.environ,
-        BKGTEMPLATE_REQUIRE_HESS=require,
-        GAMMAPY_DATA=str(tmp_path / "none"),
-        PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",  # nbval's import alone takes seconds
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_with_our_conftest(tmp_path, "test_hess.py", HESS_TESTS, BKGTEMPLATE_REQUIRE_HESS=require,
+                                   GAMMAPY_DATA=str(tmp_path / "none"))
     out = result.stdout
     assert "ran=0 skipped=2" in out, out
     if require == "1":
@@ -347,18 +342,7 @@ def test_plain():
 
 @pytest.mark.parametrize("ci", ["", "true"])
 def test_ci_turns_skips_of_ci_tests_into_failures(tmp_path, ci):
-    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
-    (tmp_path / "test_ci.py").write_text(CI_TESTS)
-    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    hess: real data\n    ci: in CI\n")
-    env = dict(os.environ, CI=ci, BKGTEMPLATE_REQUIRE_HESS="0", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_with_our_conftest(tmp_path, "test_ci.py", CI_TESTS, CI=ci, BKGTEMPLATE_REQUIRE_HESS="0")
     out = result.stdout
     if ci:
         assert result.returncode == 1, out
