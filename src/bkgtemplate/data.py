@@ -1,10 +1,8 @@
 """Data: find a DL3 data store, open it, and read what each run contributes.
 
-The data is looked for at an explicit path or, by default, at ``$GAMMAPY_DATA/hess-dl3-dr1``,
-the layout that ``gammapy download datasets`` produces. For each run only the obs-index row and
-the EVENTS columns are read (a whole gammapy `~gammapy.data.Observation` would also load IRFs
-the background estimate does not use), and they are checked against each other: a bad run
-raises `RunError` with one line naming the run and the file.
+For each run only the obs-index row and the EVENTS columns are read (a gammapy
+`~gammapy.data.Observation` would also load IRFs), checked against each other: a bad run raises
+`RunError` with one line naming the run and the file.
 """
 
 import gzip
@@ -24,7 +22,7 @@ from gammapy.data import DataStore, Observations
 from gammapy.utils.scripts import make_path
 
 __all__ = ["DATASET_NAME", "DataNotFoundError", "RunError", "RunInfo", "check_obs_ids", "collect_runs",
-    "find_data_dir", "obs_table_rows", "open_data_store", "read_events"]
+           "find_data_dir", "obs_table_rows", "open_data_store", "read_events"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +42,10 @@ class DataNotFoundError(FileNotFoundError):
     """The dataset folder, or its index files, could not be found."""
 
 
+class RunError(Exception):
+    """A run that cannot be used; the message names the run and the file."""
+
+
 def _how_to_get():
     # `gammapy download datasets --out DIR` extracts into DIR/<release>/, not DIR itself.
     from gammapy.scripts.download import RELEASE
@@ -52,14 +54,16 @@ def _how_to_get():
 
 
 def _index_files(folder):
-    """Index files of a data store folder, {stem: path}; a stem without a file is left out."""
-    files = {stem: [folder / f"{stem}{suffix}" for suffix in INDEX_SUFFIXES] for stem in INDEX_STEMS}
-    files = {stem: [path for path in paths if path.is_file()] for stem, paths in files.items()}
-    return {stem: paths[0] for stem, paths in files.items() if paths}
+    """{stem: path} of the index files of a folder; a stem without a file is left out."""
+    found = {stem: [folder / f"{stem}{suffix}" for suffix in INDEX_SUFFIXES] for stem in INDEX_STEMS}
+    return {stem: files[0] for stem, paths in found.items() if (files := [path for path in paths if path.is_file()])}
 
 
 def find_data_dir(path=None):
     """Find the folder of a DL3 data store (``obs-index.fits(.gz)`` and ``hdu-index.fits(.gz)``).
+
+    A missing variable, folder or index file raises `DataNotFoundError` with one line naming the
+    path tried and how to get the data.
 
     Parameters
     ----------
@@ -70,24 +74,21 @@ def find_data_dir(path=None):
     Returns
     -------
     path : `~pathlib.Path`
-        The folder, absolute. A missing variable, folder or index file raises `DataNotFoundError`
-        with one line naming the path tried and how to get the data.
+        The folder, absolute.
     """
     if path is None:
         if not os.environ.get("GAMMAPY_DATA"):
             raise DataNotFoundError(f"H.E.S.S. DL3 DR1 data not found: GAMMAPY_DATA is not set (looked for $GAMMAPY_DATA/{DATASET_NAME}); {_how_to_get()}")
         path = Path(os.environ["GAMMAPY_DATA"]) / DATASET_NAME
     expanded = os.path.expanduser(os.path.expandvars(str(path)))
-    unset = re.findall(r"\$\{?(\w+)", expanded)
-    if unset:
+    if unset := re.findall(r"\$\{?(\w+)", expanded):
         raise DataNotFoundError(f"Data not found: {', '.join(unset)} is not set (path tried: {path}); {_how_to_get()}")
     folder = Path(expanded).absolute()
     if folder.is_file() and folder.name.startswith(INDEX_STEMS):
         raise DataNotFoundError(f"Data not found: {folder} is an index file; give its folder {folder.parent}.")
     if not folder.is_dir():
         raise DataNotFoundError(f"Data not found: folder {folder} does not exist; {_how_to_get()}")
-    missing = [f"{stem}.fits(.gz)" for stem in INDEX_STEMS if stem not in _index_files(folder)]
-    if missing:
+    if missing := [f"{stem}.fits(.gz)" for stem in INDEX_STEMS if stem not in _index_files(folder)]:
         raise DataNotFoundError(f"Data not found: folder {folder} exists but has no {' and '.join(missing)}; {_how_to_get()}")
     log.debug(f"Data store found in {folder}")
     return folder
@@ -103,13 +104,9 @@ def open_data_store(path=None):
         raise DataNotFoundError(f"Cannot read the index files of {folder} ({error}); check or rewrite them.") from None
 
 
-class RunError(Exception):
-    """A run that cannot be used; the message names the run and the file."""
-
-
 @dataclass(frozen=True)
 class RunInfo:
-    """Everything the estimator needs from one run, small enough to send to a worker.
+    """What the estimator needs from one run, small enough to send to a worker.
 
     Angles are in rad, times in s (mission elapsed time), energies in TeV.
     """
@@ -131,8 +128,7 @@ class RunInfo:
 def check_obs_ids(obs_ids, data_store=None):
     """Run numbers as a list of distinct int; a repeated run is used once, with a warning.
 
-    ``obs_ids`` may be a list of run numbers, a `~gammapy.data.Observations` or None (all runs
-    of ``data_store``).
+    ``obs_ids`` may be run numbers, a `~gammapy.data.Observations` or None (all runs of ``data_store``).
     """
     if obs_ids is None and data_store is not None:
         obs_ids = data_store.obs_table["OBS_ID"]
@@ -153,24 +149,23 @@ def check_obs_ids(obs_ids, data_store=None):
     return unique
 
 
-def _column(table, name, unit):
-    """A column in ``unit``, NaN where masked; without a unit the GADF unit is assumed, with a warning."""
+def _column(table, name, unit, obs_ids=None, what=None):
+    """A column in ``unit``, NaN where masked or absent; without a unit the GADF one is assumed, with a warning.
+
+    With ``what``, a missing column or value is an error asking to add ``what``.
+    """
     if name not in table.colnames:
-        return None
+        if what:
+            raise KeyError(f"The obs index has no {name} column; add {what} for every run.")
+        return np.full(len(table), np.nan)
     column = table[name]
     if column.unit is None:
         source = table.meta.get("BASE_DIR", "the obs index")
         log.warning(f"Column {name} of {source} has no unit: assuming {GADF_UNITS[name]} (GADF).")
     values = u.Quantity(np.asarray(column, float), column.unit or GADF_UNITS[name]).to_value(unit)
-    return np.where(np.ma.getmaskarray(column), np.nan, values)
-
-
-def _require(table, name, unit, obs_ids, what):
-    values = _column(table, name, unit)
-    if values is None:
-        raise KeyError(f"The obs index has no {name} column; add {what} for every run.")
-    bad = [obs_id for obs_id, value in zip(obs_ids, values) if not np.isfinite(value)]
-    if bad:
+    values = np.where(np.ma.getmaskarray(column), np.nan, values)
+    if what and not np.isfinite(values).all():
+        bad = np.array(obs_ids)[~np.isfinite(values)].tolist()
         raise ValueError(f"Runs {bad} have no valid {name} in the obs index; fix or drop them.")
     return values
 
@@ -192,58 +187,51 @@ def _site_and_reference(meta, headers):
 def obs_table_rows(data_store, obs_ids):
     """Obs-index rows of ``obs_ids`` in that order, as a `~astropy.table.Table`."""
     # one pass over the index: ObservationTable.select_obs_id searches it once per run
-    table = data_store.obs_table
     position = {}
-    for idx, obs_id in enumerate(np.asarray(table["OBS_ID"]).tolist()):
+    for idx, obs_id in enumerate(np.asarray(data_store.obs_table["OBS_ID"]).tolist()):
         position.setdefault(int(obs_id), idx)
-    missing = [obs_id for obs_id in obs_ids if obs_id not in position]
-    if missing:
+    if missing := [obs_id for obs_id in obs_ids if obs_id not in position]:
         raise ValueError(f"Runs {missing} are not in the obs index; drop them from the selection.")
-    return Table(table[[position[obs_id] for obs_id in obs_ids]])
+    return Table(data_store.obs_table[[position[obs_id] for obs_id in obs_ids]])
 
 
 def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     """The `RunInfo` of the runs ``obs_ids`` (default all; ``SAFE_ENERGY_LO`` read if ``safe_threshold``).
 
     The hour angle at each run's start is computed for all runs in one vectorised astropy call
-    (site and time reference from the obs-index header, else from the runs' EVENTS headers);
-    the estimator follows the field rotation from there.
+    (site and time reference from the obs-index header, else from the runs' EVENTS headers).
     """
     if not isinstance(data_store, DataStore):
         raise TypeError(f"Expected a gammapy DataStore, got {type(data_store).__name__}.")
     obs_ids = check_obs_ids(obs_ids, data_store)
     rows = obs_table_rows(data_store, obs_ids)
-    ontime = _require(rows, "ONTIME", "s", obs_ids, "the on time in s (not dead-time corrected)")
-    ra = _require(rows, "RA_PNT", "rad", obs_ids, "the pointing RA")
-    dec = _require(rows, "DEC_PNT", "rad", obs_ids, "the pointing Dec")
-    tstart = _require(rows, "TSTART", "s", obs_ids, "the run start time (MET, s)")
-    tstop = _column(rows, "TSTOP", "s")
-    tstop = tstart + ontime if tstop is None else np.where(np.isfinite(tstop), tstop, tstart + ontime)
+    ontime = _column(rows, "ONTIME", "s", obs_ids, "the on time in s (not dead-time corrected)")
+    ra = _column(rows, "RA_PNT", "rad", obs_ids, "the pointing RA")
+    dec = _column(rows, "DEC_PNT", "rad", obs_ids, "the pointing Dec")
+    tstart = _column(rows, "TSTART", "s", obs_ids, "the run start time (MET, s)")
+    tstop = np.where(np.isfinite(tstop := _column(rows, "TSTOP", "s")), tstop, tstart + ontime)
     for name, bad in [("ONTIME <= 0", ontime <= 0), ("ONTIME > TSTOP - TSTART", ontime > tstop - tstart + 1)]:
         if bad.any():
             raise ValueError(f"Runs {np.array(obs_ids)[bad].tolist()} have {name} in the obs index; fix the units or drop them.")
-
     threshold = _column(rows, "SAFE_ENERGY_LO", "TeV") if safe_threshold else np.zeros(len(rows))
-    if threshold is None:
+    if "SAFE_ENERGY_LO" not in rows.colnames and safe_threshold:
         log.warning("The obs index has no SAFE_ENERGY_LO column: all energy bins are used for every run.")
-        threshold = np.zeros(len(rows))
-    for obs_id in np.array(obs_ids)[~np.isfinite(threshold)]:
-        log.warning(f"Run {obs_id} has no SAFE_ENERGY_LO: all its energy bins are used.")
+    else:
+        for obs_id in np.array(obs_ids)[~np.isfinite(threshold)]:
+            log.warning(f"Run {obs_id} has no SAFE_ENERGY_LO: all its energy bins are used.")
     threshold = np.where(np.isfinite(threshold), threshold, 0.0)
 
     # one pass over the HDU index: its own lookup searches the whole table once per run
-    hdu_table = data_store.hdu_table
-    rows_of = {}
+    hdu_table, rows_of = data_store.hdu_table, {}
     for row, (obs_id, hdu_type) in enumerate(zip(hdu_table["OBS_ID"], np.char.strip(np.asarray(hdu_table["HDU_TYPE"]).astype(str)))):
         if hdu_type == "events":
             rows_of.setdefault(int(obs_id), []).append(row)
-    missing = [obs_id for obs_id in obs_ids if len(rows_of.get(obs_id, [])) != 1]
-    if missing:
+    if missing := [obs_id for obs_id in obs_ids if len(rows_of.get(obs_id, [])) != 1]:
         raise RunError(f"Runs {missing} have no or several events rows in the HDU index; fix the index or drop them.")
     locations = [hdu_table.location_info(rows_of[obs_id][0]) for obs_id in obs_ids]
     meta = data_store.obs_table.meta
-    needs_headers = not all(key in meta for key in HESS_DEFAULTS)
-    location, reference = _site_and_reference(meta, [_events_header(hdu) if needs_headers else {} for hdu in locations])
+    headers = [_events_header(hdu) if not all(key in meta for key in HESS_DEFAULTS) else {} for hdu in locations]
+    location, reference = _site_and_reference(meta, headers)
     times = reference + tstart * u.s
     hadec = SkyCoord(ra * u.rad, dec * u.rad).transform_to(HADec(location=location, obstime=times))
     # converted once: indexing a SkyCoord or an EarthLocation per run costs more than reading a run
@@ -268,8 +256,7 @@ def _events_header(location):
 
 def _scale(columns, name, path, default, to, obs_id):
     """Factor from the unit of an events column to ``to``; a column without a unit is in the GADF ``default``."""
-    text = columns[name].unit
-    if not text:
+    if not (text := columns[name].unit):
         log.warning(f"Column {name} of {path} has no unit: assuming {default} (GADF).")
         text = default
     try:
@@ -292,12 +279,10 @@ def read_events(run):
         raise RunError(f"Run {run.obs_id}: events file {path} does not exist.")
     try:
         with fits.open(path, memmap=False) as hdulist:
-            try:
-                hdu = hdulist[run.hdu]
-            except KeyError:
+            if run.hdu not in hdulist:
                 _check_complete(path, run)
-                raise RunError(f"Run {run.obs_id}: {path} has no {run.hdu} HDU.") from None
-            header, data = hdu.header, hdu.data
+                raise RunError(f"Run {run.obs_id}: {path} has no {run.hdu} HDU.")
+            header, data = hdulist[run.hdu].header, hdulist[run.hdu].data
             energy_scale = _scale(data.columns, "ENERGY", path, "TeV", "TeV", run.obs_id)
             angle_scale = _scale(data.columns, "RA", path, "deg", "rad", run.obs_id)
             # each column converted in one pass, and not at all when it is already in TeV

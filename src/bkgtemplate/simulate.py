@@ -1,10 +1,7 @@
-"""A seeded simulated GADF DL3 archive with a known background truth.
+"""A seeded simulated GADF DL3 archive with a known background truth (`BackgroundTruth`, `simulate_archive`).
 
-`BackgroundTruth` is the detected background rate R(E, fov_lon, fov_lat; zenith, muoneff); `simulate_archive`
-draws events from it (plus a point source in wobble runs) and writes a store that gammapy reads. From the package
-this module imports only the store's safe-writing helpers, so that the truth shares no code with the estimator: event FoV coordinates
-become RA/Dec through gammapy's ``FoVAltAzFrame``, and `BackgroundTruth.expected_rate` integrates the rate and the
-solid angle of a bin numerically on the same area element (sin r dr dphi, cos lat dlon dlat), not in closed form.
+The truth shares no code with the estimator (from the package only the store's safe-writing helpers are
+imported): events become RA/Dec through gammapy's ``FoVAltAzFrame``, and bin averages are numerical integrals.
 """
 
 import gzip
@@ -14,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import astropy.units as u
-from astropy.coordinates import ICRS, AltAz, EarthLocation, SkyCoord
+from astropy.coordinates import AltAz, EarthLocation, SkyCoord
 from astropy.coordinates.erfa_astrom import ErfaAstromInterpolator, erfa_astrom
 from astropy.io import fits
 from astropy.table import Table
@@ -22,7 +19,7 @@ from astropy.time import Time
 from gammapy.irf import PSF3D, EffectiveAreaTable2D, EnergyDispersion2D
 from gammapy.maps import MapAxis
 from gammapy.utils.coordinates import FoVAltAzFrame
-# the package helpers simulate uses, for safe writing only: nothing of the estimator's geometry, so the truth is independent
+# for safe writing only: nothing of the estimator's geometry, so that the truth is independent
 from .store import check_replaceable, staged_write
 
 __all__ = ["RATE_UNIT", "SOURCE_POSITION", "BackgroundTruth", "simulate_archive"]
@@ -43,8 +40,6 @@ SOURCE_AMPLITUDE, SOURCE_INDEX = 2e-11 * u.Unit("cm-2 s-1 TeV-1"), 2.5  # about 
 EDISP_SIGMA, PSF_SIGMA, WOBBLE = 0.1, 0.1 * u.deg, 0.5 * u.deg
 TIME_META = dict(MJDREFI=MJDREF[0], MJDREFF=MJDREF[1], TIMEUNIT="s", TIMESYS="TT", TIMEREF="local")
 RUN_KEYS = ("ONTIME", "LIVETIME", "DEADC", "RA_PNT", "DEC_PNT", "ALT_PNT", "AZ_PNT", "RA_OBJ", "DEC_OBJ", "MUONEFF")
-HDUS = [("events", "events", "EVENTS"), ("gti", "gti", "GTI"), ("aeff", "aeff_2d", "AEFF"),
-        ("edisp", "edisp_2d", "EDISP"), ("psf", "psf_table", "PSF")]
 CREATOR = "bkgtemplate.simulate"  # marks the archives simulated here: overwrite=True replaces nothing else
 GADF = dict(HDUCLASS="GADF", HDUDOC="https://github.com/open-gamma-ray-astro/gamma-astro-data-formats")
 GL_X, GL_W = np.polynomial.legendre.leggauss(8)
@@ -156,26 +151,18 @@ class BackgroundTruth:
         log_e, w = _nodes(lo, hi, max(1, int(np.ceil(np.max(hi - lo, initial=0) / 0.1))))
         return np.sum(self._spectrum(np.exp(log_e), np.asarray(zenith)[..., None]) * np.exp(log_e) * w, axis=-1)
 
-    def _ring_integrals(self, r_lo, r_hi):
-        """Integrals (sr) of `_spatial` and of 1 over offset rings (rad), in (r, phi): sin r dr dphi."""
-        r_max = self.offset_max.to_value("rad")
+    def _ring_integrals(self, edges):
+        """Integrals (sr) of `_spatial` (sin r dr dphi) and of 1 over the rings between offset ``edges`` (rad)."""
+        r_lo, r_hi = edges[:-1], edges[1:]
         phi, w_phi = _nodes(0.0, 2 * np.pi, 8)
-        result = []
-        for hi, spatial in ((np.minimum(r_hi, r_max), True), (r_hi, False)):
-            r, w_r = _nodes(r_lo, hi, 16)
-            r, w_r = r[..., None], w_r[..., None]
-            lon = np.arctan2(np.sin(r) * np.cos(phi), np.cos(r))
-            value = self._spatial(lon, np.arcsin(np.sin(r) * np.sin(phi))) if spatial else 1.0
-            result.append(np.sum(value * np.sin(r) * w_r * w_phi, axis=(-2, -1)))
-        return result
+        r, w_r = (x[..., None] for x in _nodes(r_lo, np.minimum(r_hi, self.offset_max.to_value("rad")), 16))
+        value = self._spatial(np.arctan2(np.sin(r) * np.cos(phi), np.cos(r)), np.arcsin(np.sin(r) * np.sin(phi)))
+        return np.sum(value * np.sin(r) * w_r * w_phi, axis=(-2, -1)), 2 * np.pi * (np.cos(r_lo) - np.cos(r_hi))
 
     def _box_integrals(self, lon_edges, lat_edges):
-        """Integrals (sr) of `_spatial` and of 1 over (fov_lon, fov_lat) bins (rad): cos lat dlon dlat."""
+        """Integrals (sr) of `_spatial` (cos lat dlon dlat) and of 1 over (fov_lon, fov_lat) bins (rad)."""
         lon_lo, lon_hi, lat_lo, lat_hi = np.broadcast_arrays(lon_edges[:-1, None, None], lon_edges[1:, None, None],
                                                              lat_edges[None, :-1, None], lat_edges[None, 1:, None])
-        lon, w_lon = _nodes(lon_lo[..., 0], lon_hi[..., 0], 2)
-        lat, w_lat = _nodes(lat_lo[..., 0], lat_hi[..., 0], 2)
-        area = np.sum(w_lon[..., :, None] * (np.cos(lat) * w_lat)[..., None, :], axis=(-2, -1))
         # Inside the disk a row spans |lon| <= h(lat); the lon integral kinks where h crosses a
         # lon edge and ends as a square root at |lat| = r_max: split there, lat = r_max sin(theta).
         r_max = self.offset_max.to_value("rad")
@@ -190,7 +177,8 @@ class BackgroundTruth:
             half = np.nan_to_num(np.arccos(np.clip(np.cos(r_max) / np.cos(lat), -1, 1)))
         lon, w_lon = _nodes(np.maximum(lon_lo[..., None], -half), np.minimum(lon_hi[..., None], half), 2)
         inner = np.sum(self._spatial(lon, lat[..., None]) * w_lon, axis=-1)
-        return np.sum(inner * np.cos(lat) * w_lat, axis=(-2, -1)), area
+        area = (lon_hi - lon_lo) * (np.sin(lat_hi) - np.sin(lat_lo))
+        return np.sum(inner * np.cos(lat) * w_lat, axis=(-2, -1)), area[..., 0]
 
     def expected_counts(self, obs_table, energy_min=None, energy_max=None):
         """Expected background events of each run (ONTIME x integral of R) over the whole FoV, between
@@ -200,7 +188,7 @@ class BackgroundTruth:
         e_hi = self.energy_max if energy_max is None else u.Quantity(energy_max, "TeV")
         zenith = np.deg2rad(_column(obs_table, "ZEN_PNT", "deg"))
         energy = self._energy_integral(e_lo.to_value("TeV") * np.ones_like(zenith), e_hi.to_value("TeV"), zenith)
-        solid_angle = self._ring_integrals(0.0, self.offset_max.to_value("rad"))[0]
+        solid_angle = self._ring_integrals(np.array([0, self.offset_max.to_value("rad")]))[0]
         norm = self._norm(zenith, _column(obs_table, "MUONEFF"))
         return _column(obs_table, "ONTIME", "s") * norm * energy * 1e6 * solid_angle
 
@@ -228,11 +216,10 @@ class BackgroundTruth:
         with np.errstate(invalid="ignore", divide="ignore"):
             spectrum = np.sum(weight * norm[:, None] * energy, axis=0) / (np.sum(weight, axis=0) * np.diff(edges))
         if offset_axis is not None:
-            radius = offset_axis.edges.to_value("rad")
-            integral, solid_angle = self._ring_integrals(radius[:-1], radius[1:])
+            integral, solid_angle = self._ring_integrals(offset_axis.edges.to_value("rad"))
         else:
-            integral, solid_angle = self._box_integrals(fov_lon_axis.edges.to_value("rad"),
-                                                        fov_lat_axis.edges.to_value("rad"))
+            fov_edges = [axis.edges.to_value("rad") for axis in (fov_lon_axis, fov_lat_axis)]
+            integral, solid_angle = self._box_integrals(*fov_edges)
         return spectrum.reshape((-1,) + (1,) * integral.ndim) * (integral / solid_angle) * RATE_UNIT
 
 
@@ -263,16 +250,16 @@ def _plan_runs(rng, n_off, n_source, truth):
     mid = T_REF + (tstart + ontime / 2) * u.s
     altaz = SkyCoord(ra, dec, unit="deg").transform_to(AltAz(obstime=mid, location=SITE))
     table = Table({
-        "OBS_ID": np.arange(n_runs, dtype=np.int64) + 1000,
-        "RA_PNT": ra * u.deg, "DEC_PNT": dec * u.deg, "ALT_PNT": altaz.alt.deg * u.deg, "AZ_PNT": altaz.az.deg * u.deg,
-        "ZEN_PNT": (90 - altaz.alt.deg) * u.deg, "ONTIME": ontime * u.s, "LIVETIME": ontime * deadc * u.s,
+        "OBS_ID": np.arange(n_runs, dtype=np.int64) + 1000, "RA_PNT": ra * u.deg, "DEC_PNT": dec * u.deg,
+        "ALT_PNT": altaz.alt.to("deg"), "AZ_PNT": altaz.az.to("deg"),
+        "ZEN_PNT": 90 * u.deg - altaz.alt, "ONTIME": ontime * u.s, "LIVETIME": ontime * deadc * u.s,
         "DEADC": deadc, "TSTART": tstart * u.s, "TSTOP": (tstart + ontime) * u.s,
         "DATE-OBS": [isot[:10] for isot in (T_REF + tstart * u.s).utc.isot],
         "N_TELS": np.full(n_runs, 4), "QUALITY": np.zeros(n_runs, int), "MUONEFF": muoneff,
         "EVENT_COUNT": np.zeros(n_runs, int), "TARGET_NAME": np.where(is_source, "Simulated source", "Off data"),
         "RA_OBJ": np.where(is_source, SOURCE_POSITION.ra.deg, ra) * u.deg,
         "DEC_OBJ": np.where(is_source, SOURCE_POSITION.dec.deg, dec) * u.deg,
-        "SAFE_ENERGY_LO": truth.safe_energy_threshold((90 - altaz.alt.deg) * u.deg),
+        "SAFE_ENERGY_LO": truth.safe_energy_threshold(90 * u.deg - altaz.alt),
         "SAFE_ENERGY_HI": np.full(n_runs, 100.0) * u.TeV,
     })
     table.meta.update(EXTNAME="OBS_INDEX", **GADF, HDUVERS="0.2", HDUCLAS1="INDEX", HDUCLAS2="OBS", **TIME_META,
@@ -319,65 +306,66 @@ def _irfs(truth, zenith):
     return aeff, edisp, psf
 
 
-def _run_tables(rng, run, n, truth):
-    """EVENTS (``n`` background events, plus the source's in a source run), GTI and IRF tables of a run."""
+def _source_events(rng, run, aeff, e_th, truth):
+    """Time, RA, Dec (deg) and energy of the point source's events: power law x AEFF x LIVETIME, smeared."""
+    e_axis = MapAxis.from_energy_bounds(truth.energy_min, truth.energy_max, nbin=600, name="energy_true")
+    flux = SOURCE_AMPLITUDE * (e_axis.center / u.TeV).to_value("") ** -SOURCE_INDEX
+    offset = SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg").separation(SOURCE_POSITION)
+    area = aeff.evaluate(energy_true=e_axis.center, offset=offset)
+    n = rng.poisson((np.sum(flux * area * e_axis.bin_width) * run["LIVETIME"] * u.s).to_value(""))
+    energy = _sample_energy(rng, n, SOURCE_INDEX, e_th, truth) * (1 + EDISP_SIGMA * rng.standard_normal(n))
+    separation = PSF_SIGMA * np.sqrt(-2 * np.log1p(-rng.uniform(0, 1, n)))
+    sky = SOURCE_POSITION.directional_offset_by(rng.uniform(0, 360, n) * u.deg, separation)
+    keep = (energy >= truth.energy_min.value) & (energy <= truth.energy_max.value)
+    time = rng.uniform(run["TSTART"], run["TSTOP"], keep.sum())
+    return time, sky.ra.deg[keep], sky.dec.deg[keep], energy[keep]
+
+
+def _run_hdus(rng, run, n, truth):
+    """{HDU_CLASS: HDU} of a run: EVENTS (``n`` background events, plus the source's in a source run), GTI, IRFs."""
     zenith, pointing = run["ZEN_PNT"] * u.deg, SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg")
-    aeff, edisp, psf = _irfs(truth, zenith)
-    energy = _sample_energy(rng, n, truth.index, truth.rolloff_energy(zenith).to_value("TeV"), truth)
+    e_th = truth.rolloff_energy(zenith).to_value("TeV")
+    irfs = _irfs(truth, zenith)
+    energy = _sample_energy(rng, n, truth.index, e_th, truth)
     fov_lon, fov_lat = _sample_fov(rng, n, truth)
     time = rng.uniform(run["TSTART"], run["TSTOP"], n)
     with erfa_astrom.set(ErfaAstromInterpolator(300 * u.s)):  # error far below a milliarcsecond
         times = T_REF + time * u.s
         origin = pointing.transform_to(AltAz(obstime=times, location=SITE))
         frame = FoVAltAzFrame(origin=origin, location=SITE, obstime=times)
-        sky = SkyCoord(fov_lon=fov_lon * u.rad, fov_lat=fov_lat * u.rad, frame=frame).transform_to(ICRS())
-    ra, dec = sky.ra.deg, sky.dec.deg
-    if run["TARGET_NAME"] == "Simulated source":  # power law x AEFF x LIVETIME, Gaussian edisp and PSF
-        e_axis = MapAxis.from_energy_bounds(truth.energy_min, truth.energy_max, nbin=600, name="energy_true")
-        flux = SOURCE_AMPLITUDE * (e_axis.center / u.TeV).to_value("") ** -SOURCE_INDEX
-        area = aeff.evaluate(energy_true=e_axis.center, offset=pointing.separation(SOURCE_POSITION))
-        n_src = rng.poisson((np.sum(flux * area * e_axis.bin_width) * run["LIVETIME"] * u.s).to_value(""))
-        src_energy = _sample_energy(rng, n_src, SOURCE_INDEX, truth.rolloff_energy(zenith).to_value("TeV"), truth)
-        src_energy = src_energy * (1 + EDISP_SIGMA * rng.standard_normal(n_src))
-        separation = PSF_SIGMA * np.sqrt(-2 * np.log1p(-rng.uniform(0, 1, n_src)))
-        src = SOURCE_POSITION.directional_offset_by(rng.uniform(0, 360, n_src) * u.deg, separation)
-        keep = (src_energy >= truth.energy_min.value) & (src_energy <= truth.energy_max.value)
-        ra, dec = np.concatenate([ra, src.ra.deg[keep]]), np.concatenate([dec, src.dec.deg[keep]])
-        energy = np.concatenate([energy, src_energy[keep]])
-        time = np.concatenate([time, rng.uniform(run["TSTART"], run["TSTOP"], keep.sum())])
-    order = np.argsort(time, kind="stable")
+        sky = SkyCoord(fov_lon=fov_lon * u.rad, fov_lat=fov_lat * u.rad, frame=frame).icrs
+    columns = [time, sky.ra.deg, sky.dec.deg, energy]
+    if run["TARGET_NAME"] == "Simulated source":
+        columns = [np.concatenate(pair) for pair in zip(columns, _source_events(rng, run, irfs[0], e_th, truth))]
+    time, ra, dec, energy = (column[np.argsort(columns[0], kind="stable")] for column in columns)
     times = dict(TSTART=float(run["TSTART"]), TSTOP=float(run["TSTOP"]), **TIME_META)
     meta = dict(EXTNAME="EVENTS", **GADF, HDUVERS="0.3", HDUCLAS1="EVENTS", OBS_ID=int(run["OBS_ID"]), **times,
                 **HESS_SITE, N_TELS=4, OBS_MODE="POINTING", RADESYS="ICRS", TELESCOP="HESS",
                 CREATOR=CREATOR, **{key: float(run[key]) for key in RUN_KEYS})
-    events = Table({"EVENT_ID": np.arange(1, time.size + 1), "TIME": time[order] * u.s,
-                    "RA": ra[order].astype("f4") * u.deg, "DEC": dec[order].astype("f4") * u.deg,
-                    "ENERGY": energy[order].astype("f4") * u.TeV}, meta=meta)
+    events = Table({"EVENT_ID": np.arange(1, time.size + 1), "TIME": time * u.s, "RA": ra.astype("f4") * u.deg,
+                    "DEC": dec.astype("f4") * u.deg, "ENERGY": energy.astype("f4") * u.TeV}, meta=meta)
     gti = Table({"START": [times["TSTART"]] * u.s, "STOP": [times["TSTOP"]] * u.s},
                 meta=dict(EXTNAME="GTI", **GADF, HDUVERS="0.3", HDUCLAS1="GTI", **times))
-    irfs = [irf.to_table() for irf in (aeff, edisp, psf)]
-    for table, name in zip(irfs, ("AEFF", "EDISP", "PSF")):
-        table.meta["EXTNAME"] = name
-    return [events, gti, *irfs]
+    hdus = {"events": fits.table_to_hdu(events), "gti": fits.table_to_hdu(gti)}
+    return {**hdus, **{irf.tag: irf.to_table_hdu() for irf in irfs}}
 
 
-def _write_gzip(tables, filename):
-    """Tables as FITS HDUs, gzipped without a time stamp so that a seed always gives the same bytes."""
+def _write_gzip(hdus, filename):
+    """HDUs gzipped without a time stamp, so that a seed always gives the same bytes."""
     buffer = io.BytesIO()
-    fits.HDUList([fits.PrimaryHDU()] + [fits.table_to_hdu(table) for table in tables]).writeto(buffer)
+    fits.HDUList([fits.PrimaryHDU(), *hdus]).writeto(buffer)
     Path(filename).write_bytes(gzip.compress(buffer.getvalue(), compresslevel=1, mtime=0))
 
 
 def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=False, truth=None):
     """Write a seeded simulated GADF DL3 archive whose background is `BackgroundTruth`.
 
-    Off runs ("Off data") point at zenith 5-55 deg and random azimuths; source runs ("Simulated source")
-    wobble 0.5 deg around `SOURCE_POSITION` and also hold a power-law point source (index 2.5, about 60 % of
-    the Crab) folded with AEFF and LIVETIME, a 0.1 deg Gaussian PSF and 10 % energy resolution. Runs last
-    about 28 min in 2004-2009 at the H.E.S.S. site, numbered from 1000 in time order, with MUONEFF in
-    0.85-1.2. Background events are drawn in the alt-az FoV frame and turned into RA/Dec with gammapy's
-    ``FoVAltAzFrame`` at each event's time. There are no ``bkg`` HDUs. The files are written through
-    `~bkgtemplate.store.staged_write`; the same seed gives the same bytes.
+    Off runs ("Off data") point at zenith 5-55 deg and random azimuths; source runs ("Simulated
+    source") wobble 0.5 deg around `SOURCE_POSITION` and hold a power-law point source (index 2.5,
+    about 60 % of the Crab) with a 0.1 deg Gaussian PSF and 10 % energy resolution. Runs last about
+    28 min in 2004-2009 at the H.E.S.S. site, numbered from 1000 in time order, with MUONEFF in
+    0.85-1.2; there are no ``bkg`` HDUs. Written through `~bkgtemplate.store.staged_write`; the
+    same seed gives the same bytes.
 
     Parameters
     ----------
@@ -413,15 +401,16 @@ def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=Fal
     with staged_write(path, overwrite) as tmp:
         (tmp / "data").mkdir(parents=True)
         for idx, run in enumerate(table):
-            tables = _run_tables(rng, run, rng.poisson(mu[idx]), truth)
-            table["EVENT_COUNT"][idx] = len(tables[0])
+            hdus = _run_hdus(rng, run, rng.poisson(mu[idx]), truth)
+            table["EVENT_COUNT"][idx] = hdus["events"].header["NAXIS2"]
             file_name = f"run_{int(run['OBS_ID']):06d}.fits.gz"
-            _write_gzip(tables, tmp / "data" / file_name)
-            hdu_rows += [(int(run["OBS_ID"]), kind, cls, "data", file_name, name) for kind, cls, name in HDUS]
+            _write_gzip(hdus.values(), tmp / "data" / file_name)
+            hdu_rows += [(run["OBS_ID"], cls.split("_")[0], cls, "data", file_name, hdu.name)
+                         for cls, hdu in hdus.items()]
         hdu_table = Table(rows=hdu_rows, names=["OBS_ID", "HDU_TYPE", "HDU_CLASS", "FILE_DIR", "FILE_NAME", "HDU_NAME"],
                           meta=dict(EXTNAME="HDU_INDEX", **GADF, HDUVERS="0.2", HDUCLAS1="INDEX", HDUCLAS2="HDU"))
-        _write_gzip([table], tmp / "obs-index.fits.gz")
-        _write_gzip([hdu_table], tmp / "hdu-index.fits.gz")
+        _write_gzip([fits.table_to_hdu(table)], tmp / "obs-index.fits.gz")
+        _write_gzip([fits.table_to_hdu(hdu_table)], tmp / "hdu-index.fits.gz")
     log.info(f"Simulated archive written to {path}: {len(table)} runs ({n_off_runs} off, {n_source_runs} source), "
              f"{int(np.sum(table['EVENT_COUNT']))} events, seed {seed}")
     return path

@@ -1,8 +1,8 @@
 """Store: a new gammapy data store in which every run has its background model.
 
 The new store holds only what is new (the background models and two index files); its index
-points at the original event and IRF files through FILE_DIRs relative to the new store's folder,
-so nothing is copied and the input store is never written to.
+points at the original event and IRF files through relative FILE_DIRs, so nothing is copied and
+the input store is never written to.
 """
 
 import errno
@@ -10,8 +10,8 @@ import logging
 import os
 import shutil
 import tempfile
-from fnmatch import fnmatch
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 import numpy as np
 import astropy.units as u
@@ -44,19 +44,16 @@ STORE_FILES = {BKG_DIR, f"{BKG_DIR}/{BKG_FILE}", HDU_INDEX_FILE, OBS_INDEX_FILE}
 def staged_write(path, overwrite=False):
     """Write a file or folder under a temporary name beside ``path``, then move it into place.
 
-    Yields the temporary `~pathlib.Path` to write to; missing parent folders of ``path`` are
-    created. When the block ends without error the result is moved to ``path``: without
-    ``overwrite`` by a hard link (file) or `os.rename` (folder), which fail on an existing target,
-    so an existing file or non-empty folder is never replaced, not even one that appears while
-    writing (`FileExistsError`); with ``overwrite`` by `os.replace` (file), or the old folder is
-    moved aside and deleted once the new one is in place. On any error (``KeyboardInterrupt``
-    included) the temporary and the parent folders created are removed, ``path`` is left as it
-    was and the error is raised again. Default of ``overwrite`` is False.
+    Yields the temporary `~pathlib.Path` to write to. Without ``overwrite`` an existing file or
+    non-empty folder is never replaced, not even one that appears while writing
+    (`FileExistsError`); with it, the old one is replaced only once the new one is complete. On
+    any error (``KeyboardInterrupt`` included) the temporary and the parent folders created are
+    removed and ``path`` is left as it was. Default of ``overwrite`` is False.
     """
     path = make_path(path).absolute()
     if _exists(path) and not overwrite and not (path.is_dir() and not any(path.iterdir())):
         raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
-    created = [_ for _ in [path.parent, *path.parent.parents] if not _.exists()]
+    created = [folder for folder in [path.parent, *path.parent.parents] if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent))
     stage, aside = tmp / path.name, tmp / "previous"
@@ -82,6 +79,7 @@ def _exists(path):
 
 
 def _move_into_place(stage, path, aside, overwrite):
+    # a hard link (file) or rename (folder) fails on an existing target: nothing that appeared is replaced
     if not _exists(stage):
         raise FileNotFoundError(f"Nothing was written to {stage}")
     try:
@@ -105,47 +103,33 @@ def _move_into_place(stage, path, aside, overwrite):
 def write_background_store(data_store, models, assignment, output_dir, overwrite=False):
     """Write a new data store in which every run has its background model.
 
-    The new store holds the background models in ``bkg/background.fits`` (one HDU per model,
-    written by gammapy and named by its key in ``models``), an HDU index and an obs index. The
-    HDU index has every row of the input one except its ``bkg`` rows, plus exactly one ``bkg``
-    row per run; the kept rows point at the original event and IRF files through FILE_DIRs
-    relative between resolved paths (absolute ones stay absolute), so the store works when moved
-    together with the input data; no BASE_DIR is written (gammapy sets it to the index file's
-    folder). The obs index is the input one plus the extra columns of ``assignment``. An ALTAZ
-    `~gammapy.irf.Background3D` of a run that gammapy reads as sky-aligned (`gammapy_fov_alignment`)
-    is written as `sky_aligned` for that run. Everything is checked before anything is written
-    (FITS holds ASCII only: non-ASCII text, e.g. a FILE_DIR, is refused), then written through
-    `staged_write`: an error leaves the previous folder as it was, never part of a store.
+    The new store holds the models in ``bkg/background.fits`` (one HDU per model, named by its key
+    in ``models``), an HDU index (the input one with exactly one ``bkg`` row per run, FILE_DIRs
+    relative so the store works when moved together with the input data) and an obs index (the
+    input one plus the extra columns of ``assignment``). An ALTAZ `~gammapy.irf.Background3D` of a
+    run that gammapy reads as sky-aligned (`gammapy_fov_alignment`) is written as `sky_aligned` for
+    that run. Everything is checked before anything is written, then written through `staged_write`.
 
     Parameters
     ----------
     data_store : `~gammapy.data.DataStore`
-        Input data store; its ``hdu_table.base_dir`` is the input folder. Never written to.
+        Input data store. Never written to.
     models : dict of {str: `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`}
-        Background models by HDU name (e.g. ``"BKG_ZEN_00_20"``; FITS ignores its case): finite,
-        non-negative rates in a unit convertible to s-1 MeV-1 sr-1.
+        Background models by HDU name (FITS ignores its case): finite, non-negative rates in a unit
+        convertible to s-1 MeV-1 sr-1.
     assignment : `~astropy.table.Table`
         One row per run of the input obs index, with columns OBS_ID and BKG_HDU (the key in
         ``models`` of the run's model). Other columns (e.g. ZEN_BIN) are added to the obs index.
     output_dir : str or `~pathlib.Path`
         Folder of the new store. It must not be, be inside, or contain the input folder.
     overwrite : bool, optional
-        Replace an existing non-empty ``output_dir``: only a folder that holds nothing but a
-        store written by this function (CREATOR = 'bkgtemplate.store' in the header of its obs
-        index) is replaced. Default is False.
+        Replace an existing non-empty ``output_dir``, only if it holds nothing but a store written
+        by this function (CREATOR = 'bkgtemplate.store' in its obs index). Default is False.
 
     Returns
     -------
     path : `~pathlib.Path`
         Folder of the new store (resolved), to open with `~gammapy.data.DataStore.from_dir`.
-
-    Examples
-    --------
-    >>> from gammapy.data import DataStore
-    >>> from bkgtemplate.store import write_background_store
-    >>> data_store = DataStore.from_dir("$GAMMAPY_DATA/hess-dl3-dr1")
-    >>> path = write_background_store(data_store, models, assignment, "store")  # doctest: +SKIP
-    >>> DataStore.from_dir(path).obs(23523, required_irf="all-optional").bkg  # doctest: +SKIP
     """
     if data_store.obs_table is None:
         raise ValueError("The data store has no obs index: cannot assign models to runs")
@@ -162,7 +146,7 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
     obs_table = Table(data_store.obs_table, copy=True)
     rows = {obs_id: i for i, obs_id in enumerate(run_models)}
     for name in extra:
-        obs_table[name] = assignment[name][[rows[int(_)] for _ in obs_table["OBS_ID"]]]
+        obs_table[name] = assignment[name][[rows[int(obs_id)] for obs_id in obs_table["OBS_ID"]]]
     # built in memory first: what FITS cannot hold fails before anything is written
     index_hdus = {HDU_INDEX_FILE: _index_hdu(hdu_table, "HDU"), OBS_INDEX_FILE: _index_hdu(obs_table, "OBS")}
 
@@ -173,21 +157,18 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
             fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(stage / filename)
     n_3d = sum(model.tag == "bkg_3d" for model in models.values())
     n_old = len(data_store.hdu_table) - len(hdu_table) + len(run_models)
-    log.info(
-        f"Wrote background store {output_dir}: {len(models)} models ({len(models) - n_3d} 2D, {n_3d} 3D) for "
-        f"{len(run_models)} runs, {n_old} old bkg rows replaced, events and IRFs read from {input_dir}; "
-        f"models assigned to no run: {sorted(set(models) - set(run_models.values()))}"
-    )
+    log.info(f"Wrote background store {output_dir}: {len(models)} models ({len(models) - n_3d} 2D, {n_3d} 3D) for "
+             f"{len(run_models)} runs, {n_old} old bkg rows replaced, events and IRFs read from {input_dir}; "
+             f"models assigned to no run: {sorted(set(models) - set(run_models.values()))}")
     return output_dir
 
 
 def gammapy_fov_alignment(data_store, obs_id):
     """The FoV alignment that gammapy's ``Observation.bkg`` gives an ALTAZ `~gammapy.irf.Background3D` of a run.
 
-    gammapy 2.1 declares every background of a run whose EVENTS header has the legacy H.E.S.S.
-    CREATOR and HDUVERS "REVERSE_LON_RADEC" (a compatibility rule for the released DR1 models).
-    Asking gammapy with a probe model, rather than copying its rule, makes the store follow a
-    change of the rule. A run that gammapy cannot open as an observation gets "ALTAZ".
+    gammapy 2.1 declares the background of a run with the legacy H.E.S.S. EVENTS header
+    "REVERSE_LON_RADEC"; asked with a probe model, gammapy's own rule decides. A run that gammapy
+    cannot open gets "ALTAZ".
     """
     axes = [MapAxis.from_edges([1, 10], unit="TeV", name="energy")]
     axes += [MapAxis.from_edges([-1, 1], unit="deg", name=name) for name in ("fov_lon", "fov_lat")]
@@ -201,12 +182,10 @@ def gammapy_fov_alignment(data_store, obs_id):
 
 
 def sky_aligned(bkg, run, rotation_step=np.deg2rad(1.0)):
-    """An ALTAZ `~gammapy.irf.Background3D` averaged over a run's field rotation, as a REVERSE_LON_RADEC model.
+    """An ALTAZ `~gammapy.irf.Background3D` averaged over the field rotation of `RunInfo` ``run``, as REVERSE_LON_RADEC.
 
-    Each bin centre of the sky-aligned grid is followed through the run (`RunInfo` ``run``, in
-    time steps in which the field turns by less than ``rotation_step`` rad, see
-    `~bkgtemplate.histograms.rotation_steps`) and the ALTAZ model's rate there is averaged: what
-    gammapy computes for the ALTAZ model itself, in the convention it imposes on the run.
+    Each sky-aligned bin centre is followed through the run in steps in which the field turns by
+    less than ``rotation_step`` (rad, see `~bkgtemplate.histograms.rotation_steps`).
     """
     lon, lat = np.meshgrid(*(bkg.axes[name].center.to_value("rad") for name in ("fov_lon", "fov_lat")), indexing="ij")
     energy = bkg.axes["energy"].center[:, None, None]
@@ -216,13 +195,15 @@ def sky_aligned(bkg, run, rotation_step=np.deg2rad(1.0)):
         lon_altaz, lat_altaz = fov_radec_to_altaz(-lon, lat, angle)
         rates.append(bkg.evaluate(energy=energy, fov_lon=lon_altaz * u.rad, fov_lat=lat_altaz * u.rad).to_value(RATE_UNIT))
     meta = {**bkg.meta, "FOVROT": f"ALTAZ model averaged over the field rotation of run {run.obs_id}"}
-    return Background3D(axes=bkg.axes, data=np.mean(rates, axis=0), unit=RATE_UNIT, meta=meta, fov_alignment="REVERSE_LON_RADEC")
+    return Background3D(axes=bkg.axes, data=np.mean(rates, axis=0), unit=RATE_UNIT, meta=meta,
+                        fov_alignment="REVERSE_LON_RADEC")
 
 
 def _as_gammapy_reads(data_store, models, run_models):
     """Models and assignment in which every ALTAZ 3D model of a run under gammapy's DR1 rule is sky-aligned."""
-    altaz = {name for name, model in models.items() if isinstance(model, Background3D) and model.fov_alignment.value == "ALTAZ"}
-    flipped = [obs_id for obs_id, name in run_models.items() if name in altaz and gammapy_fov_alignment(data_store, obs_id) != "ALTAZ"]
+    altaz = {name for name, model in models.items() if model.tag == "bkg_3d" and model.fov_alignment.value == "ALTAZ"}
+    flipped = [obs_id for obs_id, name in run_models.items()
+               if name in altaz and gammapy_fov_alignment(data_store, obs_id) != "ALTAZ"]
     if not flipped:
         return models, run_models
     log.info(f"{len(flipped)} runs have gammapy's REVERSE_LON_RADEC rule: their ALTAZ models are written sky-aligned")
@@ -232,7 +213,8 @@ def _as_gammapy_reads(data_store, models, run_models):
         name = run_models[run.obs_id]
         new_name = name if users[name] == 1 else f"{name}_{run.obs_id}"
         new[new_name], run_models[run.obs_id] = sky_aligned(models[name], run), new_name
-    models = {**{k: v for k, v in models.items() if k in set(run_models.values()) - set(new) or k not in altaz}, **new}
+    used = set(run_models.values())
+    models = {**{name: model for name, model in models.items() if name not in altaz or name in used}, **new}
     _check_models(models)
     return models, run_models
 
@@ -250,8 +232,8 @@ def _check_models(models):
         if not isinstance(model, (Background2D, Background3D)):
             raise TypeError(f"Model {name!r} is a {type(model).__name__}, need Background2D or Background3D")
         if not u.Unit(model.unit).is_equivalent(RATE_UNIT):
-            unit = u.Unit(model.unit).to_string("fits")
-            raise u.UnitsError(f"Model {name!r} has unit '{unit}', not a rate convertible to {RATE_UNIT.to_string('fits')}")
+            raise u.UnitsError(f"Model {name!r} has unit '{u.Unit(model.unit).to_string('fits')}', not a rate "
+                               f"convertible to {RATE_UNIT.to_string('fits')}")
         data = np.asarray(model.data, dtype=float)
         n_nan, n_inf, n_neg = np.isnan(data).sum(), np.isinf(data).sum(), (data < 0).sum()
         if n_nan or n_inf or n_neg:
@@ -260,21 +242,18 @@ def _check_models(models):
 
 
 def _list_runs(obs_ids, limit=20):
-    obs_ids = sorted(int(_) for _ in obs_ids)
+    obs_ids = sorted(int(obs_id) for obs_id in obs_ids)
     return ", ".join(map(str, obs_ids[:limit])) + (f", ... ({len(obs_ids)} runs)" if len(obs_ids) > limit else "")
 
 
 def _as_str(values):
     values = np.asarray(values)
-    if values.dtype.kind == "S":
-        values = np.char.decode(values, "ascii")
-    return np.char.strip(values.astype(str))
+    return np.char.strip((np.char.decode(values, "ascii") if values.dtype.kind == "S" else values).astype(str))
 
 
 def _check_assignment(assignment, models, obs_table):
     """Check the assignment and return ({obs_id: hdu_name}, extra column names)."""
-    missing = [_ for _ in ("OBS_ID", "BKG_HDU") if _ not in assignment.colnames]
-    if missing:
+    if missing := [name for name in ("OBS_ID", "BKG_HDU") if name not in assignment.colnames]:
         raise ValueError(f"Assignment lacks columns {missing}; it has {assignment.colnames}")
     if assignment["OBS_ID"].dtype.kind not in "iu":
         raise TypeError(f"Assignment column OBS_ID has dtype {assignment['OBS_ID'].dtype}: need integers")
@@ -288,13 +267,11 @@ def _check_assignment(assignment, models, obs_table):
     ]:
         if len(runs):
             raise ValueError(f"{text}: {_list_runs(runs)}")
-    unknown = ~np.isin(hdu_names, list(models))
-    if np.any(unknown):
+    if np.any(unknown := ~np.isin(hdu_names, list(models))):
         raise ValueError(f"Unknown BKG_HDU {sorted(set(hdu_names[unknown]))} for runs {_list_runs(obs_ids[unknown])}; "
                          f"models are {sorted(models)}")
-    extra = [_ for _ in assignment.colnames if _ not in ("OBS_ID", "BKG_HDU")]
-    clash = [_ for _ in extra if _ in obs_table.colnames]
-    if clash:
+    extra = [name for name in assignment.colnames if name not in ("OBS_ID", "BKG_HDU")]
+    if clash := [name for name in extra if name in obs_table.colnames]:
         raise ValueError(f"Assignment columns {clash} already exist in the obs index; rename them")
     return dict(zip(obs_ids.tolist(), hdu_names.tolist())), extra
 
@@ -311,11 +288,10 @@ def _check_output_dir(output_dir, input_dir, overwrite):
 
 
 def check_replaceable(folder, creator, patterns, what):
-    """Raise `FileExistsError` unless ``folder`` is empty or holds what this package wrote, and nothing else.
+    """Raise `FileExistsError` unless ``folder`` is empty or holds only what this package wrote.
 
     That is: only files matching the glob ``patterns`` (relative to ``folder``) and an obs index
-    whose header says ``CREATOR = creator``. ``what`` starts the message. Used before a folder is
-    replaced, so that ``overwrite=True`` never deletes a user's files.
+    whose header says ``CREATOR = creator``; ``what`` starts the message.
     """
     if not (folder.is_dir() and any(folder.iterdir())):
         return
@@ -331,34 +307,30 @@ def check_replaceable(folder, creator, patterns, what):
 
 
 def _make_hdu_index(hdu_table, run_models, models, model_hdus, input_dir, output_dir):
-    """HDU index: input rows without the bkg ones, FILE_DIRs relative, one bkg row per run."""
+    """HDU index: input rows without the bkg ones, FILE_DIRs relative, one bkg row per run after its other rows."""
     table = Table(hdu_table, copy=True)
     for name in table.colnames:
         if table[name].dtype.kind in "SU":
             table[name] = _as_str(table[name])
     table = table[table["HDU_TYPE"] != "bkg"]
-    new_dirs = {
-        _: _ if os.path.isabs(_) else Path(os.path.relpath((input_dir / _).resolve(), output_dir)).as_posix()
-        for _ in set(table["FILE_DIR"])
-    }
-    table["FILE_DIR"] = np.array([new_dirs[_] for _ in table["FILE_DIR"]], dtype=str)
+    relative = {d: Path(os.path.relpath((input_dir / d).resolve(), output_dir)).as_posix()
+                for d in set(table["FILE_DIR"])}
+    table["FILE_DIR"] = np.array([d if os.path.isabs(d) else relative[d] for d in table["FILE_DIR"]], dtype=str)
     paths = {os.path.normpath(output_dir / d / f) for d, f in zip(table["FILE_DIR"], table["FILE_NAME"])}
-    if any(Path(_).is_relative_to(output_dir) for _ in paths):
+    if any(Path(path).is_relative_to(output_dir) for path in paths):
         raise ValueError(f"The input HDU index points at files inside the output folder {output_dir}")
-    missing = sorted(_ for _ in paths if not os.path.exists(_))
-    if missing:
+    if missing := sorted(path for path in paths if not os.path.exists(path)):
         log.warning(f"{len(missing)} of {len(paths)} files in the HDU index do not exist (e.g. {missing[0]})")
-    obs_ids, names, n = list(run_models), list(run_models.values()), len(run_models)
-    columns = [obs_ids, ["bkg"] * n, [models[_].tag for _ in names], [BKG_DIR] * n, [BKG_FILE] * n, names]
-    new = Table([*columns, [model_hdus[_].filebytes() for _ in names]], dtype=[np.int64] + [str] * 5 + [np.int64],
+    names, n = list(run_models.values()), len(run_models)
+    new = Table([list(run_models), ["bkg"] * n, [models[name].tag for name in names], [BKG_DIR] * n, [BKG_FILE] * n,
+                 names, [model_hdus[name].filebytes() for name in names]], dtype=[np.int64] + [str] * 5 + [np.int64],
                 names=["OBS_ID", "HDU_TYPE", "HDU_CLASS", "FILE_DIR", "FILE_NAME", "HDU_NAME", "SIZE"])
     for name in set(table.colnames) - set(new.colnames):
         new[name] = np.zeros((len(new),) + table[name].shape[1:], dtype=table[name].dtype)
     combined = vstack([table, new[table.colnames]], join_type="exact", metadata_conflicts="silent")
     combined.meta = table.meta
-    # the input order of runs; each run's bkg row after its other rows
-    rank = {obs_id: i for i, obs_id in enumerate(dict.fromkeys([*map(int, table["OBS_ID"]), *obs_ids]))}
-    return combined[np.argsort([rank[int(_)] for _ in combined["OBS_ID"]], kind="stable")]
+    rank = {obs_id: i for i, obs_id in enumerate(dict.fromkeys([*map(int, table["OBS_ID"]), *run_models]))}
+    return combined[np.argsort([rank[int(obs_id)] for obs_id in combined["OBS_ID"]], kind="stable")]
 
 
 def _index_hdu(table, hduclas2):
