@@ -62,8 +62,7 @@ def _index_files(folder):
 def find_data_dir(path=None):
     """Find the folder of a DL3 data store (``obs-index.fits(.gz)`` and ``hdu-index.fits(.gz)``).
 
-    A missing variable, folder or index file raises `DataNotFoundError` with one line naming the
-    path tried and how to get the data.
+    A missing variable, folder or index file raises `DataNotFoundError` naming the path and how to get the data.
 
     Parameters
     ----------
@@ -269,10 +268,9 @@ def read_events(run):
     """Read the event columns the estimator needs, checked against the run's index rows.
 
     Units are honoured (GADF units assumed, with a warning, where a column has none); the file
-    must belong to the run (OBS_ID, pointing within 0.1 deg of the obs index) and its event
-    times must lie within TSTART-TSTOP. Events with NaN energy or direction are dropped.
-    Returns ``(events, pointing)``: a dict of arrays ``energy`` (TeV), ``ra``, ``dec`` (rad) and
-    ``time`` (s), and (RA_PNT, DEC_PNT) of the EVENTS header (obs-index values if absent) in rad.
+    must belong to the run (OBS_ID, pointing within 0.1 deg) and its events lie within TSTART-TSTOP.
+    Events with NaN energy or direction are dropped. Returns a dict of arrays ``energy`` (TeV),
+    ``ra``, ``dec`` (rad), ``time`` (s), and the header's (RA_PNT, DEC_PNT) in rad.
     """
     path = Path(run.path)
     if not path.is_file():

@@ -196,11 +196,10 @@ class BackgroundTruth:
                       safe_threshold=True):
         """Bin-averaged truth of a set of runs, as a template estimator measures it (s-1 MeV-1 sr-1).
 
-        Per bin, sum_r(ONTIME_r x integral of R_r dE dOmega) / sum_r(ONTIME_r x dE x dOmega), where a run enters
-        an energy bin only if the bin's lower edge is at or above its SAFE_ENERGY_LO (if ``safe_threshold``,
-        default True). Shape (energy, offset) for ``offset_axis``, (energy, fov_lon, fov_lat) for the FoV axes of
-        an ALTAZ-aligned model; NaN where no run contributes. ``obs_table`` needs ONTIME, ZEN_PNT, MUONEFF
-        (and SAFE_ENERGY_LO).
+        Per bin, sum_r(ONTIME_r x integral of R_r dE dOmega) / sum_r(ONTIME_r x dE x dOmega), a run entering an
+        energy bin only at or above its SAFE_ENERGY_LO if ``safe_threshold`` (default True); NaN where no run
+        does. Shape (energy, offset) or (energy, fov_lon, fov_lat) (ALTAZ). ``obs_table`` needs ONTIME, ZEN_PNT,
+        MUONEFF (and SAFE_ENERGY_LO).
         """
         if (offset_axis is None) == (fov_lon_axis is None or fov_lat_axis is None):
             raise ValueError("Give either offset_axis, or both fov_lon_axis and fov_lat_axis.")
@@ -360,12 +359,9 @@ def _write_gzip(hdus, filename):
 def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=False, truth=None):
     """Write a seeded simulated GADF DL3 archive whose background is `BackgroundTruth`.
 
-    Off runs ("Off data") point at zenith 5-55 deg and random azimuths; source runs ("Simulated
-    source") wobble 0.5 deg around `SOURCE_POSITION` and hold a power-law point source (index 2.5,
-    about 60 % of the Crab) with a 0.1 deg Gaussian PSF and 10 % energy resolution. Runs last about
-    28 min in 2004-2009 at the H.E.S.S. site, numbered from 1000 in time order, with MUONEFF in
-    0.85-1.2; there are no ``bkg`` HDUs. Written through `~bkgtemplate.store.staged_write`; the
-    same seed gives the same bytes.
+    Off runs ("Off data") point at zenith 5-55 deg; source runs ("Simulated source") wobble 0.5 deg
+    around `SOURCE_POSITION` and hold a power-law point source (0.1 deg PSF, 10 % energy resolution).
+    Runs last about 28 min, with MUONEFF in 0.85-1.2; no ``bkg`` HDUs. The same seed gives the same bytes.
 
     Parameters
     ----------

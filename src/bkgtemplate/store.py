@@ -44,11 +44,9 @@ STORE_FILES = {BKG_DIR, f"{BKG_DIR}/{BKG_FILE}", HDU_INDEX_FILE, OBS_INDEX_FILE}
 def staged_write(path, overwrite=False):
     """Write a file or folder under a temporary name beside ``path``, then move it into place.
 
-    Yields the temporary `~pathlib.Path` to write to. Without ``overwrite`` an existing file or
-    non-empty folder is never replaced, not even one that appears while writing
-    (`FileExistsError`); with it, the old one is replaced only once the new one is complete. On
-    any error (``KeyboardInterrupt`` included) the temporary and the parent folders created are
-    removed and ``path`` is left as it was. Default of ``overwrite`` is False.
+    Yields the temporary `~pathlib.Path`. Without ``overwrite`` (default False) an existing file or
+    non-empty folder is never replaced, not even one that appears while writing (`FileExistsError`).
+    On any error (``KeyboardInterrupt`` included) ``path`` is left as it was and nothing else remains.
     """
     path = make_path(path).absolute()
     if _exists(path) and not overwrite and not (path.is_dir() and not any(path.iterdir())):
