@@ -307,9 +307,8 @@ def check_replaceable(folder, creator, patterns, what):
 def _make_hdu_index(hdu_table, run_models, models, model_hdus, input_dir, output_dir):
     """HDU index: input rows without the bkg ones, FILE_DIRs relative, one bkg row per run after its other rows."""
     table = Table(hdu_table, copy=True)
-    for name in table.colnames:
-        if table[name].dtype.kind in "SU":
-            table[name] = _as_str(table[name])
+    for name in [name for name in table.colnames if table[name].dtype.kind in "SU"]:
+        table[name] = _as_str(table[name])
     table = table[table["HDU_TYPE"] != "bkg"]
     relative = {d: Path(os.path.relpath((input_dir / d).resolve(), output_dir)).as_posix()
                 for d in set(table["FILE_DIR"])}
