@@ -108,3 +108,15 @@ def test_table_round_trip_and_energy_dependence():
     assert_allclose(per_energy.factor([30.0]), np.exp([-4.0, -2.0] * (np.clip(np.cos(np.radians(30)), [0.7, 0.6], 1) - [0.9, 0.85]))[None], rtol=1e-12)
     assert_allclose(scalar.factor([1.5, 0.5]), [1.2**1.5, 0.8**1.5], rtol=1e-12)
     assert set(CORRECTION_KINDS) == {"power-law", "cos", "linear"}
+
+
+@pytest.mark.parametrize("bins", [{}, {"ZEN_PNT": [0, 30, 60]}])
+def test_fit_reaches_the_optimum_with_many_and_few_counts(synthetic_histograms, bins):
+    """Exact counts of about 1e6 and 1 per bin: the likelihood is largest at the true slopes,
+    which the fit reaches to 1e-4 (a relative tolerance on the likelihood, about 1e7 here,
+    would stop it early on the poorly measured slope)."""
+    zenith = [5, 15, 25, 35, 45, 50, 10, 40]
+    runs = zenith_runs(synthetic_histograms, zenith, slopes=[-4.0, -1.5], exposure=np.tile([1e3, 1e-3], (8, 1)))
+    maker = ObservingConditionsEstimator(bins=bins, interpolate=(), corrections={"ZEN_PNT": "cos"})
+    (correction,) = maker.make_collection(runs).corrections
+    assert_allclose(correction.coefficient, [-4.0, -1.5], atol=1e-4)

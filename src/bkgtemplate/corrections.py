@@ -188,17 +188,27 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
         rate = np.where(filled, counts_cell / np.where(filled, exposure_cell, 1), 0.0)
         mu = (weights_matrix @ rate) * corrected
         good = mu > 0
-        value = float(np.sum(mu[good]) - np.sum(counts_flat[good & has_data] * np.log(mu[good & has_data])))
+        # the Poisson deviance / 2 (each term >= 0, small near the optimum): L-BFGS-B's relative ftol
+        # compared with it stops at the optimum, and summing small terms loses no precision
+        terms = mu - counts_flat - counts_flat * np.log(np.where(good & has_data, mu, 1) / np.where(has_data, counts_flat, 1))
+        value = float(np.sum(terms[good]))
         residual = np.where(good, 1 - counts_flat / np.where(good, mu, 1), 0.0)
         b = np.where(filled, rate / np.where(filled, exposure_cell, 1), 0.0) * (weights_matrix.T @ (residual * corrected))
         h = (residual * mu - (one_hot.T @ b) * corrected).reshape(n_runs, n_energy, -1).sum(axis=2)
         return value, np.einsum("ne,pne->p", h, g)
 
-    result = minimize(negative_log_likelihood, np.zeros(len(g)), jac=True, method="L-BFGS-B")
+    # parameters in units of their statistical error (about 1 / sqrt(sum of counts x g^2)): the
+    # coefficients of rare high-energy events then converge as fast as the others
+    information = np.einsum("ne,pne->p", counts.sum(axis=2), g**2)
+    scale = 1 / np.sqrt(np.where(information > 0, information, 1))
+    def scaled(q):
+        value, gradient = negative_log_likelihood(q * scale)
+        return value, gradient * scale
+    result = minimize(scaled, np.zeros(len(g)), jac=True, method="L-BFGS-B", options={"ftol": 1e-13, "gtol": 1e-6})
     if not result.success:
         log.warning(f"The correction fit did not converge ({result.message}); using its last values.")
     sizes = [n_energy if correction.energy_dependent else 1 for correction in template]
-    parameters = np.split(result.x, np.cumsum(sizes)[:-1])
+    parameters = np.split(result.x * scale, np.cumsum(sizes)[:-1])
     return [
         replace(correction, coefficient=p.copy() if correction.energy_dependent else float(p[0]))
         for correction, p in zip(template, parameters)
