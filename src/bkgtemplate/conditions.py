@@ -1,13 +1,10 @@
 """Background models over observing conditions: bins of obs-index columns, interpolation, corrections.
 
-Runs taken at larger zenith angles have higher energy thresholds and a higher rate at a given
-energy, so one model does not fit all runs. `ObservingConditionsEstimator` builds one model per
-bin of one or more obs-index columns (zenith ``ZEN_PNT`` by default, or ``MUONEFF``, any numeric
-column, or the derived ``NORTH_PNT``) into a `BackgroundModelCollection`, which gives any run the
-model of its conditions: **interpolated** linearly in the rate between bin centres (in
-cos(zenith) for ``ZEN_PNT``; clipped at the first and last centre, never extrapolated) or looked
-up (the bin holding the run), times the fitted **corrections** (`~bkgtemplate.corrections`).
-A collection is written to FITS with one HDU per bin (the IRF's own ``to_table_hdu``).
+`ObservingConditionsEstimator` builds one model per bin of one or more obs-index columns (zenith
+``ZEN_PNT`` by default, ``MUONEFF``, any numeric column, or the derived ``NORTH_PNT``) into a
+`BackgroundModelCollection`, which gives any run the model of its conditions: interpolated linearly
+in the rate between bin centres (in cos(zenith) for ``ZEN_PNT``; clipped at the end centres, never
+extrapolated) or looked up, times the fitted corrections (`~bkgtemplate.corrections`).
 """
 
 import logging
@@ -24,8 +21,7 @@ from .histograms import RATE_UNIT
 from .store import staged_write
 
 __all__ = ["BackgroundModelCollection", "EmptyBinError", "ObservingConditionsEstimator", "assign_bins",
-    "column_values", "equal_livetime_edges", "interpolation_variable", "interpolation_weights",
-    "north_component"]
+    "column_values", "equal_livetime_edges", "interpolation_weights", "north_component"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +31,8 @@ TUTORIAL_ZENITH_EDGES = (0.0, 20.0, 40.0, 90.0)
 DEFAULT_INTERPOLATE = (ZENITH, MUONEFF)
 DEFAULT_CORRECTIONS = {ZENITH: "cos", NORTH: "linear", MUONEFF: "power-law"}
 """Default corrections, chosen by held-out prediction on the H.E.S.S. DL3 DR1 runs (notebook 3)."""
-DEFAULT_ENERGY_DEPENDENT = (ZENITH,)
+ENERGY_DEPENDENT = (ZENITH,)
+"""Corrected columns with one coefficient per energy bin."""
 COLLECTION_KEY = "BKGCOLL"  # FITS keywords have at most 8 characters
 NORM_ENERGY = 1 * u.TeV  # energy at which CORRFAC and BKG_NORM report a correction
 
@@ -47,8 +44,8 @@ class EmptyBinError(ValueError):
 def north_component(zenith, azimuth):
     """North component ``sin(zenith) cos(azimuth)`` of the pointing (angles in deg), 0 at the zenith.
 
-    The geomagnetic field acts on showers through the angle between their axis and the field,
-    whose cosine is a sum of cos(zenith) and this term (field in the magnetic meridian).
+    The cosine of the angle between the shower axis and the geomagnetic field (in the magnetic
+    meridian) is a sum of cos(zenith) and this term.
 
     >>> north_component([30, 30, 0], [0, 180, 90]).round(3)
     array([ 0.5, -0.5,  0. ])
@@ -56,20 +53,14 @@ def north_component(zenith, azimuth):
     return np.sin(np.deg2rad(zenith)) * np.cos(np.deg2rad(azimuth))
 
 
-DERIVED_COLUMNS = {NORTH: ((ZENITH, AZIMUTH), north_component)}
-"""Columns computed from obs-index columns: name -> (source columns, function)."""
-
-
-def source_columns(column):
-    """The obs-index columns a column is read from: its sources if derived, else itself."""
-    return DERIVED_COLUMNS[column][0] if column in DERIVED_COLUMNS else (column,)
+SOURCES = {NORTH: (ZENITH, AZIMUTH)}
+"""Obs-index columns of each derived column."""
 
 
 def column_values(table, column):
-    """Values of an obs-index column (or a derived one) as floats, in its own unit, NaN where masked."""
-    if column not in table.colnames and column in DERIVED_COLUMNS:
-        sources, function = DERIVED_COLUMNS[column]
-        return function(*(column_values(table, source) for source in sources))
+    """Values of an obs-index column (or NORTH_PNT) as floats, in its own unit, NaN where masked."""
+    if column == NORTH and column not in table.colnames:
+        return north_component(*(column_values(table, source) for source in SOURCES[column]))
     if column not in table.colnames:
         raise KeyError(f"The obs table has no column {column!r}; it has {table.colnames}.")
     col = table[column]
@@ -79,13 +70,24 @@ def column_values(table, column):
     return np.where(np.ma.getmaskarray(col), np.nan, values) if np.ma.is_masked(col) else values
 
 
-def interpolation_variable(column, values):
+def _condition_values(table, columns):
+    """Values of ``columns`` for the runs of ``table``; a run without a finite value is refused by name."""
+    values = {column: column_values(table, column) for column in columns}
+    obs_ids = np.asarray(table["OBS_ID"] if "OBS_ID" in table.colnames else np.arange(len(table)))
+    for column, array in values.items():
+        bad = obs_ids[~np.isfinite(array)]
+        if len(bad):
+            raise ValueError(f"Runs {[int(i) for i in bad]} have no valid {column} in the obs table; fix or drop them.")
+    return values
+
+
+def _to_x(column, values):
     """The variable a column is interpolated in: cos(zenith) for ZEN_PNT (deg), else the value."""
     values = np.asarray(values, dtype=float)
     return np.cos(np.deg2rad(values)) if column == ZENITH else values
 
 
-def _from_interpolation_variable(column, x):
+def _from_x(column, x):
     return np.rad2deg(np.arccos(np.clip(x, -1, 1))) if column == ZENITH else np.asarray(x, dtype=float)
 
 
@@ -100,36 +102,28 @@ def _check_edges(column, spec):
 
 
 def assign_bins(values, edges):
-    """Bin of each value (bins include their lower edge, the last also its upper edge).
+    """Bin of each value, and whether it lies outside ``[edges[0], edges[-1]]`` (then: the nearest bin).
 
-    Returns ``(index, outside)``: values outside ``[edges[0], edges[-1]]`` get the nearest bin
-    and are flagged in ``outside``.
+    Bins include their lower edge, the last also its upper edge.
 
     >>> assign_bins([0, 19.9, 20, 40, 90, 95], [0, 20, 40, 90])[0]
     array([0, 0, 1, 2, 2, 2])
     """
     values, edges = np.atleast_1d(np.asarray(values, dtype=float)), np.asarray(edges, dtype=float)
-    n_bins = len(edges) - 1
-    index = np.where(values == edges[-1], n_bins - 1, np.searchsorted(edges, values, side="right") - 1)
-    outside = ~((values >= edges[0]) & (values <= edges[-1]))
-    return np.clip(index, 0, n_bins - 1), outside
+    index = np.where(values == edges[-1], len(edges) - 2, np.searchsorted(edges, values, side="right") - 1)
+    return np.clip(index, 0, len(edges) - 2), ~((values >= edges[0]) & (values <= edges[-1]))
 
 
 def interpolation_weights(x, centres):
     """Linear interpolation partners ``lo <= hi`` and the weight of ``hi``, clipped at the end centres.
 
     ``centres`` must be strictly monotonic (increasing or decreasing) in the bin index.
-
-    >>> lo, hi, w = interpolation_weights(np.cos(np.radians(20)), np.cos(np.radians([10, 30])))
-    >>> int(lo[0]), int(hi[0]), round(float(w[0]), 4)
-    (0, 1, 0.3798)
     """
     x, centres = np.atleast_1d(np.asarray(x, dtype=float)), np.asarray(centres, dtype=float)
     sign = 1.0 if centres[-1] >= centres[0] else -1.0
     if np.any(np.diff(sign * centres) <= 0):
         raise ValueError(f"Bin centres {centres} are not strictly monotonic: cannot interpolate.")
-    # fractional bin index, clipped at the end centres by np.interp
-    position = np.interp(sign * x, sign * centres, np.arange(len(centres)))
+    position = np.interp(sign * x, sign * centres, np.arange(len(centres)))  # fractional bin index
     lo = np.floor(position).astype(int)
     weight = position - lo
     return lo, np.where(weight > 0, lo + 1, lo), weight
@@ -138,37 +132,34 @@ def interpolation_weights(x, centres):
 def equal_livetime_edges(values, livetime, n_bins):
     """``n_bins + 1`` edges that split runs into bins of about equal livetime.
 
-    Inner edges lie halfway between the two runs on either side of each livetime quantile; the
-    outer edges are the smallest and largest values.
+    Inner edges lie halfway between the two distinct values on either side of each livetime
+    quantile; the outer edges are the smallest and largest values.
     """
     order = np.argsort(values)
     values, livetime = np.asarray(values, float)[order], np.asarray(livetime, float)[order]
     distinct = np.unique(values)
     if not 1 <= n_bins <= len(distinct):
         raise ValueError(f"{len(distinct)} distinct values cannot fill {n_bins} equal-livetime bins.")
-    cumulative = np.cumsum(livetime) / livetime.sum()
-    edges = [values[0]]
-    for k in range(1, n_bins):
-        i = min(int(np.searchsorted(cumulative, k / n_bins)), len(values) - 2)
-        above = distinct[min(np.searchsorted(distinct, values[i], side="right"), len(distinct) - 1)]
-        if 0.5 * (values[i] + above) <= edges[-1]:
-            raise ValueError(f"Cannot split {len(values)} runs into {n_bins} equal-livetime bins.")
-        edges.append(0.5 * (values[i] + above))
-    return np.array(edges + [values[-1]])
+    quantile = np.searchsorted(np.cumsum(livetime) / livetime.sum(), np.arange(1, n_bins) / n_bins)
+    below = values[np.minimum(quantile, len(values) - 2)]
+    above = distinct[np.minimum(np.searchsorted(distinct, below, side="right"), len(distinct) - 1)]
+    edges = np.concatenate([values[:1], 0.5 * (below + above), values[-1:]])
+    if np.any(np.diff(edges) <= 0):
+        raise ValueError(f"Cannot split {len(values)} runs into {n_bins} equal-livetime bins.")
+    return edges
 
 
 def _bin_weights(edges, values, n, centres=None, interpolate=()):
-    """Flat bins and weights of ``n`` runs, each of shape (n, 2 ** n_interpolated), and whether each lies outside.
+    """Flat bins and weights of ``n`` runs, each (n, 2 ** n_interpolated), and whether each lies outside.
 
-    Without interpolation ``bins[:, 0]`` is the bin holding each run (`assign_bins`).
+    Without interpolation ``bins[:, 0]`` is the bin holding each run.
     """
     bins, weights, outside = np.zeros((n, 1), dtype=int), np.ones((n, 1)), np.zeros(n, dtype=bool)
     for column, column_edges in edges.items():
         partners, out = assign_bins(values[column], column_edges)
         partners, shares, outside = partners[:, None], np.ones((n, 1)), outside | out
         if column in interpolate:
-            x = interpolation_variable(column, values[column])
-            lo, hi, w = interpolation_weights(x, interpolation_variable(column, centres[column]))
+            lo, hi, w = interpolation_weights(_to_x(column, values[column]), _to_x(column, centres[column]))
             partners, shares = np.stack([lo, hi], axis=1), np.stack([1 - w, w], axis=1)
         # C order over the columns, as np.ravel_multi_index
         bins = (bins[:, :, None] * (len(column_edges) - 1) + partners[:, None, :]).reshape(n, -1)
@@ -184,13 +175,6 @@ def _correction_factors(corrections, values, shape):
     return factor
 
 
-def _check_finite(values, obs_ids):
-    for column, array in values.items():
-        bad = np.asarray(obs_ids)[~np.isfinite(array)]
-        if len(bad):
-            raise ValueError(f"Runs {[int(i) for i in bad]} have no valid {column} in the obs table; fix or drop them.")
-
-
 class BackgroundModelCollection:
     """Background models in bins of observing conditions, and the model for any run.
 
@@ -198,12 +182,11 @@ class BackgroundModelCollection:
     ----------
     models : list of `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
         One model per bin, in C order over the bins of the columns. With corrections, each is
-        the rate at the corrections' references, not its runs' mean rate.
+        the rate at the corrections' references.
     bin_edges : dict of {str: `~numpy.ndarray`}
         Bin edges of each column, in the column's unit (deg for ZEN_PNT). Empty for one model.
     centres : dict of {str: `~numpy.ndarray`}, optional
-        Centre of each bin, in the column's unit. Default is None (middle of the edges in the
-        interpolation variable).
+        Centre of each bin. Default is None (middle of the edges in the interpolation variable).
     interpolate : tuple of str, optional
         Columns interpolated between centres; the others are looked up. Default is
         ("ZEN_PNT", "MUONEFF") where binned.
@@ -212,17 +195,7 @@ class BackgroundModelCollection:
     units : dict of {str: str}, optional
         Unit of each column. Default is None ("deg" for ZEN_PNT and AZ_PNT, else "").
     runs : `~astropy.table.Table`, optional
-        Runs that built the collection: OBS_ID, BKG_BIN, LIVETIME and their conditions.
-
-    Examples
-    --------
-    >>> from gammapy.data import DataStore
-    >>> from bkgtemplate import ObservingConditionsEstimator
-    >>> data_store = DataStore.from_dir("$GAMMAPY_DATA/hess-dl3-dr1")
-    >>> table = data_store.obs_table
-    >>> off = table["OBS_ID"][table["TARGET_NAME"] == "Off data"]
-    >>> collection = ObservingConditionsEstimator().run(data_store, off)
-    >>> bkg = collection.model_for(zenith=30, muoneff=0.95, AZ_PNT=180)
+        Runs that built the collection: OBS_ID, BKG_BIN, LIVETIME and their conditions. Default is None.
     """
 
     def __init__(self, models, bin_edges, centres=None, interpolate=None, corrections=None, units=None, runs=None):
@@ -237,11 +210,9 @@ class BackgroundModelCollection:
         self.units = {c: (units or {}).get(c, "deg" if c in (ZENITH, AZIMUTH) else "") for c in self.columns}
         self.centres = {}
         for column, edges in self.bin_edges.items():
-            x = interpolation_variable(column, edges)
-            default = _from_interpolation_variable(column, 0.5 * (x[:-1] + x[1:]))
+            default = _from_x(column, 0.5 * (_to_x(column, edges[:-1]) + _to_x(column, edges[1:])))
             self.centres[column] = np.asarray((centres or {}).get(column, default), dtype=float)
-        interpolate = DEFAULT_INTERPOLATE if interpolate is None else interpolate
-        self.interpolate = tuple(column for column in self.columns if column in interpolate)
+        self.interpolate = tuple(c for c in self.columns if c in (DEFAULT_INTERPOLATE if interpolate is None else interpolate))
         self.corrections = list(corrections or [])
         self.runs = runs
 
@@ -276,14 +247,8 @@ class BackgroundModelCollection:
 
     __repr__ = __str__
 
-    def _values(self, table):
-        """Condition values of the runs of an obs table, checked to be finite."""
-        values = {column: column_values(table, column) for column in self.condition_columns}
-        _check_finite(values, table["OBS_ID"] if "OBS_ID" in table.colnames else np.arange(len(table)))
-        return values
-
     def _factors(self, values, n):
-        """Corrections for ``n`` runs per energy bin, and their value at 1 TeV (shapes (n, n_energy) and (n,))."""
+        """Corrections for ``n`` runs per energy bin (n, n_energy), and at 1 TeV (n,)."""
         energy = self.models[0].axes["energy"]
         norm = int(np.clip(np.searchsorted(energy.edges, NORM_ENERGY, side="right") - 1, 0, energy.nbin - 1))
         factors = _correction_factors(self.corrections, values, (n, energy.nbin))
@@ -299,7 +264,7 @@ class BackgroundModelCollection:
         """
         values.update({k: v for k, v in [(ZENITH, zenith), (MUONEFF, muoneff)] if v is not None})
         values = {k: u.Quantity(v).to_value("deg") if isinstance(v, u.Quantity) else v for k, v in values.items()}
-        missing = [c for c in self.condition_columns if c not in values and not all(s in values for s in source_columns(c))]
+        missing = [c for c in self.condition_columns if c not in values and not all(s in values for s in SOURCES.get(c, (c,)))]
         if missing:
             raise ValueError(f"Give a value for {missing}: the collection needs {self.condition_columns}.")
         # a table of one row; a single-model collection needs no value, so the row holds no condition
@@ -307,7 +272,7 @@ class BackgroundModelCollection:
         return self._models_for(table)[0]
 
     def _models_for(self, table):
-        values = self._values(table)
+        values = _condition_values(table, self.condition_columns)
         bins, weights, _ = _bin_weights(self.bin_edges, values, len(table), self.centres, self.interpolate)
         factors, norms = self._factors(values, len(table))
         return [
@@ -337,56 +302,42 @@ class BackgroundModelCollection:
             axes=template.axes, data=data * factor.reshape(expand), unit=RATE_UNIT, meta=meta, fov_alignment=template.fov_alignment
         )
 
-    def assign(self, obs_table):
-        """Bin, interpolation partners, weights and correction of each run of ``obs_table``.
-
-        Returns a table with OBS_ID; ``<col>_BIN`` per binned column; ``<col>_LO``, ``<col>_HI``
-        and ``<col>_W`` (weight of ``_HI``) per interpolated column; BKG_BIN (flat index of the bin
-        holding the run, the nearest outside all bins) and BKG_HDU (its name); BKG_NORM, the
-        product of the corrections at 1 TeV.
-        """
-        values = self._values(obs_table)
-        table = Table({"OBS_ID": np.asarray(obs_table["OBS_ID"], dtype=np.int64)})
-        for column in self.columns:
-            table[f"{column}_BIN"] = assign_bins(values[column], self.bin_edges[column])[0]
-            if column in self.interpolate:
-                x = interpolation_variable(column, values[column])
-                lo, hi, w = interpolation_weights(x, interpolation_variable(column, self.centres[column]))
-                table[f"{column}_LO"], table[f"{column}_HI"], table[f"{column}_W"] = lo, hi, w
-        bins, _, outside = _bin_weights(self.bin_edges, values, len(table))
-        if outside.any():
-            log.warning(f"Runs {np.asarray(table['OBS_ID'])[outside].tolist()} lie outside the bins of {self.columns}: they get the nearest bin.")
-        table["BKG_BIN"] = bins[:, 0]
-        table["BKG_HDU"] = np.array(self.bin_names)[bins[:, 0]]
-        table["BKG_NORM"] = self._factors(values, len(table))[1]
-        return table
-
     def to_store_inputs(self, obs_table, interpolate=True):
-        """Models by HDU name and the assignment table (`assign`) for `~bkgtemplate.store.write_background_store`.
+        """Models by HDU name and an assignment table for `~bkgtemplate.store.write_background_store`.
 
-        With ``interpolate=True`` every run gets its own model, interpolated and corrected for its
-        conditions (HDU names "BKG_<OBS_ID>"); with False, one model per bin, each run taking the
-        bin that holds it, without interpolation or corrections.
+        The assignment has one row per run of ``obs_table``: OBS_ID, BKG_BIN (flat index of the bin
+        holding the run, the nearest outside all bins), BKG_NORM (the corrections at 1 TeV) and
+        BKG_HDU. With ``interpolate=True`` every run gets its own model, interpolated and corrected
+        for its conditions ("BKG_<OBS_ID>"); with False, the model of its bin, without interpolation
+        or corrections.
         """
-        assignment = self.assign(obs_table)
+        values = _condition_values(obs_table, self.condition_columns)
+        obs_ids = np.asarray(obs_table["OBS_ID"], dtype=np.int64)
+        bins, _, outside = _bin_weights(self.bin_edges, values, len(obs_table))
+        if outside.any():
+            log.warning(f"Runs {obs_ids[outside].tolist()} lie outside the bins of {self.columns}: they get the nearest bin.")
+        assignment = Table({"OBS_ID": obs_ids, "BKG_BIN": bins[:, 0], "BKG_NORM": self._factors(values, len(obs_ids))[1]})
         if not interpolate:
             if self.corrections or self.interpolate:
                 log.warning("One model per bin: the interpolation and the corrections are not applied to the runs.")
+            assignment["BKG_HDU"] = np.array(self.bin_names)[bins[:, 0]]
             return dict(zip(self.bin_names, self.models)), assignment
-        assignment["BKG_HDU"] = [f"BKG_{obs_id}" for obs_id in assignment["OBS_ID"]]
+        assignment["BKG_HDU"] = [f"BKG_{obs_id}" for obs_id in obs_ids]
         return dict(zip(assignment["BKG_HDU"], self._models_for(obs_table))), assignment
 
-    def to_hdulist(self):
-        """FITS HDUs: a primary HDU describing the collection (BINCOLi, BINUNIi and INTERPi of the
-        i-th binned column), one HDU per bin (the model's ``to_table_hdu`` with BINCOLi, BINIDXi,
-        BINLOi, BINHIi and BINCENi), a CORRECTIONS table if there are corrections and a RUNS table
-        if known."""
+    def write(self, filename, overwrite=False):
+        """Write to a FITS file, atomically (never a half-written file).
+
+        A primary HDU describes the collection (BINCOLi, BINUNIi and INTERPi of the i-th binned
+        column); one HDU per bin holds its model (the IRF's ``to_table_hdu``, with BINCOLi, BINIDXi,
+        BINLOi, BINHIi and BINCENi); then a CORRECTIONS table if there are corrections and a RUNS
+        table if known.
+        """
         primary = fits.PrimaryHDU()
-        primary.header.update({COLLECTION_KEY: (True, "bkgtemplate background model collection")})
+        primary.header[COLLECTION_KEY] = (True, "bkgtemplate background model collection")
         primary.header.update({"NBINS": self.n_bins, "NCORR": len(self.corrections), "NBINCOL": len(self.columns)})
         for i, column in enumerate(self.columns, start=1):
-            primary.header.update({f"BINCOL{i}": column, f"BINUNI{i}": self.units[column]})
-            primary.header[f"INTERP{i}"] = column in self.interpolate
+            primary.header.update({f"BINCOL{i}": column, f"BINUNI{i}": self.units[column], f"INTERP{i}": column in self.interpolate})
         hdus = [primary]
         for name, model, index in zip(self.bin_names, self.models, np.ndindex(self.shape)):
             hdus.append(model.to_table_hdu())
@@ -400,12 +351,8 @@ class BackgroundModelCollection:
             hdus.append(fits.BinTableHDU(ConditionCorrection.to_table(self.corrections, n_energy), name="CORRECTIONS"))
         if self.runs is not None:
             hdus.append(fits.BinTableHDU(Table(self.runs), name="RUNS"))
-        return fits.HDUList(hdus)
-
-    def write(self, filename, overwrite=False):
-        """Write to a FITS file (see `to_hdulist`), atomically: never a half-written file."""
         with staged_write(make_path(filename), overwrite=overwrite) as path:
-            self.to_hdulist().writeto(path)
+            fits.HDUList(hdus).writeto(path)
 
     @classmethod
     def read(cls, filename):
@@ -414,13 +361,12 @@ class BackgroundModelCollection:
         try:
             with fits.open(filename, memmap=False) as hdulist:
                 hdulist.verify("exception")
-                return cls.from_hdulist(hdulist)
+                return cls._from_hdulist(hdulist)
         except (OSError, KeyError, ValueError, fits.VerifyError) as error:
             raise ValueError(f"Cannot read a background model collection from {filename} ({error}); rewrite it.") from None
 
     @classmethod
-    def from_hdulist(cls, hdulist):
-        """Collection from the HDUs written by `to_hdulist`."""
+    def _from_hdulist(cls, hdulist):
         header = hdulist[0].header
         if not header.get(COLLECTION_KEY, False):
             raise ValueError(f"not a background model collection (no {COLLECTION_KEY} in the primary header)")
@@ -450,10 +396,9 @@ class ObservingConditionsEstimator(Maker):
     """Estimate a `BackgroundModelCollection` over observing conditions.
 
     Each run's counts and exposure are filled once; a bin's model is the estimator's model of
-    the runs in that bin. Corrections are fitted jointly by maximising the Poisson likelihood of
-    all runs' counts given the collection. The defaults (notebook 3 shows how they were chosen,
-    by held-out prediction): the tutorial zenith bins interpolated in cos(zenith), a zenith
-    correction per energy bin, a north-south term in ``NORTH_PNT`` and a MUONEFF power law.
+    the runs in that bin. Corrections are fitted jointly, by maximising the Poisson likelihood of
+    all runs' counts given the collection (`~bkgtemplate.corrections.fit_corrections`); a ZEN_PNT
+    correction has one coefficient per energy bin.
 
     Parameters
     ----------
@@ -467,12 +412,8 @@ class ObservingConditionsEstimator(Maker):
     interpolate : tuple of str, optional
         Binned columns interpolated between bin centres. Default is ("ZEN_PNT", "MUONEFF").
     corrections : dict of {str: {"power-law", "cos", "linear"}}, optional
-        Fitted rate corrections per column (see `~bkgtemplate.corrections.ConditionCorrection`).
-        Default is ``{"ZEN_PNT": "cos", "NORTH_PNT": "linear", "MUONEFF": "power-law"}``;
-        ``{}`` for none.
-    energy_dependent : tuple of str, optional
-        Corrected columns with one coefficient per energy bin. Default is None (("ZEN_PNT",) if
-        ZEN_PNT is corrected).
+        Fitted rate corrections per column (see `~bkgtemplate.corrections`). Default is
+        ``{"ZEN_PNT": "cos", "NORTH_PNT": "linear", "MUONEFF": "power-law"}``; ``{}`` for none.
     merge_empty : bool, optional
         Merge a bin without runs with its neighbour of less livetime instead of raising
         `EmptyBinError`. Default is False.
@@ -480,7 +421,7 @@ class ObservingConditionsEstimator(Maker):
 
     tag = "ObservingConditionsEstimator"
 
-    def __init__(self, estimator=None, bins=None, interpolate=None, corrections=None, energy_dependent=None, merge_empty=False):
+    def __init__(self, estimator=None, bins=None, interpolate=None, corrections=None, merge_empty=False):
         self.estimator = BackgroundModelEstimator() if estimator is None else estimator
         if not isinstance(self.estimator, BackgroundModelEstimator):
             raise TypeError(f"estimator must be a BackgroundModelEstimator, got {type(self.estimator).__name__}.")
@@ -496,33 +437,16 @@ class ObservingConditionsEstimator(Maker):
         for column, kind in self.corrections.items():
             if kind not in CORRECTION_KINDS:
                 raise ValueError(f"Unknown correction {kind!r} for {column}; choose one of {CORRECTION_KINDS}.")
-        if energy_dependent is None:
-            energy_dependent = [c for c in DEFAULT_ENERGY_DEPENDENT if c in self.corrections]
-        uncorrected = [c for c in energy_dependent if c not in self.corrections]
-        if uncorrected:
-            raise ValueError(f"energy_dependent names {uncorrected}, which have no correction; corrections are {list(self.corrections)}.")
-        self.energy_dependent = tuple(energy_dependent)
         self.merge_empty = bool(merge_empty)
 
     def __str__(self):
         bins = {c: (v if isinstance(v, int) else v.tolist()) for c, v in self.bins.items()}
-        return (
-            f"{self.tag}: bins {bins}, interpolate {[c for c in self.interpolate if c in self.bins]}, "
-            f"corrections {self.corrections}, energy-dependent {list(self.energy_dependent)}"
-        )
+        interpolate = [c for c in self.interpolate if c in self.bins]
+        return f"{self.tag}: bins {bins}, interpolate {interpolate}, corrections {self.corrections}"
 
     def run(self, data_store, obs_ids=None):
         """Build the collection from runs of a data store (all runs by default)."""
         return self.make_collection(self.estimator.fill(data_store, obs_ids))
-
-    def make_bin_edges(self, obs_table):
-        """Bin edges per column; equal-livetime bins from the runs of ``obs_table``."""
-        livetime = u.Quantity(obs_table["LIVETIME" if "LIVETIME" in obs_table.colnames else "ONTIME"], "s").value
-        bad = np.asarray(obs_table["OBS_ID"])[~(livetime > 0)].tolist()
-        if bad:
-            raise ValueError(f"Runs {bad} have a livetime <= 0 or NaN; fix or drop them.")
-        return {c: equal_livetime_edges(column_values(obs_table, c), livetime, spec) if isinstance(spec, int) else spec
-                for c, spec in self.bins.items()}
 
     def make_collection(self, histograms, use=None, merge_empty=None):
         """Build the collection from each run's counts and exposure (`BackgroundModelEstimator.fill`).
@@ -530,25 +454,28 @@ class ObservingConditionsEstimator(Maker):
         ``use`` (bool per run, default all) selects the runs to build from; equal-livetime edges
         always come from all runs. ``merge_empty`` overrides the configured one if not None.
         """
-        edges = self.make_bin_edges(histograms.obs_table)
+        livetime = histograms.livetime
+        edges = {
+            column: equal_livetime_edges(column_values(histograms.obs_table, column), livetime, spec) if isinstance(spec, int) else spec
+            for column, spec in self.bins.items()
+        }
         if use is not None:
             if not np.any(use):
                 raise ValueError("No run to build the collection from.")
             histograms = histograms.select(np.array(histograms.obs_ids)[np.asarray(use, dtype=bool)])
         table, obs_ids, livetime = histograms.obs_table, np.array(histograms.obs_ids), histograms.livetime
-        missing = [s for c in list(edges) + list(self.corrections) for s in source_columns(c) if s not in table.colnames]
+        missing = [s for c in list(edges) + list(self.corrections) for s in SOURCES.get(c, (c,)) if s not in table.colnames]
         if missing:
             raise KeyError(f"The obs table has no {missing} for the bins and corrections; give other bins or corrections={{}}.")
-        values = {c: column_values(table, c) for c in dict.fromkeys(list(edges) + list(self.corrections))}
-        _check_finite(values, obs_ids)
+        values = _condition_values(table, dict.fromkeys(list(edges) + list(self.corrections)))
         merge_empty = self.merge_empty if merge_empty is None else merge_empty
         edges, cells, outside = self._fill_bins(edges, values, livetime, merge_empty)
         if np.any(outside):
             log.warning(f"Runs {obs_ids[outside].tolist()} lie outside the bins of {list(edges)}: they are put in the nearest bin.")
         centres = {}
         for column, column_edges in edges.items():
-            index, x = assign_bins(values[column], column_edges)[0], interpolation_variable(column, values[column])
-            centres[column] = _from_interpolation_variable(column, np.bincount(index, livetime * x) / np.bincount(index, livetime))
+            index, x = assign_bins(values[column], column_edges)[0], _to_x(column, values[column])
+            centres[column] = _from_x(column, np.bincount(index, livetime * x) / np.bincount(index, livetime))
         interpolate = tuple(c for c in edges if c in self.interpolate)
         bins, weights, _ = _bin_weights(edges, values, len(obs_ids), centres, interpolate)
         matrix = np.zeros((len(obs_ids), int(np.prod([len(e) - 1 for e in edges.values()]))))
@@ -556,24 +483,22 @@ class ObservingConditionsEstimator(Maker):
         n_runs, n_energy = histograms.counts.shape[:2]
         counts = histograms.counts.reshape(n_runs, n_energy, -1)
         exposure = histograms.exposure.value.reshape(counts.shape)
-        corrections = fit_corrections(
-            self.corrections, values, livetime, counts, exposure, cells, matrix, energy_dependent=self.energy_dependent
-        )
+        energy_dependent = [c for c in self.corrections if c in ENERGY_DEPENDENT]
+        corrections = fit_corrections(self.corrections, values, livetime, counts, exposure, cells, matrix, energy_dependent)
         factors = _correction_factors(corrections, values, (n_runs, n_energy))
         models = []
         for cell in range(matrix.shape[1]):
             members = cells == cell
-            model = histograms.select(obs_ids[members]).to_irf(factors[members], self.estimator.smooth_sigma)
-            model.meta["LIVETIME"] = float(livetime[members].sum())
-            models.append(model)
+            models.append(histograms.select(obs_ids[members]).to_irf(factors[members], self.estimator.smooth_sigma))
+            models[-1].meta["LIVETIME"] = float(livetime[members].sum())
         runs = Table({"OBS_ID": obs_ids.astype(np.int64), "BKG_BIN": cells, "LIVETIME": livetime * u.s, **values})
         units = {c: u.Unit(getattr(table[c], "unit", None) or "").to_string() if c in table.colnames else "" for c in edges}
         return BackgroundModelCollection(models, edges, centres, interpolate, corrections, units, runs)
 
     @staticmethod
     def _fill_bins(edges, values, livetime, merge_empty):
-        """Each run's flat bin and whether it lies outside all bins; a bin without runs is merged with its
-        neighbour of less livetime if asked."""
+        """Edges, each run's flat bin and whether it lies outside; an empty bin is merged with its
+        neighbour of less livetime if ``merge_empty``, else an `EmptyBinError`."""
         while True:
             shape = tuple(len(e) - 1 for e in edges.values())
             bins, _, outside = _bin_weights(edges, values, len(livetime))
