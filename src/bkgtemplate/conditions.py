@@ -31,8 +31,7 @@ TUTORIAL_ZENITH_EDGES = (0.0, 20.0, 40.0, 90.0)
 DEFAULT_INTERPOLATE = (ZENITH, MUONEFF)
 DEFAULT_CORRECTIONS = {ZENITH: "cos", NORTH: "linear", MUONEFF: "power-law"}
 """Default corrections, chosen by held-out prediction on the H.E.S.S. DL3 DR1 runs (notebook 3)."""
-ENERGY_DEPENDENT = (ZENITH,)
-"""Corrected columns with one coefficient per energy bin."""
+ENERGY_DEPENDENT = (ZENITH,)  # corrected columns with one coefficient per energy bin
 COLLECTION_KEY = "BKGCOLL"  # FITS keywords have at most 8 characters
 NORM_ENERGY = 1 * u.TeV  # energy at which CORRFAC and BKG_NORM report a correction
 
@@ -63,11 +62,9 @@ def column_values(table, column):
         return north_component(*(column_values(table, source) for source in SOURCES[column]))
     if column not in table.colnames:
         raise KeyError(f"The obs table has no column {column!r}; it has {table.colnames}.")
-    col = table[column]
-    if np.asarray(col).dtype.kind not in "iufb":
-        raise TypeError(f"Column {column} of the obs table holds {np.asarray(col).dtype} values; bin a numeric column.")
-    values = np.array(col, dtype=float)
-    return np.where(np.ma.getmaskarray(col), np.nan, values) if np.ma.is_masked(col) else values
+    if np.asarray(table[column]).dtype.kind not in "iufb":
+        raise TypeError(f"Column {column} of the obs table holds {np.asarray(table[column]).dtype} values; bin a numeric column.")
+    return np.where(np.ma.getmaskarray(table[column]), np.nan, np.asarray(table[column], dtype=float))
 
 
 def _condition_values(table, columns):
@@ -167,12 +164,10 @@ def _bin_weights(edges, values, n, centres=None, interpolate=()):
     return bins, weights, outside
 
 
-def _correction_factors(corrections, values, shape):
-    """Product of the corrections for each run and energy bin, ``shape`` (n_runs, n_energy)."""
-    factor = np.ones(shape)
-    for correction in corrections:
-        factor = factor * correction.factor(values[correction.column]).reshape(shape[0], -1)
-    return factor
+def _correction_factors(corrections, values, n_runs, n_energy):
+    """Product of the corrections for each run and energy bin."""
+    factors = [c.factor(values[c.column]).reshape(n_runs, -1) for c in corrections]
+    return np.prod(np.broadcast_arrays(np.ones((n_runs, n_energy)), *factors), axis=0)
 
 
 class BackgroundModelCollection:
@@ -250,8 +245,8 @@ class BackgroundModelCollection:
     def _factors(self, values, n):
         """Corrections for ``n`` runs per energy bin (n, n_energy), and at 1 TeV (n,)."""
         energy = self.models[0].axes["energy"]
-        norm = int(np.clip(np.searchsorted(energy.edges, NORM_ENERGY, side="right") - 1, 0, energy.nbin - 1))
-        factors = _correction_factors(self.corrections, values, (n, energy.nbin))
+        factors = _correction_factors(self.corrections, values, n, energy.nbin)
+        norm = np.clip(np.searchsorted(energy.edges, NORM_ENERGY, side="right") - 1, 0, energy.nbin - 1)
         return factors, factors[:, norm]
 
     def model_for(self, zenith=None, muoneff=None, **values):
@@ -269,38 +264,34 @@ class BackgroundModelCollection:
             raise ValueError(f"Give a value for {missing}: the collection needs {self.condition_columns}.")
         # a table of one row; a single-model collection needs no value, so the row holds no condition
         table = Table({column: [float(value)] for column, value in values.items()}) if values else Table({"OBS_ID": [0]})
-        return self._models_for(table)[0]
+        return self._models(_condition_values(table, self.condition_columns), 1)[0]
 
-    def _models_for(self, table):
-        values = _condition_values(table, self.condition_columns)
-        bins, weights, _ = _bin_weights(self.bin_edges, values, len(table), self.centres, self.interpolate)
-        factors, norms = self._factors(values, len(table))
-        return [
-            self._combine(bins[i], weights[i], factors[i], norms[i], {c: values[c][i] for c in self.condition_columns})
-            for i in range(len(table))
-        ]
-
-    def _combine(self, bins, weights, factor, norm, values):
-        # Per energy bin, only the models measured there (at or above their EMEASMIN) share the
-        # weight: a high-zenith bin's extrapolated rate near low-zenith thresholds must not dilute
-        # a measured one.
+    def _models(self, values, n):
+        """The model of each of ``n`` runs with condition ``values``."""
+        bins, weights, _ = _bin_weights(self.bin_edges, values, n, self.centres, self.interpolate)
+        factors, norms = self._factors(values, n)
         energy = self.models[0].axes["energy"].edges[:-1].to_value("TeV")
-        used = [(self.models[int(i)], w) for i, w in zip(bins, weights) if w > 0]
-        measured = np.array([w * (energy >= m.meta.get("EMEASMIN", 0.0) * (1 - 1e-6)) for m, w in used])
-        total = measured.sum(axis=0)
-        effective = np.where(total > 0, measured / np.where(total > 0, total, 1), np.array([[w] for _, w in used]))
         expand = (-1,) + (1,) * (self.models[0].data.ndim - 1)
-        data = sum(w.reshape(expand) * m.quantity.to_value(RATE_UNIT) for (m, _), w in zip(used, effective))
-        template = self.models[int(bins[np.argmax(weights)])]
-        meta = {k: v for k, v in template.meta.items() if not k.startswith(("BIN", "NRUNS", "NEVENTS"))}
-        meta.update({f"COND{i + 1}": column for i, column in enumerate(values)})
-        meta.update({f"CONDVAL{i + 1}": float(value) for i, value in enumerate(values.values())})
-        meta.update({f"WBIN{i + 1}": int(b) for i, b in enumerate(bins)})
-        meta.update({f"WEIGHT{i + 1}": float(w) for i, w in enumerate(weights)})
-        meta.update(CORRFAC=float(norm), EMEASMIN=min(m.meta.get("EMEASMIN", 0.0) for m, _ in used))
-        return type(template)(
-            axes=template.axes, data=data * factor.reshape(expand), unit=RATE_UNIT, meta=meta, fov_alignment=template.fov_alignment
-        )
+        models = []
+        for i, (run_bins, run_weights) in enumerate(zip(bins, weights)):
+            # Per energy bin, only the models measured there (at or above their EMEASMIN) share the
+            # weight: a high-zenith bin's extrapolated rate near low-zenith thresholds must not
+            # dilute a measured one.
+            used = [(self.models[int(b)], w) for b, w in zip(run_bins, run_weights) if w > 0]
+            measured = np.array([w * (energy >= m.meta.get("EMEASMIN", 0.0) * (1 - 1e-6)) for m, w in used])
+            total = measured.sum(axis=0)
+            shares = np.where(total > 0, measured / np.where(total > 0, total, 1), np.array([[w] for _, w in used]))
+            data = sum(w.reshape(expand) * m.quantity.to_value(RATE_UNIT) for (m, _), w in zip(used, shares))
+            template = self.models[int(run_bins[np.argmax(run_weights)])]
+            meta = {k: v for k, v in template.meta.items() if not k.startswith(("BIN", "NRUNS", "NEVENTS"))}
+            meta.update({f"COND{k}": column for k, column in enumerate(values, start=1)})
+            meta.update({f"CONDVAL{k}": float(value[i]) for k, value in enumerate(values.values(), start=1)})
+            meta.update({f"WBIN{k}": int(b) for k, b in enumerate(run_bins, start=1)})
+            meta.update({f"WEIGHT{k}": float(w) for k, w in enumerate(run_weights, start=1)})
+            meta.update(CORRFAC=float(norms[i]), EMEASMIN=min(m.meta.get("EMEASMIN", 0.0) for m, _ in used))
+            data, alignment = data * factors[i].reshape(expand), template.fov_alignment
+            models.append(type(template)(template.axes, data=data, unit=RATE_UNIT, meta=meta, fov_alignment=alignment))
+        return models
 
     def to_store_inputs(self, obs_table, interpolate=True):
         """Models by HDU name and an assignment table for `~bkgtemplate.store.write_background_store`.
@@ -323,29 +314,27 @@ class BackgroundModelCollection:
             assignment["BKG_HDU"] = np.array(self.bin_names)[bins[:, 0]]
             return dict(zip(self.bin_names, self.models)), assignment
         assignment["BKG_HDU"] = [f"BKG_{obs_id}" for obs_id in obs_ids]
-        return dict(zip(assignment["BKG_HDU"], self._models_for(obs_table))), assignment
+        return dict(zip(assignment["BKG_HDU"], self._models(values, len(obs_ids)))), assignment
 
     def write(self, filename, overwrite=False):
         """Write to a FITS file, atomically (never a half-written file).
 
-        A primary HDU describes the collection (BINCOLi, BINUNIi and INTERPi of the i-th binned
-        column); one HDU per bin holds its model (the IRF's ``to_table_hdu``, with BINCOLi, BINIDXi,
-        BINLOi, BINHIi and BINCENi); then a CORRECTIONS table if there are corrections and a RUNS
-        table if known.
+        The primary header has NBINS, NCORR, and BINCOLi, BINUNIi and INTERPi of the i-th binned
+        column; each bin's HDU (its model's ``to_table_hdu``) has BINCOLi, BINIDXi, BINLOi, BINHIi
+        and BINCENi; a CORRECTIONS and a RUNS table follow if there are corrections and known runs.
         """
-        primary = fits.PrimaryHDU()
-        primary.header[COLLECTION_KEY] = (True, "bkgtemplate background model collection")
-        primary.header.update({"NBINS": self.n_bins, "NCORR": len(self.corrections), "NBINCOL": len(self.columns)})
-        for i, column in enumerate(self.columns, start=1):
-            primary.header.update({f"BINCOL{i}": column, f"BINUNI{i}": self.units[column], f"INTERP{i}": column in self.interpolate})
-        hdus = [primary]
+        header = fits.Header({COLLECTION_KEY: True, "NBINS": self.n_bins, "NCORR": len(self.corrections)})
+        header["NBINCOL"] = len(self.columns)
+        for i, c in enumerate(self.columns, start=1):
+            header.update({f"BINCOL{i}": c, f"BINUNI{i}": self.units[c], f"INTERP{i}": c in self.interpolate})
+        hdus = [fits.PrimaryHDU(header=header)]
         for name, model, index in zip(self.bin_names, self.models, np.ndindex(self.shape)):
             hdus.append(model.to_table_hdu())
             hdus[-1].name = name
-            for i, (column, k) in enumerate(zip(self.columns, index), start=1):
-                edges = self.bin_edges[column]
-                hdus[-1].header.update({f"BINCOL{i}": column, f"BINIDX{i}": k, f"BINLO{i}": edges[k]})
-                hdus[-1].header.update({f"BINHI{i}": edges[k + 1], f"BINCEN{i}": self.centres[column][k]})
+            for i, (c, k) in enumerate(zip(self.columns, index), start=1):
+                edges, centre = self.bin_edges[c], self.centres[c][k]
+                keys = {"COL": c, "IDX": k, "LO": edges[k], "HI": edges[k + 1], "CEN": centre}
+                hdus[-1].header.update({f"BIN{key}{i}": value for key, value in keys.items()})
         if self.corrections:
             n_energy = self.models[0].axes["energy"].nbin
             hdus.append(fits.BinTableHDU(ConditionCorrection.to_table(self.corrections, n_energy), name="CORRECTIONS"))
@@ -370,22 +359,21 @@ class BackgroundModelCollection:
         header = hdulist[0].header
         if not header.get(COLLECTION_KEY, False):
             raise ValueError(f"not a background model collection (no {COLLECTION_KEY} in the primary header)")
-        expected = 1 + header["NBINS"] + bool(header["NCORR"])
-        if len(hdulist) < expected:
-            raise ValueError(f"the file is truncated: {len(hdulist)} of at least {expected} HDUs")
+        if len(hdulist) < 1 + header["NBINS"] + bool(header["NCORR"]):
+            raise ValueError(f"the file is truncated: {len(hdulist)} HDUs for {header['NBINS']} bins and corrections")
         bin_hdus = hdulist[1 : 1 + header["NBINS"]]
         columns = [header[f"BINCOL{i}"] for i in range(1, header["NBINCOL"] + 1)]
         edges, centres = {}, {}
         for i, column in enumerate(columns, start=1):
-            bins = {hdu.header[f"BINIDX{i}"]: [hdu.header[f"BIN{key}{i}"] for key in ("LO", "HI", "CEN")] for hdu in bin_hdus}
-            lo, hi, centres[column] = np.array([bins[k] for k in sorted(bins)]).T
-            edges[column] = np.append(lo, hi[-1])
+            edges[column] = np.unique([hdu.header[f"BIN{key}{i}"] for hdu in bin_hdus for key in ("LO", "HI")])
+            by_index = {hdu.header[f"BINIDX{i}"]: hdu.header[f"BINCEN{i}"] for hdu in bin_hdus}
+            centres[column] = [by_index[k] for k in sorted(by_index)]
         kinds = [Background3D if hdu.header.get("HDUCLAS4") == "BKG_3D" else Background2D for hdu in bin_hdus]
         return cls(
             [kind.from_table(Table.read(hdu)) for kind, hdu in zip(kinds, bin_hdus)],
             edges,
             centres,
-            interpolate=tuple(column for i, column in enumerate(columns, start=1) if header[f"INTERP{i}"]),
+            interpolate=[column for i, column in enumerate(columns, start=1) if header[f"INTERP{i}"]],
             corrections=ConditionCorrection.from_table(Table.read(hdulist["CORRECTIONS"])) if header["NCORR"] else [],
             units={column: header[f"BINUNI{i}"] for i, column in enumerate(columns, start=1)},
             runs=Table.read(hdulist["RUNS"]) if "RUNS" in hdulist else None,
@@ -448,27 +436,33 @@ class ObservingConditionsEstimator(Maker):
         """Build the collection from runs of a data store (all runs by default)."""
         return self.make_collection(self.estimator.fill(data_store, obs_ids))
 
-    def make_collection(self, histograms, use=None, merge_empty=None):
-        """Build the collection from each run's counts and exposure (`BackgroundModelEstimator.fill`).
+    def make_collection(self, histograms):
+        """Build the collection from each run's counts and exposure (`BackgroundModelEstimator.fill`)."""
+        return self._build(histograms, self._edges(histograms), self.merge_empty)
 
-        ``use`` (bool per run, default all) selects the runs to build from; equal-livetime edges
-        always come from all runs. ``merge_empty`` overrides the configured one if not None.
+    def leave_one_out(self, histograms, obs_ids=None):
+        """Collections each built without one run (corrections refitted; a bin left empty is merged).
+
+        Yields ``(obs_id, collection)`` for each run of ``obs_ids`` (default: every run).
         """
-        livetime = histograms.livetime
-        edges = {
-            column: equal_livetime_edges(column_values(histograms.obs_table, column), livetime, spec) if isinstance(spec, int) else spec
-            for column, spec in self.bins.items()
+        edges = self._edges(histograms)  # equal-livetime edges from all runs
+        for obs_id in histograms.obs_ids if obs_ids is None else obs_ids:
+            others = [i for i in histograms.obs_ids if i != int(obs_id)]
+            yield int(obs_id), self._build(histograms.select(others), edges, merge_empty=True)
+
+    def _edges(self, histograms):
+        """Bin edges of each column; a number of bins gives equal-livetime edges for the runs."""
+        table, livetime = histograms.obs_table, histograms.livetime
+        return {
+            c: equal_livetime_edges(column_values(table, c), livetime, n) if isinstance(n, int) else n for c, n in self.bins.items()
         }
-        if use is not None:
-            if not np.any(use):
-                raise ValueError("No run to build the collection from.")
-            histograms = histograms.select(np.array(histograms.obs_ids)[np.asarray(use, dtype=bool)])
+
+    def _build(self, histograms, edges, merge_empty):
         table, obs_ids, livetime = histograms.obs_table, np.array(histograms.obs_ids), histograms.livetime
         missing = [s for c in list(edges) + list(self.corrections) for s in SOURCES.get(c, (c,)) if s not in table.colnames]
         if missing:
             raise KeyError(f"The obs table has no {missing} for the bins and corrections; give other bins or corrections={{}}.")
         values = _condition_values(table, dict.fromkeys(list(edges) + list(self.corrections)))
-        merge_empty = self.merge_empty if merge_empty is None else merge_empty
         edges, cells, outside = self._fill_bins(edges, values, livetime, merge_empty)
         if np.any(outside):
             log.warning(f"Runs {obs_ids[outside].tolist()} lie outside the bins of {list(edges)}: they are put in the nearest bin.")
@@ -480,12 +474,10 @@ class ObservingConditionsEstimator(Maker):
         bins, weights, _ = _bin_weights(edges, values, len(obs_ids), centres, interpolate)
         matrix = np.zeros((len(obs_ids), int(np.prod([len(e) - 1 for e in edges.values()]))))
         np.add.at(matrix, (np.arange(len(obs_ids))[:, None], bins), weights)
-        n_runs, n_energy = histograms.counts.shape[:2]
-        counts = histograms.counts.reshape(n_runs, n_energy, -1)
-        exposure = histograms.exposure.value.reshape(counts.shape)
+        counts, exposure = histograms.counts, histograms.exposure.value
         energy_dependent = [c for c in self.corrections if c in ENERGY_DEPENDENT]
         corrections = fit_corrections(self.corrections, values, livetime, counts, exposure, cells, matrix, energy_dependent)
-        factors = _correction_factors(corrections, values, (n_runs, n_energy))
+        factors = _correction_factors(corrections, values, *counts.shape[:2])
         models = []
         for cell in range(matrix.shape[1]):
             members = cells == cell
@@ -520,12 +512,3 @@ class ObservingConditionsEstimator(Maker):
             partner = min((j for j in (index[k] - 1, index[k] + 1) if 0 <= j < shape[k]), key=lambda j: (per_bin[j], j))
             log.info(f"Bin {label} has no runs: merged with {column} bin {partner}.")
             edges = {**edges, column: np.delete(edges[column], max(index[k], partner))}
-
-    def leave_one_out(self, histograms, obs_ids=None):
-        """Collections each built without one run (corrections refitted; a bin left empty is merged).
-
-        Yields ``(obs_id, collection)`` for each run of ``obs_ids`` (default: every run).
-        """
-        for obs_id in histograms.obs_ids if obs_ids is None else obs_ids:
-            use = np.array(histograms.obs_ids) != int(obs_id)
-            yield int(obs_id), self.make_collection(histograms, use=use, merge_empty=True)

@@ -113,14 +113,12 @@ def _template(column, kind, values, livetime, measured):
     """A correction with coefficient 0, reference (livetime-weighted mean of the transformed value) and
     clip range from the runs measured in each column of ``measured`` (one, or one per energy bin)."""
     transformed = ConditionCorrection.transform(kind, values)
-    masked = np.ma.masked_array(np.broadcast_to(transformed[:, None], measured.shape), ~measured)
-    weights = np.broadcast_to(livetime[:, None], measured.shape)
+    x = np.ma.masked_array(np.broadcast_to(transformed[:, None], measured.shape), ~measured)
     # an energy bin no run measured gets the mean of all runs, and a range of that one point
     fallback = np.average(transformed, weights=livetime)
-    mean, clip_min, clip_max = (
-        array.filled(fallback) for array in (np.ma.average(masked, axis=0, weights=weights), masked.min(0), masked.max(0))
-    )
-    numbers = [np.exp(mean) if kind == "power-law" else mean, np.zeros(len(mean)), clip_min, clip_max]
+    mean = np.ma.average(x, axis=0, weights=np.broadcast_to(livetime[:, None], x.shape)).filled(fallback)
+    clip = [x.min(axis=0).filled(fallback), x.max(axis=0).filled(fallback)]
+    numbers = [np.exp(mean) if kind == "power-law" else mean, np.zeros(len(mean)), *clip]
     return ConditionCorrection(column, kind, *(numbers if measured.shape[1] > 1 else [float(n[0]) for n in numbers]))
 
 
@@ -131,12 +129,13 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
 
     ``kinds`` maps each corrected column to its kind, ``values`` each column to its value per run;
     ``livetime`` is in s; ``counts`` and ``exposure`` (s MeV sr) have shape (n_runs, n_energy,
-    n_pixels); ``cells`` is the flat bin of each run, ``weights_matrix`` (n_runs, n_bins) its
+    spatial bins...); ``cells`` is the flat bin of each run, ``weights_matrix`` (n_runs, n_bins) its
     interpolation weight on each bin. Columns in ``energy_dependent`` get one coefficient per energy bin.
     """
     if not kinds:
         return []
     n_runs, n_energy = counts.shape[:2]
+    exposure = exposure.reshape(n_runs, n_energy, -1)
     measured, everywhere = exposure.sum(axis=2) > 0, np.ones((n_runs, 1), dtype=bool)
     template = [
         _template(column, kind, values[column], livetime, measured if column in energy_dependent else everywhere)
@@ -148,7 +147,11 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
     for correction in template:
         g_runs = np.broadcast_to(correction.variable(values[correction.column]).reshape(n_runs, -1), (n_runs, n_energy))
         g.extend(g_runs * np.eye(n_energy)[:, None, :] if correction.energy_dependent else [g_runs])
-    g = np.array(g)
+    # in units of about the statistical error of each parameter, 1 / sqrt(sum of counts x g^2), the
+    # coefficients of energy bins with few counts converge as fast as the others
+    information = np.einsum("ne,pne->p", counts.reshape(n_runs, n_energy, -1).sum(axis=2), np.square(g))
+    scale = 1 / np.sqrt(np.where(information > 0, information, 1))
+    g = np.array(g) * scale[:, None, None]
     one_hot = (cells == np.arange(weights_matrix.shape[1])[:, None]).astype(float)  # (n_bins, n_runs)
     counts_flat = counts.reshape(n_runs, -1)
     counts_cell = one_hot @ counts_flat
@@ -174,16 +177,7 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
         h = (residual * mu - (one_hot.T @ b) * corrected).reshape(n_runs, n_energy, -1).sum(axis=2)
         return value, np.einsum("ne,pne->p", h, g)
 
-    # parameters in units of about their statistical error, 1 / sqrt(sum of counts x g^2): the
-    # coefficients of energy bins with few counts then converge as fast as the others
-    information = np.einsum("ne,pne->p", counts.sum(axis=2), g**2)
-    scale = 1 / np.sqrt(np.where(information > 0, information, 1))
-
-    def scaled(x):
-        value, gradient = deviance(x * scale)
-        return value, gradient * scale
-
-    result = minimize(scaled, np.zeros(len(g)), jac=True, method="L-BFGS-B", options={"ftol": 1e-13, "gtol": 1e-6})
+    result = minimize(deviance, np.zeros(len(g)), jac=True, method="L-BFGS-B", options={"ftol": 1e-13, "gtol": 1e-6})
     if not result.success:
         log.warning(f"The correction fit did not converge ({result.message}); using its last values.")
     sizes = [n_energy if correction.energy_dependent else 1 for correction in template]
