@@ -1,10 +1,7 @@
 """Background models over observing conditions: bins of obs-index columns, interpolation, corrections.
 
-`ObservingConditionsEstimator` builds one model per bin of one or more obs-index columns (zenith
-``ZEN_PNT`` by default, ``MUONEFF``, any numeric column, or the derived ``NORTH_PNT``) into a
-`BackgroundModelCollection`, which gives any run the model of its conditions: interpolated linearly
-in the rate between bin centres (in cos(zenith) for ``ZEN_PNT``; clipped at the end centres, never
-extrapolated) or looked up, times the fitted corrections (`~bkgtemplate.corrections`).
+One model per bin of ZEN_PNT, MUONEFF, any numeric column or the derived NORTH_PNT, interpolated between
+bin centres (in cos(zenith) for ZEN_PNT, never extrapolated) or looked up, times fitted corrections.
 """
 
 import logging
@@ -26,8 +23,7 @@ __all__ = ["BackgroundModelCollection", "EmptyBinError", "ObservingConditionsEst
 log = logging.getLogger(__name__)
 
 ZENITH, MUONEFF, AZIMUTH, NORTH = "ZEN_PNT", "MUONEFF", "AZ_PNT", "NORTH_PNT"
-TUTORIAL_ZENITH_EDGES = (0.0, 20.0, 40.0, 90.0)
-"""Zenith bin edges of the original gammapy tutorial, in deg."""
+TUTORIAL_ZENITH_EDGES = (0.0, 20.0, 40.0, 90.0)  # deg, as the original gammapy tutorial
 DEFAULT_INTERPOLATE = (ZENITH, MUONEFF)
 DEFAULT_CORRECTIONS = {ZENITH: "cos", NORTH: "linear", MUONEFF: "power-law"}
 """Default corrections, chosen by held-out prediction on the H.E.S.S. DL3 DR1 runs (notebook 3)."""
@@ -43,8 +39,7 @@ class EmptyBinError(ValueError):
 def north_component(zenith, azimuth):
     """North component ``sin(zenith) cos(azimuth)`` of the pointing (angles in deg), 0 at the zenith.
 
-    The cosine of the angle between the shower axis and the geomagnetic field (in the magnetic
-    meridian) is a sum of cos(zenith) and this term.
+    With cos(zenith), it gives the angle between the shower axis and the geomagnetic field.
 
     >>> north_component([30, 30, 0], [0, 180, 90]).round(3)
     array([ 0.5, -0.5,  0. ])
@@ -52,8 +47,7 @@ def north_component(zenith, azimuth):
     return np.sin(np.deg2rad(zenith)) * np.cos(np.deg2rad(azimuth))
 
 
-SOURCES = {NORTH: (ZENITH, AZIMUTH)}
-"""Obs-index columns of each derived column."""
+SOURCES = {NORTH: (ZENITH, AZIMUTH)}  # the obs-index columns of each derived column
 
 
 def column_values(table, column):
@@ -99,9 +93,8 @@ def _check_edges(column, spec):
 
 
 def assign_bins(values, edges):
-    """Bin of each value, and whether it lies outside ``[edges[0], edges[-1]]`` (then: the nearest bin).
-
-    Bins include their lower edge, the last also its upper edge.
+    """Bin of each value (bins include their lower edge, the last also its upper edge), and whether it
+    lies outside ``[edges[0], edges[-1]]`` (then: the nearest bin).
 
     >>> assign_bins([0, 19.9, 20, 40, 90, 95], [0, 20, 40, 90])[0]
     array([0, 0, 1, 2, 2, 2])
@@ -112,10 +105,8 @@ def assign_bins(values, edges):
 
 
 def interpolation_weights(x, centres):
-    """Linear interpolation partners ``lo <= hi`` and the weight of ``hi``, clipped at the end centres.
-
-    ``centres`` must be strictly monotonic (increasing or decreasing) in the bin index.
-    """
+    """Linear interpolation partners ``lo <= hi`` and the weight of ``hi``, clipped at the end
+    ``centres`` (strictly increasing or decreasing)."""
     x, centres = np.atleast_1d(np.asarray(x, dtype=float)), np.asarray(centres, dtype=float)
     sign = 1.0 if centres[-1] >= centres[0] else -1.0
     if np.any(np.diff(sign * centres) <= 0):
@@ -127,11 +118,8 @@ def interpolation_weights(x, centres):
 
 
 def equal_livetime_edges(values, livetime, n_bins):
-    """``n_bins + 1`` edges that split runs into bins of about equal livetime.
-
-    Inner edges lie halfway between the two distinct values on either side of each livetime
-    quantile; the outer edges are the smallest and largest values.
-    """
+    """``n_bins + 1`` edges that split runs into bins of about equal livetime: the smallest and
+    largest values, and halfway between the two distinct values either side of each quantile."""
     order = np.argsort(values)
     values, livetime = np.asarray(values, float)[order], np.asarray(livetime, float)[order]
     distinct = np.unique(values)
@@ -147,10 +135,8 @@ def equal_livetime_edges(values, livetime, n_bins):
 
 
 def _bin_weights(edges, values, n, centres=None, interpolate=()):
-    """Flat bins and weights of ``n`` runs, each (n, 2 ** n_interpolated), and whether each lies outside.
-
-    Without interpolation ``bins[:, 0]`` is the bin holding each run.
-    """
+    """Flat bins and weights (n, 2 ** n_interpolated) of ``n`` runs (``bins[:, 0]``: the bin holding
+    the run if none is interpolated), and whether each lies outside."""
     bins, weights, outside = np.zeros((n, 1), dtype=int), np.ones((n, 1)), np.zeros(n, dtype=bool)
     for column, column_edges in edges.items():
         partners, out = assign_bins(values[column], column_edges)
@@ -180,11 +166,10 @@ class BackgroundModelCollection:
         the rate at the corrections' references.
     bin_edges : dict of {str: `~numpy.ndarray`}
         Bin edges of each column, in the column's unit (deg for ZEN_PNT). Empty for one model.
-    centres : dict of {str: `~numpy.ndarray`}, optional
-        Centre of each bin. Default is None (middle of the edges in the interpolation variable).
+    centres : dict of {str: `~numpy.ndarray`}
+        Centre of each bin of each column (empty for one model).
     interpolate : tuple of str, optional
-        Columns interpolated between centres; the others are looked up. Default is
-        ("ZEN_PNT", "MUONEFF") where binned.
+        Columns interpolated between centres, the others looked up. Default is ("ZEN_PNT", "MUONEFF").
     corrections : list of `~bkgtemplate.corrections.ConditionCorrection`, optional
         Rate corrections. Default is None.
     units : dict of {str: str}, optional
@@ -193,7 +178,7 @@ class BackgroundModelCollection:
         Runs that built the collection: OBS_ID, BKG_BIN, LIVETIME and their conditions. Default is None.
     """
 
-    def __init__(self, models, bin_edges, centres=None, interpolate=None, corrections=None, units=None, runs=None):
+    def __init__(self, models, bin_edges, centres, interpolate=None, corrections=None, units=None, runs=None):
         self.bin_edges = {column: _check_edges(column, edges) for column, edges in (bin_edges or {}).items()}
         self.models = list(models)
         if len(self.models) != int(np.prod(self.shape)):
@@ -203,10 +188,7 @@ class BackgroundModelCollection:
         if any(model.axes != self.models[0].axes or type(model) is not type(self.models[0]) for model in self.models):
             raise ValueError("All models of a collection must have the same kind and axes.")
         self.units = {c: (units or {}).get(c, "deg" if c in (ZENITH, AZIMUTH) else "") for c in self.columns}
-        self.centres = {}
-        for column, edges in self.bin_edges.items():
-            default = _from_x(column, 0.5 * (_to_x(column, edges[:-1]) + _to_x(column, edges[1:])))
-            self.centres[column] = np.asarray((centres or {}).get(column, default), dtype=float)
+        self.centres = {column: np.asarray(centres[column], dtype=float) for column in self.columns}
         self.interpolate = tuple(c for c in self.columns if c in (DEFAULT_INTERPOLATE if interpolate is None else interpolate))
         self.corrections = list(corrections or [])
         self.runs = runs
@@ -250,12 +232,10 @@ class BackgroundModelCollection:
         return factors, factors[:, norm]
 
     def model_for(self, zenith=None, muoneff=None, **values):
-        """The background model of one set of observing conditions.
+        """The model (with conditions and interpolation weights in its meta) of one set of conditions.
 
-        ``zenith`` (ZEN_PNT) in deg, as a float or Quantity, ``muoneff`` (MUONEFF) and the values of
-        other binned or corrected columns by name (e.g. ``AZ_PNT=180``; a derived column such as
-        NORTH_PNT may be given through its sources). Returns the `~gammapy.irf.Background2D` or
-        `~gammapy.irf.Background3D`, with the conditions and the interpolation weights in its meta.
+        ``zenith`` (ZEN_PNT) in deg, as a float or Quantity, ``muoneff`` (MUONEFF), and other binned or
+        corrected columns by name (e.g. ``AZ_PNT=180``; NORTH_PNT may be given through its sources).
         """
         values.update({k: v for k, v in [(ZENITH, zenith), (MUONEFF, muoneff)] if v is not None})
         values = {k: u.Quantity(v).to_value("deg") if isinstance(v, u.Quantity) else v for k, v in values.items()}
@@ -296,11 +276,9 @@ class BackgroundModelCollection:
     def to_store_inputs(self, obs_table, interpolate=True):
         """Models by HDU name and an assignment table for `~bkgtemplate.store.write_background_store`.
 
-        The assignment has one row per run of ``obs_table``: OBS_ID, BKG_BIN (flat index of the bin
-        holding the run, the nearest outside all bins), BKG_NORM (the corrections at 1 TeV) and
-        BKG_HDU. With ``interpolate=True`` every run gets its own model, interpolated and corrected
-        for its conditions ("BKG_<OBS_ID>"); with False, the model of its bin, without interpolation
-        or corrections.
+        The assignment has OBS_ID, BKG_BIN (flat index of the bin holding the run, or the nearest),
+        BKG_NORM (the corrections at 1 TeV) and BKG_HDU for each run of ``obs_table``: its own model
+        "BKG_<OBS_ID>", interpolated and corrected, or with ``interpolate=False`` its bin's model.
         """
         values = _condition_values(obs_table, self.condition_columns)
         obs_ids = np.asarray(obs_table["OBS_ID"], dtype=np.int64)
@@ -383,16 +361,14 @@ class BackgroundModelCollection:
 class ObservingConditionsEstimator(Maker):
     """Estimate a `BackgroundModelCollection` over observing conditions.
 
-    Each run's counts and exposure are filled once; a bin's model is the estimator's model of
-    the runs in that bin. Corrections are fitted jointly, by maximising the Poisson likelihood of
-    all runs' counts given the collection (`~bkgtemplate.corrections.fit_corrections`); a ZEN_PNT
-    correction has one coefficient per energy bin.
+    A bin's model is the estimator's model of its runs (each run is filled once). Corrections are
+    fitted jointly to all runs (`~bkgtemplate.corrections.fit_corrections`); a ZEN_PNT correction
+    has one coefficient per energy bin.
 
     Parameters
     ----------
     estimator : `~bkgtemplate.BackgroundModelEstimator`, optional
-        Axes, exclusion, smoothing and parallel options of the models. Default is a default
-        (2D) `BackgroundModelEstimator`.
+        Axes, exclusion, smoothing and parallel options. Default is ``BackgroundModelEstimator()``.
     bins : dict of {str: list of float or int}, optional
         Bins per obs-index column: edges in the column's unit (deg for ZEN_PNT), or a number of
         equal-livetime bins. Several columns make a grid; an empty dict gives one model.
@@ -459,9 +435,6 @@ class ObservingConditionsEstimator(Maker):
 
     def _build(self, histograms, edges, merge_empty):
         table, obs_ids, livetime = histograms.obs_table, np.array(histograms.obs_ids), histograms.livetime
-        missing = [s for c in list(edges) + list(self.corrections) for s in SOURCES.get(c, (c,)) if s not in table.colnames]
-        if missing:
-            raise KeyError(f"The obs table has no {missing} for the bins and corrections; give other bins or corrections={{}}.")
         values = _condition_values(table, dict.fromkeys(list(edges) + list(self.corrections)))
         edges, cells, outside = self._fill_bins(edges, values, livetime, merge_empty)
         if np.any(outside):
@@ -475,8 +448,7 @@ class ObservingConditionsEstimator(Maker):
         matrix = np.zeros((len(obs_ids), int(np.prod([len(e) - 1 for e in edges.values()]))))
         np.add.at(matrix, (np.arange(len(obs_ids))[:, None], bins), weights)
         counts, exposure = histograms.counts, histograms.exposure.value
-        energy_dependent = [c for c in self.corrections if c in ENERGY_DEPENDENT]
-        corrections = fit_corrections(self.corrections, values, livetime, counts, exposure, cells, matrix, energy_dependent)
+        corrections = fit_corrections(self.corrections, values, livetime, counts, exposure, cells, matrix, ENERGY_DEPENDENT)
         factors = _correction_factors(corrections, values, *counts.shape[:2])
         models = []
         for cell in range(matrix.shape[1]):

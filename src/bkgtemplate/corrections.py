@@ -1,11 +1,10 @@
 """Rate corrections for observing conditions, and their joint likelihood fit.
 
-A `ConditionCorrection` multiplies the rate by ``exp(coefficient x g(value))``, g being zero at a
-reference: ``"power-law"`` ``g = log(value / reference)`` (rate proportional to
-``value ** coefficient``), ``"cos"`` ``g = cos(value) - reference`` (value in deg) and ``"linear"``
-``g = value - reference``. The coefficient is one number, or one per energy bin (an
-*energy-dependent* correction). The transformed value is clipped to the range of the runs that
-built the correction (at each energy, those with exposure there): it is never extrapolated.
+A `ConditionCorrection` multiplies the rate by ``exp(coefficient x g(value))``: ``"power-law"``
+``g = log(value / reference)``, ``"cos"`` ``g = cos(value) - reference`` (value in deg), ``"linear"``
+``g = value - reference``. The coefficient is one number, or one per energy bin. The transformed value
+is clipped to the range of the runs that built the correction (at each energy, those with exposure
+there): a correction is never extrapolated.
 """
 
 import logging
@@ -33,9 +32,8 @@ class ConditionCorrection:
     kind : {"power-law", "cos", "linear"}
         How g depends on the value (see the module).
     reference, coefficient, clip_min, clip_max : float or `~numpy.ndarray`
-        Where g is 0 (the value for "power-law", cos(value) for "cos"); the fitted coefficient (the
-        index of a power law; default is 0); the range of the transformed value (log(value),
-        cos(value) or the value; default is no clipping). Each is one float or one per energy bin.
+        Where g is 0 (the value for "power-law", cos(value) for "cos"); the coefficient (default 0);
+        the range of log(value), cos(value) or the value (default: no clipping). One, or one per energy bin.
     """
 
     column: str
@@ -123,14 +121,13 @@ def _template(column, kind, values, livetime, measured):
 
 
 def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_matrix, energy_dependent=()):
-    """Corrections (a list of `ConditionCorrection`, in the order of ``kinds``) that maximise the
-    Poisson likelihood of the runs' counts, fitted jointly, the rates of the bins profiled out
-    (each bin's rate is its counts over its corrected exposure).
+    """Corrections (`ConditionCorrection` list, in the order of ``kinds``) of largest Poisson likelihood
+    of the runs' counts, fitted jointly with each bin's rate profiled out (its counts over its corrected exposure).
 
     ``kinds`` maps each corrected column to its kind, ``values`` each column to its value per run;
-    ``livetime`` is in s; ``counts`` and ``exposure`` (s MeV sr) have shape (n_runs, n_energy,
-    spatial bins...); ``cells`` is the flat bin of each run, ``weights_matrix`` (n_runs, n_bins) its
-    interpolation weight on each bin. Columns in ``energy_dependent`` get one coefficient per energy bin.
+    ``livetime`` is in s; ``counts`` and ``exposure`` (s MeV sr) are (n_runs, n_energy, spatial...);
+    ``cells`` is the flat bin of each run, ``weights_matrix`` (n_runs, n_bins) its interpolation weight
+    on each bin. Columns in ``energy_dependent`` get one coefficient per energy bin.
     """
     if not kinds:
         return []
