@@ -133,7 +133,6 @@ def test_fits_round_trip(tmp_path, kind):
 
     assert read.columns == ["ZEN_PNT", "MUONEFF"]
     assert read.interpolate == ("ZEN_PNT", "MUONEFF")
-    assert read.units == {"ZEN_PNT": "deg", "MUONEFF": ""}
     for column in read.columns:
         assert_allclose(read.bin_edges[column], collection.bin_edges[column], rtol=1e-12)
         assert_allclose(read.centres[column], collection.centres[column], rtol=1e-12)

@@ -56,9 +56,10 @@ def column_values(table, column):
         return north_component(*(column_values(table, source) for source in SOURCES[column]))
     if column not in table.colnames:
         raise KeyError(f"The obs table has no column {column!r}; it has {table.colnames}.")
-    if np.asarray(table[column]).dtype.kind not in "iufb":
-        raise TypeError(f"Column {column} of the obs table holds {np.asarray(table[column]).dtype} values; bin a numeric column.")
-    return np.where(np.ma.getmaskarray(table[column]), np.nan, np.asarray(table[column], dtype=float))
+    col = table[column]
+    if np.asarray(col).dtype.kind not in "iufb":
+        raise TypeError(f"Column {column} of the obs table holds {np.asarray(col).dtype} values; bin a numeric column.")
+    return np.where(np.ma.getmaskarray(col), np.nan, np.asarray(col, dtype=float))
 
 
 def _condition_values(table, columns):
@@ -80,6 +81,10 @@ def _to_x(column, values):
 
 def _from_x(column, x):
     return np.rad2deg(np.arccos(np.clip(x, -1, 1))) if column == ZENITH else np.asarray(x, dtype=float)
+
+
+def _unit(column):
+    return "deg" if column in (ZENITH, AZIMUTH) else ""
 
 
 def _check_edges(column, spec):
@@ -172,13 +177,11 @@ class BackgroundModelCollection:
         Columns interpolated between centres, the others looked up. Default is ("ZEN_PNT", "MUONEFF").
     corrections : list of `~bkgtemplate.corrections.ConditionCorrection`, optional
         Rate corrections. Default is None.
-    units : dict of {str: str}, optional
-        Unit of each column. Default is None ("deg" for ZEN_PNT and AZ_PNT, else "").
     runs : `~astropy.table.Table`, optional
         Runs that built the collection: OBS_ID, BKG_BIN, LIVETIME and their conditions. Default is None.
     """
 
-    def __init__(self, models, bin_edges, centres, interpolate=None, corrections=None, units=None, runs=None):
+    def __init__(self, models, bin_edges, centres, interpolate=None, corrections=None, runs=None):
         self.bin_edges = {column: _check_edges(column, edges) for column, edges in (bin_edges or {}).items()}
         self.models = list(models)
         if len(self.models) != int(np.prod(self.shape)):
@@ -187,7 +190,6 @@ class BackgroundModelCollection:
             raise TypeError("Models must be gammapy Background2D or Background3D.")
         if any(model.axes != self.models[0].axes or type(model) is not type(self.models[0]) for model in self.models):
             raise ValueError("All models of a collection must have the same kind and axes.")
-        self.units = {c: (units or {}).get(c, "deg" if c in (ZENITH, AZIMUTH) else "") for c in self.columns}
         self.centres = {column: np.asarray(centres[column], dtype=float) for column in self.columns}
         self.interpolate = tuple(c for c in self.columns if c in (DEFAULT_INTERPOLATE if interpolate is None else interpolate))
         self.corrections = list(corrections or [])
@@ -210,16 +212,15 @@ class BackgroundModelCollection:
     @property
     def bin_labels(self):
         """Readable label of each bin, e.g. "ZEN_PNT 0-20 deg" (for plot legends)."""
-        return [", ".join(f"{c} {self.bin_edges[c][i]:g}-{self.bin_edges[c][i + 1]:g} {self.units[c]}".strip()
+        return [", ".join(f"{c} {self.bin_edges[c][i]:g}-{self.bin_edges[c][i + 1]:g} {_unit(c)}".strip()
                           for c, i in zip(self.columns, idx)) or "all runs" for idx in np.ndindex(self.shape)]
 
     def __str__(self):
         lines = [f"BackgroundModelCollection: {self.n_bins} {type(self.models[0]).__name__} models"]
-        for column in self.columns:
-            how = "interpolated" if column in self.interpolate else "looked up"
-            unit = f" {self.units[column]}" if self.units[column] else ""
-            edges, centres = np.round(self.bin_edges[column], 4).tolist(), np.round(self.centres[column], 4).tolist()
-            lines.append(f"  {column}: edges {edges}{unit}, centres {centres}{unit} ({how})")
+        for c in self.columns:
+            how, unit = "interpolated" if c in self.interpolate else "looked up", f" {_unit(c)}".rstrip()
+            edges, centres = np.round(self.bin_edges[c], 4).tolist(), np.round(self.centres[c], 4).tolist()
+            lines.append(f"  {c}: edges {edges}{unit}, centres {centres}{unit} ({how})")
         return "\n".join(lines + [f"  correction: {correction}" for correction in self.corrections])
 
     __repr__ = __str__
@@ -297,14 +298,14 @@ class BackgroundModelCollection:
     def write(self, filename, overwrite=False):
         """Write to a FITS file, atomically (never a half-written file).
 
-        The primary header has NBINS, NCORR, and BINCOLi, BINUNIi and INTERPi of the i-th binned
+        The primary header has NBINS, NCORR, and BINCOLi and INTERPi of the i-th binned
         column; each bin's HDU (its model's ``to_table_hdu``) has BINCOLi, BINIDXi, BINLOi, BINHIi
         and BINCENi; a CORRECTIONS and a RUNS table follow if there are corrections and known runs.
         """
         header = fits.Header({COLLECTION_KEY: True, "NBINS": self.n_bins, "NCORR": len(self.corrections)})
         header["NBINCOL"] = len(self.columns)
         for i, c in enumerate(self.columns, start=1):
-            header.update({f"BINCOL{i}": c, f"BINUNI{i}": self.units[c], f"INTERP{i}": c in self.interpolate})
+            header.update({f"BINCOL{i}": c, f"INTERP{i}": c in self.interpolate})
         hdus = [fits.PrimaryHDU(header=header)]
         for name, model, index in zip(self.bin_names, self.models, np.ndindex(self.shape)):
             hdus.append(model.to_table_hdu())
@@ -353,7 +354,6 @@ class BackgroundModelCollection:
             centres,
             interpolate=[column for i, column in enumerate(columns, start=1) if header[f"INTERP{i}"]],
             corrections=ConditionCorrection.from_table(Table.read(hdulist["CORRECTIONS"])) if header["NCORR"] else [],
-            units={column: header[f"BINUNI{i}"] for i, column in enumerate(columns, start=1)},
             runs=Table.read(hdulist["RUNS"]) if "RUNS" in hdulist else None,
         )
 
@@ -428,10 +428,11 @@ class ObservingConditionsEstimator(Maker):
 
     def _edges(self, histograms):
         """Bin edges of each column; a number of bins gives equal-livetime edges for the runs."""
-        table, livetime = histograms.obs_table, histograms.livetime
-        return {
-            c: equal_livetime_edges(column_values(table, c), livetime, n) if isinstance(n, int) else n for c, n in self.bins.items()
-        }
+        edges = dict(self.bins)
+        for column, n in self.bins.items():
+            if isinstance(n, int):
+                edges[column] = equal_livetime_edges(column_values(histograms.obs_table, column), histograms.livetime, n)
+        return edges
 
     def _build(self, histograms, edges, merge_empty):
         table, obs_ids, livetime = histograms.obs_table, np.array(histograms.obs_ids), histograms.livetime
@@ -456,8 +457,7 @@ class ObservingConditionsEstimator(Maker):
             models.append(histograms.select(obs_ids[members]).to_irf(factors[members], self.estimator.smooth_sigma))
             models[-1].meta["LIVETIME"] = float(livetime[members].sum())
         runs = Table({"OBS_ID": obs_ids.astype(np.int64), "BKG_BIN": cells, "LIVETIME": livetime * u.s, **values})
-        units = {c: u.Unit(getattr(table[c], "unit", None) or "").to_string() if c in table.colnames else "" for c in edges}
-        return BackgroundModelCollection(models, edges, centres, interpolate, corrections, units, runs)
+        return BackgroundModelCollection(models, edges, centres, interpolate, corrections, runs)
 
     @staticmethod
     def _fill_bins(edges, values, livetime, merge_empty):
