@@ -1,13 +1,7 @@
 """Background models over observing conditions: bins of obs-index columns, interpolation, corrections.
 
-Runs taken at larger zenith angles have higher energy thresholds and a higher rate at a given
-energy, so one model does not fit all runs. `ObservingConditionsEstimator` builds one model per
-bin of one or more obs-index columns (zenith ``ZEN_PNT`` by default, or ``MUONEFF``, any numeric
-column, or the derived ``NORTH_PNT``) into a `BackgroundModelCollection`, which gives any run the
-model of its conditions: **interpolated** linearly in the rate between bin centres (in
-cos(zenith) for ``ZEN_PNT``; clipped at the first and last centre, never extrapolated) or looked
-up (the bin holding the run), times the fitted **corrections** (`~bkgtemplate.corrections`).
-A collection is written to FITS with one HDU per bin (the IRF's own ``to_table_hdu``).
+One model per bin of ZEN_PNT, MUONEFF, any numeric column or the derived NORTH_PNT, interpolated between
+bin centres (in cos(zenith) for ZEN_PNT, never extrapolated) or looked up, times fitted corrections.
 """
 
 import logging
@@ -24,18 +18,16 @@ from .histograms import RATE_UNIT
 from .store import staged_write
 
 __all__ = ["BackgroundModelCollection", "EmptyBinError", "ObservingConditionsEstimator", "assign_bins",
-    "column_values", "equal_livetime_edges", "interpolation_variable", "interpolation_weights",
-    "north_component"]
+    "column_values", "equal_livetime_edges", "interpolation_weights", "north_component"]
 
 log = logging.getLogger(__name__)
 
 ZENITH, MUONEFF, AZIMUTH, NORTH = "ZEN_PNT", "MUONEFF", "AZ_PNT", "NORTH_PNT"
-TUTORIAL_ZENITH_EDGES = (0.0, 20.0, 40.0, 90.0)
-"""Zenith bin edges of the original gammapy tutorial, in deg."""
+TUTORIAL_ZENITH_EDGES = (0.0, 20.0, 40.0, 90.0)  # deg, as the original gammapy tutorial
 DEFAULT_INTERPOLATE = (ZENITH, MUONEFF)
 DEFAULT_CORRECTIONS = {ZENITH: "cos", NORTH: "linear", MUONEFF: "power-law"}
 """Default corrections, chosen by held-out prediction on the H.E.S.S. DL3 DR1 runs (notebook 3)."""
-DEFAULT_ENERGY_DEPENDENT = (ZENITH,)
+ENERGY_DEPENDENT = (ZENITH,)  # corrected columns with one coefficient per energy bin
 COLLECTION_KEY = "BKGCOLL"  # FITS keywords have at most 8 characters
 NORM_ENERGY = 1 * u.TeV  # energy at which CORRFAC and BKG_NORM report a correction
 
@@ -47,8 +39,7 @@ class EmptyBinError(ValueError):
 def north_component(zenith, azimuth):
     """North component ``sin(zenith) cos(azimuth)`` of the pointing (angles in deg), 0 at the zenith.
 
-    The geomagnetic field acts on showers through the angle between their axis and the field,
-    whose cosine is a sum of cos(zenith) and this term (field in the magnetic meridian).
+    With cos(zenith), it gives the angle between the shower axis and the geomagnetic field.
 
     >>> north_component([30, 30, 0], [0, 180, 90]).round(3)
     array([ 0.5, -0.5,  0. ])
@@ -56,37 +47,44 @@ def north_component(zenith, azimuth):
     return np.sin(np.deg2rad(zenith)) * np.cos(np.deg2rad(azimuth))
 
 
-DERIVED_COLUMNS = {NORTH: ((ZENITH, AZIMUTH), north_component)}
-"""Columns computed from obs-index columns: name -> (source columns, function)."""
-
-
-def source_columns(column):
-    """The obs-index columns a column is read from: its sources if derived, else itself."""
-    return DERIVED_COLUMNS[column][0] if column in DERIVED_COLUMNS else (column,)
+SOURCES = {NORTH: (ZENITH, AZIMUTH)}  # the obs-index columns of each derived column
 
 
 def column_values(table, column):
-    """Values of an obs-index column (or a derived one) as floats, in its own unit, NaN where masked."""
-    if column not in table.colnames and column in DERIVED_COLUMNS:
-        sources, function = DERIVED_COLUMNS[column]
-        return function(*(column_values(table, source) for source in sources))
+    """Values of an obs-index column (or NORTH_PNT) as floats, in its own unit, NaN where masked."""
+    if column == NORTH and column not in table.colnames:
+        return north_component(*(column_values(table, source) for source in SOURCES[column]))
     if column not in table.colnames:
         raise KeyError(f"The obs table has no column {column!r}; it has {table.colnames}.")
     col = table[column]
     if np.asarray(col).dtype.kind not in "iufb":
         raise TypeError(f"Column {column} of the obs table holds {np.asarray(col).dtype} values; bin a numeric column.")
-    values = np.array(col, dtype=float)
-    return np.where(np.ma.getmaskarray(col), np.nan, values) if np.ma.is_masked(col) else values
+    return np.where(np.ma.getmaskarray(col), np.nan, np.asarray(col, dtype=float))
 
 
-def interpolation_variable(column, values):
+def _condition_values(table, columns):
+    """Values of ``columns`` for the runs of ``table``; a run without a finite value is refused by name."""
+    values = {column: column_values(table, column) for column in columns}
+    obs_ids = np.asarray(table["OBS_ID"] if "OBS_ID" in table.colnames else np.arange(len(table)))
+    for column, array in values.items():
+        bad = obs_ids[~np.isfinite(array)]
+        if len(bad):
+            raise ValueError(f"Runs {[int(i) for i in bad]} have no valid {column} in the obs table; fix or drop them.")
+    return values
+
+
+def _to_x(column, values):
     """The variable a column is interpolated in: cos(zenith) for ZEN_PNT (deg), else the value."""
     values = np.asarray(values, dtype=float)
     return np.cos(np.deg2rad(values)) if column == ZENITH else values
 
 
-def _from_interpolation_variable(column, x):
+def _from_x(column, x):
     return np.rad2deg(np.arccos(np.clip(x, -1, 1))) if column == ZENITH else np.asarray(x, dtype=float)
+
+
+def _unit(column):
+    return "deg" if column in (ZENITH, AZIMUTH) else ""
 
 
 def _check_edges(column, spec):
@@ -100,75 +98,56 @@ def _check_edges(column, spec):
 
 
 def assign_bins(values, edges):
-    """Bin of each value (bins include their lower edge, the last also its upper edge).
-
-    Returns ``(index, outside)``: values outside ``[edges[0], edges[-1]]`` get the nearest bin
-    and are flagged in ``outside``.
+    """Bin of each value (bins include their lower edge, the last also its upper edge), and whether it
+    lies outside ``[edges[0], edges[-1]]`` (then: the nearest bin).
 
     >>> assign_bins([0, 19.9, 20, 40, 90, 95], [0, 20, 40, 90])[0]
     array([0, 0, 1, 2, 2, 2])
     """
     values, edges = np.atleast_1d(np.asarray(values, dtype=float)), np.asarray(edges, dtype=float)
-    n_bins = len(edges) - 1
-    index = np.where(values == edges[-1], n_bins - 1, np.searchsorted(edges, values, side="right") - 1)
-    outside = ~((values >= edges[0]) & (values <= edges[-1]))
-    return np.clip(index, 0, n_bins - 1), outside
+    index = np.where(values == edges[-1], len(edges) - 2, np.searchsorted(edges, values, side="right") - 1)
+    return np.clip(index, 0, len(edges) - 2), ~((values >= edges[0]) & (values <= edges[-1]))
 
 
 def interpolation_weights(x, centres):
-    """Linear interpolation partners ``lo <= hi`` and the weight of ``hi``, clipped at the end centres.
-
-    ``centres`` must be strictly monotonic (increasing or decreasing) in the bin index.
-
-    >>> lo, hi, w = interpolation_weights(np.cos(np.radians(20)), np.cos(np.radians([10, 30])))
-    >>> int(lo[0]), int(hi[0]), round(float(w[0]), 4)
-    (0, 1, 0.3798)
-    """
+    """Linear interpolation partners ``lo <= hi`` and the weight of ``hi``, clipped at the end
+    ``centres`` (strictly increasing or decreasing)."""
     x, centres = np.atleast_1d(np.asarray(x, dtype=float)), np.asarray(centres, dtype=float)
     sign = 1.0 if centres[-1] >= centres[0] else -1.0
     if np.any(np.diff(sign * centres) <= 0):
         raise ValueError(f"Bin centres {centres} are not strictly monotonic: cannot interpolate.")
-    # fractional bin index, clipped at the end centres by np.interp
-    position = np.interp(sign * x, sign * centres, np.arange(len(centres)))
+    position = np.interp(sign * x, sign * centres, np.arange(len(centres)))  # fractional bin index
     lo = np.floor(position).astype(int)
     weight = position - lo
     return lo, np.where(weight > 0, lo + 1, lo), weight
 
 
 def equal_livetime_edges(values, livetime, n_bins):
-    """``n_bins + 1`` edges that split runs into bins of about equal livetime.
-
-    Inner edges lie halfway between the two runs on either side of each livetime quantile; the
-    outer edges are the smallest and largest values.
-    """
+    """``n_bins + 1`` edges that split runs into bins of about equal livetime: the smallest and
+    largest values, and halfway between the two distinct values either side of each quantile."""
     order = np.argsort(values)
     values, livetime = np.asarray(values, float)[order], np.asarray(livetime, float)[order]
     distinct = np.unique(values)
     if not 1 <= n_bins <= len(distinct):
         raise ValueError(f"{len(distinct)} distinct values cannot fill {n_bins} equal-livetime bins.")
-    cumulative = np.cumsum(livetime) / livetime.sum()
-    edges = [values[0]]
-    for k in range(1, n_bins):
-        i = min(int(np.searchsorted(cumulative, k / n_bins)), len(values) - 2)
-        above = distinct[min(np.searchsorted(distinct, values[i], side="right"), len(distinct) - 1)]
-        if 0.5 * (values[i] + above) <= edges[-1]:
-            raise ValueError(f"Cannot split {len(values)} runs into {n_bins} equal-livetime bins.")
-        edges.append(0.5 * (values[i] + above))
-    return np.array(edges + [values[-1]])
+    quantile = np.searchsorted(np.cumsum(livetime) / livetime.sum(), np.arange(1, n_bins) / n_bins)
+    below = values[np.minimum(quantile, len(values) - 2)]
+    above = distinct[np.minimum(np.searchsorted(distinct, below, side="right"), len(distinct) - 1)]
+    edges = np.concatenate([values[:1], 0.5 * (below + above), values[-1:]])
+    if np.any(np.diff(edges) <= 0):
+        raise ValueError(f"Cannot split {len(values)} runs into {n_bins} equal-livetime bins.")
+    return edges
 
 
 def _bin_weights(edges, values, n, centres=None, interpolate=()):
-    """Flat bins and weights of ``n`` runs, each of shape (n, 2 ** n_interpolated), and whether each lies outside.
-
-    Without interpolation ``bins[:, 0]`` is the bin holding each run (`assign_bins`).
-    """
+    """Flat bins and weights (n, 2 ** n_interpolated) of ``n`` runs (``bins[:, 0]``: the bin holding
+    the run if none is interpolated), and whether each lies outside."""
     bins, weights, outside = np.zeros((n, 1), dtype=int), np.ones((n, 1)), np.zeros(n, dtype=bool)
     for column, column_edges in edges.items():
         partners, out = assign_bins(values[column], column_edges)
         partners, shares, outside = partners[:, None], np.ones((n, 1)), outside | out
         if column in interpolate:
-            x = interpolation_variable(column, values[column])
-            lo, hi, w = interpolation_weights(x, interpolation_variable(column, centres[column]))
+            lo, hi, w = interpolation_weights(_to_x(column, values[column]), _to_x(column, centres[column]))
             partners, shares = np.stack([lo, hi], axis=1), np.stack([1 - w, w], axis=1)
         # C order over the columns, as np.ravel_multi_index
         bins = (bins[:, :, None] * (len(column_edges) - 1) + partners[:, None, :]).reshape(n, -1)
@@ -176,19 +155,10 @@ def _bin_weights(edges, values, n, centres=None, interpolate=()):
     return bins, weights, outside
 
 
-def _correction_factors(corrections, values, shape):
-    """Product of the corrections for each run and energy bin, ``shape`` (n_runs, n_energy)."""
-    factor = np.ones(shape)
-    for correction in corrections:
-        factor = factor * correction.factor(values[correction.column]).reshape(shape[0], -1)
-    return factor
-
-
-def _check_finite(values, obs_ids):
-    for column, array in values.items():
-        bad = np.asarray(obs_ids)[~np.isfinite(array)]
-        if len(bad):
-            raise ValueError(f"Runs {[int(i) for i in bad]} have no valid {column} in the obs table; fix or drop them.")
+def _correction_factors(corrections, values, n_runs, n_energy):
+    """Product of the corrections for each run and energy bin."""
+    factors = [c.factor(values[c.column]).reshape(n_runs, -1) for c in corrections]
+    return np.prod(np.broadcast_arrays(np.ones((n_runs, n_energy)), *factors), axis=0)
 
 
 class BackgroundModelCollection:
@@ -198,34 +168,20 @@ class BackgroundModelCollection:
     ----------
     models : list of `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
         One model per bin, in C order over the bins of the columns. With corrections, each is
-        the rate at the corrections' references, not its runs' mean rate.
+        the rate at the corrections' references.
     bin_edges : dict of {str: `~numpy.ndarray`}
         Bin edges of each column, in the column's unit (deg for ZEN_PNT). Empty for one model.
-    centres : dict of {str: `~numpy.ndarray`}, optional
-        Centre of each bin, in the column's unit. Default is None (middle of the edges in the
-        interpolation variable).
+    centres : dict of {str: `~numpy.ndarray`}
+        Centre of each bin of each column (empty for one model).
     interpolate : tuple of str, optional
-        Columns interpolated between centres; the others are looked up. Default is
-        ("ZEN_PNT", "MUONEFF") where binned.
+        Columns interpolated between centres, the others looked up. Default is ("ZEN_PNT", "MUONEFF").
     corrections : list of `~bkgtemplate.corrections.ConditionCorrection`, optional
         Rate corrections. Default is None.
-    units : dict of {str: str}, optional
-        Unit of each column. Default is None ("deg" for ZEN_PNT and AZ_PNT, else "").
     runs : `~astropy.table.Table`, optional
-        Runs that built the collection: OBS_ID, BKG_BIN, LIVETIME and their conditions.
-
-    Examples
-    --------
-    >>> from gammapy.data import DataStore
-    >>> from bkgtemplate import ObservingConditionsEstimator
-    >>> data_store = DataStore.from_dir("$GAMMAPY_DATA/hess-dl3-dr1")
-    >>> table = data_store.obs_table
-    >>> off = table["OBS_ID"][table["TARGET_NAME"] == "Off data"]
-    >>> collection = ObservingConditionsEstimator().run(data_store, off)
-    >>> bkg = collection.model_for(zenith=30, muoneff=0.95, AZ_PNT=180)
+        Runs that built the collection: OBS_ID, BKG_BIN, LIVETIME and their conditions. Default is None.
     """
 
-    def __init__(self, models, bin_edges, centres=None, interpolate=None, corrections=None, units=None, runs=None):
+    def __init__(self, models, bin_edges, centres, interpolate=None, corrections=None, runs=None):
         self.bin_edges = {column: _check_edges(column, edges) for column, edges in (bin_edges or {}).items()}
         self.models = list(models)
         if len(self.models) != int(np.prod(self.shape)):
@@ -234,14 +190,8 @@ class BackgroundModelCollection:
             raise TypeError("Models must be gammapy Background2D or Background3D.")
         if any(model.axes != self.models[0].axes or type(model) is not type(self.models[0]) for model in self.models):
             raise ValueError("All models of a collection must have the same kind and axes.")
-        self.units = {c: (units or {}).get(c, "deg" if c in (ZENITH, AZIMUTH) else "") for c in self.columns}
-        self.centres = {}
-        for column, edges in self.bin_edges.items():
-            x = interpolation_variable(column, edges)
-            default = _from_interpolation_variable(column, 0.5 * (x[:-1] + x[1:]))
-            self.centres[column] = np.asarray((centres or {}).get(column, default), dtype=float)
-        interpolate = DEFAULT_INTERPOLATE if interpolate is None else interpolate
-        self.interpolate = tuple(column for column in self.columns if column in interpolate)
+        self.centres = {column: np.asarray(centres[column], dtype=float) for column in self.columns}
+        self.interpolate = tuple(c for c in self.columns if c in (DEFAULT_INTERPOLATE if interpolate is None else interpolate))
         self.corrections = list(corrections or [])
         self.runs = runs
 
@@ -262,150 +212,115 @@ class BackgroundModelCollection:
     @property
     def bin_labels(self):
         """Readable label of each bin, e.g. "ZEN_PNT 0-20 deg" (for plot legends)."""
-        return [", ".join(f"{c} {self.bin_edges[c][i]:g}-{self.bin_edges[c][i + 1]:g} {self.units[c]}".strip()
+        return [", ".join(f"{c} {self.bin_edges[c][i]:g}-{self.bin_edges[c][i + 1]:g} {_unit(c)}".strip()
                           for c, i in zip(self.columns, idx)) or "all runs" for idx in np.ndindex(self.shape)]
 
     def __str__(self):
         lines = [f"BackgroundModelCollection: {self.n_bins} {type(self.models[0]).__name__} models"]
-        for column in self.columns:
-            how = "interpolated" if column in self.interpolate else "looked up"
-            unit = f" {self.units[column]}" if self.units[column] else ""
-            edges, centres = np.round(self.bin_edges[column], 4).tolist(), np.round(self.centres[column], 4).tolist()
-            lines.append(f"  {column}: edges {edges}{unit}, centres {centres}{unit} ({how})")
+        for c in self.columns:
+            how, unit = "interpolated" if c in self.interpolate else "looked up", f" {_unit(c)}".rstrip()
+            edges, centres = np.round(self.bin_edges[c], 4).tolist(), np.round(self.centres[c], 4).tolist()
+            lines.append(f"  {c}: edges {edges}{unit}, centres {centres}{unit} ({how})")
         return "\n".join(lines + [f"  correction: {correction}" for correction in self.corrections])
 
     __repr__ = __str__
 
-    def _values(self, table):
-        """Condition values of the runs of an obs table, checked to be finite."""
-        values = {column: column_values(table, column) for column in self.condition_columns}
-        _check_finite(values, table["OBS_ID"] if "OBS_ID" in table.colnames else np.arange(len(table)))
-        return values
-
     def _factors(self, values, n):
-        """Corrections for ``n`` runs per energy bin, and their value at 1 TeV (shapes (n, n_energy) and (n,))."""
+        """Corrections for ``n`` runs per energy bin (n, n_energy), and at 1 TeV (n,)."""
         energy = self.models[0].axes["energy"]
-        norm = int(np.clip(np.searchsorted(energy.edges, NORM_ENERGY, side="right") - 1, 0, energy.nbin - 1))
-        factors = _correction_factors(self.corrections, values, (n, energy.nbin))
+        factors = _correction_factors(self.corrections, values, n, energy.nbin)
+        norm = np.clip(np.searchsorted(energy.edges, NORM_ENERGY, side="right") - 1, 0, energy.nbin - 1)
         return factors, factors[:, norm]
 
     def model_for(self, zenith=None, muoneff=None, **values):
-        """The background model of one set of observing conditions.
+        """The model (with conditions and interpolation weights in its meta) of one set of conditions.
 
-        ``zenith`` (ZEN_PNT) in deg, as a float or Quantity, ``muoneff`` (MUONEFF) and the values of
-        other binned or corrected columns by name (e.g. ``AZ_PNT=180``; a derived column such as
-        NORTH_PNT may be given through its sources). Returns the `~gammapy.irf.Background2D` or
-        `~gammapy.irf.Background3D`, with the conditions and the interpolation weights in its meta.
+        ``zenith`` (ZEN_PNT) in deg, as a float or Quantity, ``muoneff`` (MUONEFF), and other binned or
+        corrected columns by name (e.g. ``AZ_PNT=180``; NORTH_PNT may be given through its sources).
         """
         values.update({k: v for k, v in [(ZENITH, zenith), (MUONEFF, muoneff)] if v is not None})
         values = {k: u.Quantity(v).to_value("deg") if isinstance(v, u.Quantity) else v for k, v in values.items()}
-        missing = [c for c in self.condition_columns if c not in values and not all(s in values for s in source_columns(c))]
+        missing = [c for c in self.condition_columns if c not in values and not all(s in values for s in SOURCES.get(c, (c,)))]
         if missing:
             raise ValueError(f"Give a value for {missing}: the collection needs {self.condition_columns}.")
         # a table of one row; a single-model collection needs no value, so the row holds no condition
         table = Table({column: [float(value)] for column, value in values.items()}) if values else Table({"OBS_ID": [0]})
-        return self._models_for(table)[0]
+        return self._models(_condition_values(table, self.condition_columns), 1)[0]
 
-    def _models_for(self, table):
-        values = self._values(table)
-        bins, weights, _ = _bin_weights(self.bin_edges, values, len(table), self.centres, self.interpolate)
-        factors, norms = self._factors(values, len(table))
-        return [
-            self._combine(bins[i], weights[i], factors[i], norms[i], {c: values[c][i] for c in self.condition_columns})
-            for i in range(len(table))
-        ]
-
-    def _combine(self, bins, weights, factor, norm, values):
-        # Per energy bin, only the models measured there (at or above their EMEASMIN) share the
-        # weight: a high-zenith bin's extrapolated rate near low-zenith thresholds must not dilute
-        # a measured one.
+    def _models(self, values, n):
+        """The model of each of ``n`` runs with condition ``values``."""
+        bins, weights, _ = _bin_weights(self.bin_edges, values, n, self.centres, self.interpolate)
+        factors, norms = self._factors(values, n)
         energy = self.models[0].axes["energy"].edges[:-1].to_value("TeV")
-        used = [(self.models[int(i)], w) for i, w in zip(bins, weights) if w > 0]
-        measured = np.array([w * (energy >= m.meta.get("EMEASMIN", 0.0) * (1 - 1e-6)) for m, w in used])
-        total = measured.sum(axis=0)
-        effective = np.where(total > 0, measured / np.where(total > 0, total, 1), np.array([[w] for _, w in used]))
         expand = (-1,) + (1,) * (self.models[0].data.ndim - 1)
-        data = sum(w.reshape(expand) * m.quantity.to_value(RATE_UNIT) for (m, _), w in zip(used, effective))
-        template = self.models[int(bins[np.argmax(weights)])]
-        meta = {k: v for k, v in template.meta.items() if not k.startswith(("BIN", "NRUNS", "NEVENTS"))}
-        meta.update({f"COND{i + 1}": column for i, column in enumerate(values)})
-        meta.update({f"CONDVAL{i + 1}": float(value) for i, value in enumerate(values.values())})
-        meta.update({f"WBIN{i + 1}": int(b) for i, b in enumerate(bins)})
-        meta.update({f"WEIGHT{i + 1}": float(w) for i, w in enumerate(weights)})
-        meta.update(CORRFAC=float(norm), EMEASMIN=min(m.meta.get("EMEASMIN", 0.0) for m, _ in used))
-        return type(template)(
-            axes=template.axes, data=data * factor.reshape(expand), unit=RATE_UNIT, meta=meta, fov_alignment=template.fov_alignment
-        )
-
-    def assign(self, obs_table):
-        """Bin, interpolation partners, weights and correction of each run of ``obs_table``.
-
-        Returns a table with OBS_ID; ``<col>_BIN`` per binned column; ``<col>_LO``, ``<col>_HI``
-        and ``<col>_W`` (weight of ``_HI``) per interpolated column; BKG_BIN (flat index of the bin
-        holding the run, the nearest outside all bins) and BKG_HDU (its name); BKG_NORM, the
-        product of the corrections at 1 TeV.
-        """
-        values = self._values(obs_table)
-        table = Table({"OBS_ID": np.asarray(obs_table["OBS_ID"], dtype=np.int64)})
-        for column in self.columns:
-            table[f"{column}_BIN"] = assign_bins(values[column], self.bin_edges[column])[0]
-            if column in self.interpolate:
-                x = interpolation_variable(column, values[column])
-                lo, hi, w = interpolation_weights(x, interpolation_variable(column, self.centres[column]))
-                table[f"{column}_LO"], table[f"{column}_HI"], table[f"{column}_W"] = lo, hi, w
-        bins, _, outside = _bin_weights(self.bin_edges, values, len(table))
-        if outside.any():
-            log.warning(f"Runs {np.asarray(table['OBS_ID'])[outside].tolist()} lie outside the bins of {self.columns}: they get the nearest bin.")
-        table["BKG_BIN"] = bins[:, 0]
-        table["BKG_HDU"] = np.array(self.bin_names)[bins[:, 0]]
-        table["BKG_NORM"] = self._factors(values, len(table))[1]
-        return table
+        models = []
+        for i, (run_bins, run_weights) in enumerate(zip(bins, weights)):
+            # Per energy bin, only the models measured there (at or above their EMEASMIN) share the
+            # weight: a high-zenith bin's extrapolated rate near low-zenith thresholds must not
+            # dilute a measured one.
+            used = [(self.models[int(b)], w) for b, w in zip(run_bins, run_weights) if w > 0]
+            measured = np.array([w * (energy >= m.meta.get("EMEASMIN", 0.0) * (1 - 1e-6)) for m, w in used])
+            total = measured.sum(axis=0)
+            shares = np.where(total > 0, measured / np.where(total > 0, total, 1), np.array([[w] for _, w in used]))
+            data = sum(w.reshape(expand) * m.quantity.to_value(RATE_UNIT) for (m, _), w in zip(used, shares))
+            template = self.models[int(run_bins[np.argmax(run_weights)])]
+            meta = {k: v for k, v in template.meta.items() if not k.startswith(("BIN", "NRUNS", "NEVENTS"))}
+            meta.update({f"COND{k}": column for k, column in enumerate(values, start=1)})
+            meta.update({f"CONDVAL{k}": float(value[i]) for k, value in enumerate(values.values(), start=1)})
+            meta.update({f"WBIN{k}": int(b) for k, b in enumerate(run_bins, start=1)})
+            meta.update({f"WEIGHT{k}": float(w) for k, w in enumerate(run_weights, start=1)})
+            meta.update(CORRFAC=float(norms[i]), EMEASMIN=min(m.meta.get("EMEASMIN", 0.0) for m, _ in used))
+            data, alignment = data * factors[i].reshape(expand), template.fov_alignment
+            models.append(type(template)(template.axes, data=data, unit=RATE_UNIT, meta=meta, fov_alignment=alignment))
+        return models
 
     def to_store_inputs(self, obs_table, interpolate=True):
-        """Models by HDU name and the assignment table (`assign`) for `~bkgtemplate.store.write_background_store`.
+        """Models by HDU name and an assignment table for `~bkgtemplate.store.write_background_store`.
 
-        With ``interpolate=True`` every run gets its own model, interpolated and corrected for its
-        conditions (HDU names "BKG_<OBS_ID>"); with False, one model per bin, each run taking the
-        bin that holds it, without interpolation or corrections.
+        The assignment has OBS_ID, BKG_BIN (flat index of the bin holding the run, or the nearest),
+        BKG_NORM (the corrections at 1 TeV) and BKG_HDU for each run of ``obs_table``: its own model
+        "BKG_<OBS_ID>", interpolated and corrected, or with ``interpolate=False`` its bin's model.
         """
-        assignment = self.assign(obs_table)
+        values = _condition_values(obs_table, self.condition_columns)
+        obs_ids = np.asarray(obs_table["OBS_ID"], dtype=np.int64)
+        bins, _, outside = _bin_weights(self.bin_edges, values, len(obs_table))
+        if outside.any():
+            log.warning(f"Runs {obs_ids[outside].tolist()} lie outside the bins of {self.columns}: they get the nearest bin.")
+        assignment = Table({"OBS_ID": obs_ids, "BKG_BIN": bins[:, 0], "BKG_NORM": self._factors(values, len(obs_ids))[1]})
         if not interpolate:
             if self.corrections or self.interpolate:
                 log.warning("One model per bin: the interpolation and the corrections are not applied to the runs.")
+            assignment["BKG_HDU"] = np.array(self.bin_names)[bins[:, 0]]
             return dict(zip(self.bin_names, self.models)), assignment
-        assignment["BKG_HDU"] = [f"BKG_{obs_id}" for obs_id in assignment["OBS_ID"]]
-        return dict(zip(assignment["BKG_HDU"], self._models_for(obs_table))), assignment
+        assignment["BKG_HDU"] = [f"BKG_{obs_id}" for obs_id in obs_ids]
+        return dict(zip(assignment["BKG_HDU"], self._models(values, len(obs_ids)))), assignment
 
-    def to_hdulist(self):
-        """FITS HDUs: a primary HDU describing the collection (BINCOLi, BINUNIi and INTERPi of the
-        i-th binned column), one HDU per bin (the model's ``to_table_hdu`` with BINCOLi, BINIDXi,
-        BINLOi, BINHIi and BINCENi), a CORRECTIONS table if there are corrections and a RUNS table
-        if known."""
-        primary = fits.PrimaryHDU()
-        primary.header.update({COLLECTION_KEY: (True, "bkgtemplate background model collection")})
-        primary.header.update({"NBINS": self.n_bins, "NCORR": len(self.corrections), "NBINCOL": len(self.columns)})
-        for i, column in enumerate(self.columns, start=1):
-            primary.header.update({f"BINCOL{i}": column, f"BINUNI{i}": self.units[column]})
-            primary.header[f"INTERP{i}"] = column in self.interpolate
-        hdus = [primary]
+    def write(self, filename, overwrite=False):
+        """Write to a FITS file, atomically (never a half-written file).
+
+        The primary header has NBINS, NCORR, and BINCOLi and INTERPi of the i-th binned
+        column; each bin's HDU (its model's ``to_table_hdu``) has BINCOLi, BINIDXi, BINLOi, BINHIi
+        and BINCENi; a CORRECTIONS and a RUNS table follow if there are corrections and known runs.
+        """
+        header = fits.Header({COLLECTION_KEY: True, "NBINS": self.n_bins, "NCORR": len(self.corrections)})
+        header["NBINCOL"] = len(self.columns)
+        for i, c in enumerate(self.columns, start=1):
+            header.update({f"BINCOL{i}": c, f"INTERP{i}": c in self.interpolate})
+        hdus = [fits.PrimaryHDU(header=header)]
         for name, model, index in zip(self.bin_names, self.models, np.ndindex(self.shape)):
             hdus.append(model.to_table_hdu())
             hdus[-1].name = name
-            for i, (column, k) in enumerate(zip(self.columns, index), start=1):
-                edges = self.bin_edges[column]
-                hdus[-1].header.update({f"BINCOL{i}": column, f"BINIDX{i}": k, f"BINLO{i}": edges[k]})
-                hdus[-1].header.update({f"BINHI{i}": edges[k + 1], f"BINCEN{i}": self.centres[column][k]})
+            for i, (c, k) in enumerate(zip(self.columns, index), start=1):
+                edges, centre = self.bin_edges[c], self.centres[c][k]
+                keys = {"COL": c, "IDX": k, "LO": edges[k], "HI": edges[k + 1], "CEN": centre}
+                hdus[-1].header.update({f"BIN{key}{i}": value for key, value in keys.items()})
         if self.corrections:
             n_energy = self.models[0].axes["energy"].nbin
             hdus.append(fits.BinTableHDU(ConditionCorrection.to_table(self.corrections, n_energy), name="CORRECTIONS"))
         if self.runs is not None:
             hdus.append(fits.BinTableHDU(Table(self.runs), name="RUNS"))
-        return fits.HDUList(hdus)
-
-    def write(self, filename, overwrite=False):
-        """Write to a FITS file (see `to_hdulist`), atomically: never a half-written file."""
         with staged_write(make_path(filename), overwrite=overwrite) as path:
-            self.to_hdulist().writeto(path)
+            fits.HDUList(hdus).writeto(path)
 
     @classmethod
     def read(cls, filename):
@@ -414,34 +329,31 @@ class BackgroundModelCollection:
         try:
             with fits.open(filename, memmap=False) as hdulist:
                 hdulist.verify("exception")
-                return cls.from_hdulist(hdulist)
+                return cls._from_hdulist(hdulist)
         except (OSError, KeyError, ValueError, fits.VerifyError) as error:
             raise ValueError(f"Cannot read a background model collection from {filename} ({error}); rewrite it.") from None
 
     @classmethod
-    def from_hdulist(cls, hdulist):
-        """Collection from the HDUs written by `to_hdulist`."""
+    def _from_hdulist(cls, hdulist):
         header = hdulist[0].header
         if not header.get(COLLECTION_KEY, False):
             raise ValueError(f"not a background model collection (no {COLLECTION_KEY} in the primary header)")
-        expected = 1 + header["NBINS"] + bool(header["NCORR"])
-        if len(hdulist) < expected:
-            raise ValueError(f"the file is truncated: {len(hdulist)} of at least {expected} HDUs")
+        if len(hdulist) < 1 + header["NBINS"] + bool(header["NCORR"]):
+            raise ValueError(f"the file is truncated: {len(hdulist)} HDUs for {header['NBINS']} bins and corrections")
         bin_hdus = hdulist[1 : 1 + header["NBINS"]]
         columns = [header[f"BINCOL{i}"] for i in range(1, header["NBINCOL"] + 1)]
         edges, centres = {}, {}
         for i, column in enumerate(columns, start=1):
-            bins = {hdu.header[f"BINIDX{i}"]: [hdu.header[f"BIN{key}{i}"] for key in ("LO", "HI", "CEN")] for hdu in bin_hdus}
-            lo, hi, centres[column] = np.array([bins[k] for k in sorted(bins)]).T
-            edges[column] = np.append(lo, hi[-1])
+            edges[column] = np.unique([hdu.header[f"BIN{key}{i}"] for hdu in bin_hdus for key in ("LO", "HI")])
+            by_index = {hdu.header[f"BINIDX{i}"]: hdu.header[f"BINCEN{i}"] for hdu in bin_hdus}
+            centres[column] = [by_index[k] for k in sorted(by_index)]
         kinds = [Background3D if hdu.header.get("HDUCLAS4") == "BKG_3D" else Background2D for hdu in bin_hdus]
         return cls(
             [kind.from_table(Table.read(hdu)) for kind, hdu in zip(kinds, bin_hdus)],
             edges,
             centres,
-            interpolate=tuple(column for i, column in enumerate(columns, start=1) if header[f"INTERP{i}"]),
+            interpolate=[column for i, column in enumerate(columns, start=1) if header[f"INTERP{i}"]],
             corrections=ConditionCorrection.from_table(Table.read(hdulist["CORRECTIONS"])) if header["NCORR"] else [],
-            units={column: header[f"BINUNI{i}"] for i, column in enumerate(columns, start=1)},
             runs=Table.read(hdulist["RUNS"]) if "RUNS" in hdulist else None,
         )
 
@@ -449,17 +361,14 @@ class BackgroundModelCollection:
 class ObservingConditionsEstimator(Maker):
     """Estimate a `BackgroundModelCollection` over observing conditions.
 
-    Each run's counts and exposure are filled once; a bin's model is the estimator's model of
-    the runs in that bin. Corrections are fitted jointly by maximising the Poisson likelihood of
-    all runs' counts given the collection. The defaults (notebook 3 shows how they were chosen,
-    by held-out prediction): the tutorial zenith bins interpolated in cos(zenith), a zenith
-    correction per energy bin, a north-south term in ``NORTH_PNT`` and a MUONEFF power law.
+    A bin's model is the estimator's model of its runs (each run is filled once). Corrections are
+    fitted jointly to all runs (`~bkgtemplate.corrections.fit_corrections`); a ZEN_PNT correction
+    has one coefficient per energy bin.
 
     Parameters
     ----------
     estimator : `~bkgtemplate.BackgroundModelEstimator`, optional
-        Axes, exclusion, smoothing and parallel options of the models. Default is a default
-        (2D) `BackgroundModelEstimator`.
+        Axes, exclusion, smoothing and parallel options. Default is ``BackgroundModelEstimator()``.
     bins : dict of {str: list of float or int}, optional
         Bins per obs-index column: edges in the column's unit (deg for ZEN_PNT), or a number of
         equal-livetime bins. Several columns make a grid; an empty dict gives one model.
@@ -467,12 +376,8 @@ class ObservingConditionsEstimator(Maker):
     interpolate : tuple of str, optional
         Binned columns interpolated between bin centres. Default is ("ZEN_PNT", "MUONEFF").
     corrections : dict of {str: {"power-law", "cos", "linear"}}, optional
-        Fitted rate corrections per column (see `~bkgtemplate.corrections.ConditionCorrection`).
-        Default is ``{"ZEN_PNT": "cos", "NORTH_PNT": "linear", "MUONEFF": "power-law"}``;
-        ``{}`` for none.
-    energy_dependent : tuple of str, optional
-        Corrected columns with one coefficient per energy bin. Default is None (("ZEN_PNT",) if
-        ZEN_PNT is corrected).
+        Fitted rate corrections per column (see `~bkgtemplate.corrections`). Default is
+        ``{"ZEN_PNT": "cos", "NORTH_PNT": "linear", "MUONEFF": "power-law"}``; ``{}`` for none.
     merge_empty : bool, optional
         Merge a bin without runs with its neighbour of less livetime instead of raising
         `EmptyBinError`. Default is False.
@@ -480,7 +385,7 @@ class ObservingConditionsEstimator(Maker):
 
     tag = "ObservingConditionsEstimator"
 
-    def __init__(self, estimator=None, bins=None, interpolate=None, corrections=None, energy_dependent=None, merge_empty=False):
+    def __init__(self, estimator=None, bins=None, interpolate=None, corrections=None, merge_empty=False):
         self.estimator = BackgroundModelEstimator() if estimator is None else estimator
         if not isinstance(self.estimator, BackgroundModelEstimator):
             raise TypeError(f"estimator must be a BackgroundModelEstimator, got {type(self.estimator).__name__}.")
@@ -496,84 +401,68 @@ class ObservingConditionsEstimator(Maker):
         for column, kind in self.corrections.items():
             if kind not in CORRECTION_KINDS:
                 raise ValueError(f"Unknown correction {kind!r} for {column}; choose one of {CORRECTION_KINDS}.")
-        if energy_dependent is None:
-            energy_dependent = [c for c in DEFAULT_ENERGY_DEPENDENT if c in self.corrections]
-        uncorrected = [c for c in energy_dependent if c not in self.corrections]
-        if uncorrected:
-            raise ValueError(f"energy_dependent names {uncorrected}, which have no correction; corrections are {list(self.corrections)}.")
-        self.energy_dependent = tuple(energy_dependent)
         self.merge_empty = bool(merge_empty)
 
     def __str__(self):
         bins = {c: (v if isinstance(v, int) else v.tolist()) for c, v in self.bins.items()}
-        return (
-            f"{self.tag}: bins {bins}, interpolate {[c for c in self.interpolate if c in self.bins]}, "
-            f"corrections {self.corrections}, energy-dependent {list(self.energy_dependent)}"
-        )
+        interpolate = [c for c in self.interpolate if c in self.bins]
+        return f"{self.tag}: bins {bins}, interpolate {interpolate}, corrections {self.corrections}"
 
     def run(self, data_store, obs_ids=None):
         """Build the collection from runs of a data store (all runs by default)."""
         return self.make_collection(self.estimator.fill(data_store, obs_ids))
 
-    def make_bin_edges(self, obs_table):
-        """Bin edges per column; equal-livetime bins from the runs of ``obs_table``."""
-        livetime = u.Quantity(obs_table["LIVETIME" if "LIVETIME" in obs_table.colnames else "ONTIME"], "s").value
-        bad = np.asarray(obs_table["OBS_ID"])[~(livetime > 0)].tolist()
-        if bad:
-            raise ValueError(f"Runs {bad} have a livetime <= 0 or NaN; fix or drop them.")
-        return {c: equal_livetime_edges(column_values(obs_table, c), livetime, spec) if isinstance(spec, int) else spec
-                for c, spec in self.bins.items()}
+    def make_collection(self, histograms):
+        """Build the collection from each run's counts and exposure (`BackgroundModelEstimator.fill`)."""
+        return self._build(histograms, self._edges(histograms), self.merge_empty)
 
-    def make_collection(self, histograms, use=None, merge_empty=None):
-        """Build the collection from each run's counts and exposure (`BackgroundModelEstimator.fill`).
+    def leave_one_out(self, histograms, obs_ids=None):
+        """Collections each built without one run (corrections refitted; a bin left empty is merged).
 
-        ``use`` (bool per run, default all) selects the runs to build from; equal-livetime edges
-        always come from all runs. ``merge_empty`` overrides the configured one if not None.
+        Yields ``(obs_id, collection)`` for each run of ``obs_ids`` (default: every run).
         """
-        edges = self.make_bin_edges(histograms.obs_table)
-        if use is not None:
-            if not np.any(use):
-                raise ValueError("No run to build the collection from.")
-            histograms = histograms.select(np.array(histograms.obs_ids)[np.asarray(use, dtype=bool)])
+        edges = self._edges(histograms)  # equal-livetime edges from all runs
+        for obs_id in histograms.obs_ids if obs_ids is None else obs_ids:
+            others = [i for i in histograms.obs_ids if i != int(obs_id)]
+            yield int(obs_id), self._build(histograms.select(others), edges, merge_empty=True)
+
+    def _edges(self, histograms):
+        """Bin edges of each column; a number of bins gives equal-livetime edges for the runs."""
+        edges = dict(self.bins)
+        for column, n in self.bins.items():
+            if isinstance(n, int):
+                edges[column] = equal_livetime_edges(column_values(histograms.obs_table, column), histograms.livetime, n)
+        return edges
+
+    def _build(self, histograms, edges, merge_empty):
         table, obs_ids, livetime = histograms.obs_table, np.array(histograms.obs_ids), histograms.livetime
-        missing = [s for c in list(edges) + list(self.corrections) for s in source_columns(c) if s not in table.colnames]
-        if missing:
-            raise KeyError(f"The obs table has no {missing} for the bins and corrections; give other bins or corrections={{}}.")
-        values = {c: column_values(table, c) for c in dict.fromkeys(list(edges) + list(self.corrections))}
-        _check_finite(values, obs_ids)
-        merge_empty = self.merge_empty if merge_empty is None else merge_empty
+        values = _condition_values(table, dict.fromkeys(list(edges) + list(self.corrections)))
         edges, cells, outside = self._fill_bins(edges, values, livetime, merge_empty)
         if np.any(outside):
             log.warning(f"Runs {obs_ids[outside].tolist()} lie outside the bins of {list(edges)}: they are put in the nearest bin.")
         centres = {}
         for column, column_edges in edges.items():
-            index, x = assign_bins(values[column], column_edges)[0], interpolation_variable(column, values[column])
-            centres[column] = _from_interpolation_variable(column, np.bincount(index, livetime * x) / np.bincount(index, livetime))
+            index, x = assign_bins(values[column], column_edges)[0], _to_x(column, values[column])
+            centres[column] = _from_x(column, np.bincount(index, livetime * x) / np.bincount(index, livetime))
         interpolate = tuple(c for c in edges if c in self.interpolate)
         bins, weights, _ = _bin_weights(edges, values, len(obs_ids), centres, interpolate)
         matrix = np.zeros((len(obs_ids), int(np.prod([len(e) - 1 for e in edges.values()]))))
         np.add.at(matrix, (np.arange(len(obs_ids))[:, None], bins), weights)
-        n_runs, n_energy = histograms.counts.shape[:2]
-        counts = histograms.counts.reshape(n_runs, n_energy, -1)
-        exposure = histograms.exposure.value.reshape(counts.shape)
-        corrections = fit_corrections(
-            self.corrections, values, livetime, counts, exposure, cells, matrix, energy_dependent=self.energy_dependent
-        )
-        factors = _correction_factors(corrections, values, (n_runs, n_energy))
+        counts, exposure = histograms.counts, histograms.exposure.value
+        corrections = fit_corrections(self.corrections, values, livetime, counts, exposure, cells, matrix, ENERGY_DEPENDENT)
+        factors = _correction_factors(corrections, values, *counts.shape[:2])
         models = []
         for cell in range(matrix.shape[1]):
             members = cells == cell
-            model = histograms.select(obs_ids[members]).to_irf(factors[members], self.estimator.smooth_sigma)
-            model.meta["LIVETIME"] = float(livetime[members].sum())
-            models.append(model)
+            models.append(histograms.select(obs_ids[members]).to_irf(factors[members], self.estimator.smooth_sigma))
+            models[-1].meta["LIVETIME"] = float(livetime[members].sum())
         runs = Table({"OBS_ID": obs_ids.astype(np.int64), "BKG_BIN": cells, "LIVETIME": livetime * u.s, **values})
-        units = {c: u.Unit(getattr(table[c], "unit", None) or "").to_string() if c in table.colnames else "" for c in edges}
-        return BackgroundModelCollection(models, edges, centres, interpolate, corrections, units, runs)
+        return BackgroundModelCollection(models, edges, centres, interpolate, corrections, runs)
 
     @staticmethod
     def _fill_bins(edges, values, livetime, merge_empty):
-        """Each run's flat bin and whether it lies outside all bins; a bin without runs is merged with its
-        neighbour of less livetime if asked."""
+        """Edges, each run's flat bin and whether it lies outside; an empty bin is merged with its
+        neighbour of less livetime if ``merge_empty``, else an `EmptyBinError`."""
         while True:
             shape = tuple(len(e) - 1 for e in edges.values())
             bins, _, outside = _bin_weights(edges, values, len(livetime))
@@ -595,12 +484,3 @@ class ObservingConditionsEstimator(Maker):
             partner = min((j for j in (index[k] - 1, index[k] + 1) if 0 <= j < shape[k]), key=lambda j: (per_bin[j], j))
             log.info(f"Bin {label} has no runs: merged with {column} bin {partner}.")
             edges = {**edges, column: np.delete(edges[column], max(index[k], partner))}
-
-    def leave_one_out(self, histograms, obs_ids=None):
-        """Collections each built without one run (corrections refitted; a bin left empty is merged).
-
-        Yields ``(obs_id, collection)`` for each run of ``obs_ids`` (default: every run).
-        """
-        for obs_id in histograms.obs_ids if obs_ids is None else obs_ids:
-            use = np.array(histograms.obs_ids) != int(obs_id)
-            yield int(obs_id), self.make_collection(histograms, use=use, merge_empty=True)

@@ -1,14 +1,10 @@
 """Rate corrections for observing conditions, and their joint likelihood fit.
 
-A `ConditionCorrection` multiplies the rate by ``exp(coefficient x g(value))``:
-``"power-law"`` ``g = log(value / reference)``, i.e. rate proportional to
-``(MUONEFF / reference) ** index``; ``"cos"`` ``g = cos(value) - reference`` for an angle in
-deg (cos(zenith), or the north-south asymmetry of an azimuth); ``"linear"``
-``g = value - reference``. The coefficient is one number, or one per energy bin (an
-*energy-dependent* correction, e.g. how the rate at each energy changes with cos(zenith)).
-The transformed value is clipped to the range of the runs that built the correction (at each
-energy, those with exposure there), so that a correction is never extrapolated beyond them.
-`fit_corrections` fits the coefficients to the runs' counts.
+A `ConditionCorrection` multiplies the rate by ``exp(coefficient x g(value))``: ``"power-law"``
+``g = log(value / reference)``, ``"cos"`` ``g = cos(value) - reference`` (value in deg), ``"linear"``
+``g = value - reference``. The coefficient is one number, or one per energy bin. The transformed value
+is clipped to the range of the runs that built the correction (at each energy, those with exposure
+there): a correction is never extrapolated.
 """
 
 import logging
@@ -22,19 +18,22 @@ __all__ = ["CORRECTION_KINDS", "ConditionCorrection", "fit_corrections"]
 log = logging.getLogger(__name__)
 
 CORRECTION_KINDS = ("power-law", "cos", "linear")
-NUMBERS = ("reference", "coefficient", "clip_min", "clip_max")
-"""The numbers of a correction: one each, or one per energy bin."""
+NUMBERS = ("reference", "coefficient", "clip_min", "clip_max")  # one each, or one per energy bin
 
 
 @dataclass(frozen=True, eq=False)
 class ConditionCorrection:
-    """A multiplicative correction of the rate of the runs by the value of an obs-index ``column``.
+    """A multiplicative correction of the rate by the value of an obs-index ``column``.
 
-    ``kind`` is one of `CORRECTION_KINDS` (see the module). ``reference`` is where g is 0 (the
-    value for "power-law", cos(value) for "cos"); ``coefficient`` (default 0) is the fitted one
-    (the index for "power-law"); ``clip_min`` and ``clip_max`` bound the transformed value
-    (log(value), cos(value) or the value; default no clipping). Each number is a float or, for an
-    energy-dependent correction, an array with one value per energy bin.
+    Parameters
+    ----------
+    column : str
+        Obs-index column, e.g. "MUONEFF".
+    kind : {"power-law", "cos", "linear"}
+        How g depends on the value (see the module).
+    reference, coefficient, clip_min, clip_max : float or `~numpy.ndarray`
+        Where g is 0 (the value for "power-law", cos(value) for "cos"); the coefficient (default 0);
+        the range of log(value), cos(value) or the value (default: no clipping). One, or one per energy bin.
     """
 
     column: str
@@ -48,22 +47,14 @@ class ConditionCorrection:
         if self.kind not in CORRECTION_KINDS:
             raise ValueError(f"Unknown correction kind {self.kind!r} for {self.column}; choose one of {CORRECTION_KINDS}.")
 
-    def __eq__(self, other):
-        if not isinstance(other, ConditionCorrection):
-            return NotImplemented
-        same = [np.array_equal(getattr(self, name), getattr(other, name)) for name in NUMBERS]
-        return (self.column, self.kind) == (other.column, other.kind) and all(same)
-
-    __hash__ = None  # a correction may hold arrays
-
     @property
     def energy_dependent(self):
-        """True if any parameter has one value per energy bin."""
+        """True if any number has one value per energy bin."""
         return any(np.ndim(getattr(self, name)) > 0 for name in NUMBERS)
 
     @staticmethod
     def transform(kind, values):
-        """The transformed value (before subtracting the reference)."""
+        """The transformed value: log(value), cos(value) or the value."""
         values = np.asarray(values, dtype=float)
         if kind == "cos":
             return np.cos(np.deg2rad(values))
@@ -71,14 +62,8 @@ class ConditionCorrection:
             raise ValueError(f"A power-law correction needs positive values, got {values[values <= 0]}.")
         return np.log(values) if kind == "power-law" else values
 
-    @classmethod
-    def reference_of(cls, kind, values, weights):
-        """Reference: weighted mean of the transformed value (geometric mean for a power law)."""
-        mean = np.average(cls.transform(kind, values), weights=weights)
-        return float(np.exp(mean)) if kind == "power-law" else float(mean)
-
     def variable(self, values):
-        """g(value), zero at the reference: shape ``values.shape``, plus an energy axis last if energy-dependent."""
+        """g of each value, with an energy axis last if energy-dependent."""
         transformed = self.transform(self.kind, values)
         if self.energy_dependent:
             transformed = transformed[..., np.newaxis]
@@ -86,7 +71,7 @@ class ConditionCorrection:
         return np.clip(transformed, self.clip_min, self.clip_max) - reference
 
     def factor(self, values):
-        """Correction factor ``exp(coefficient x g(value))`` (see `variable` for the shape)."""
+        """Correction factor ``exp(coefficient x g)`` of each value (shape as `variable`)."""
         return np.exp(self.coefficient * self.variable(values))
 
     @staticmethod
@@ -106,7 +91,7 @@ class ConditionCorrection:
             numbers = {name: np.array(row[name.upper()], dtype=float) for name in NUMBERS}
             if not row["ENERGY_DEPENDENT"]:
                 numbers = {name: float(array[0]) for name, array in numbers.items()}
-            corrections.append(cls(column=str(row["COLUMN"]), kind=str(row["KIND"]), **numbers))
+            corrections.append(cls(str(row["COLUMN"]), str(row["KIND"]), **numbers))
         return corrections
 
     def __str__(self):
@@ -122,44 +107,35 @@ class ConditionCorrection:
         return f"{self.column} {self.kind}: rate x exp({self.coefficient:.3f} x ({g} - {self.reference:.4g}))"
 
 
-def _template(column, kind, values, livetime, measured, energy_dependent):
-    """A correction with coefficient 0, its reference (livetime-weighted mean) and clip range from the runs.
-
-    ``measured`` (n_runs, n_energy) flags the runs with exposure in each energy bin: an
-    energy-dependent correction gets its reference and range per energy bin from those runs.
-    """
-    transformed = ConditionCorrection.transform(kind, values)[:, None]
-    measured = measured if energy_dependent else np.ones((len(transformed), 1), dtype=bool)
-    weights = measured * livetime[:, None]
-    total = weights.sum(axis=0)
+def _template(column, kind, values, livetime, measured):
+    """A correction with coefficient 0, reference (livetime-weighted mean of the transformed value) and
+    clip range from the runs measured in each column of ``measured`` (one, or one per energy bin)."""
+    transformed = ConditionCorrection.transform(kind, values)
+    x = np.ma.masked_array(np.broadcast_to(transformed[:, None], measured.shape), ~measured)
     # an energy bin no run measured gets the mean of all runs, and a range of that one point
-    fallback = np.average(transformed[:, 0], weights=livetime)
-    mean = np.where(total > 0, (transformed * weights).sum(axis=0) / np.where(total > 0, total, 1), fallback)
-    seen = measured.any(axis=0)
-    clip_min = np.where(seen, np.where(measured, transformed, np.inf).min(axis=0), fallback)
-    clip_max = np.where(seen, np.where(measured, transformed, -np.inf).max(axis=0), fallback)
-    numbers = [np.exp(mean) if kind == "power-law" else mean, np.zeros(len(mean)), clip_min, clip_max]
-    return ConditionCorrection(column, kind, *(numbers if energy_dependent else [float(n[0]) for n in numbers]))
+    fallback = np.average(transformed, weights=livetime)
+    mean = np.ma.average(x, axis=0, weights=np.broadcast_to(livetime[:, None], x.shape)).filled(fallback)
+    clip = [x.min(axis=0).filled(fallback), x.max(axis=0).filled(fallback)]
+    numbers = [np.exp(mean) if kind == "power-law" else mean, np.zeros(len(mean)), *clip]
+    return ConditionCorrection(column, kind, *(numbers if measured.shape[1] > 1 else [float(n[0]) for n in numbers]))
 
 
 def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_matrix, energy_dependent=()):
-    """Correction coefficients that maximise the Poisson likelihood of the runs' counts.
+    """Corrections (`ConditionCorrection` list, in the order of ``kinds``) of largest Poisson likelihood
+    of the runs' counts, fitted jointly with each bin's rate profiled out (its counts over its corrected exposure).
 
-    The bins' rates depend on the coefficients through the corrected exposure, so all
-    coefficients are fitted jointly, the rates being profiled out (each bin's rate is its counts
-    over its corrected exposure). ``kinds`` maps each corrected column to its kind, ``values`` each
-    column to its value per run; ``livetime`` is in s; ``counts`` and ``exposure`` (s MeV sr) have
-    shape (n_runs, n_energy, n_pixels); ``cells`` is the flat bin of each run, ``weights_matrix``
-    (n_runs, n_bins) its interpolation weight on each bin. Columns in ``energy_dependent``
-    (default none) get one coefficient per energy bin. Returns the fitted `ConditionCorrection`
-    list, in the order of ``kinds`` (references and clip ranges as in the module docstring).
+    ``kinds`` maps each corrected column to its kind, ``values`` each column to its value per run;
+    ``livetime`` is in s; ``counts`` and ``exposure`` (s MeV sr) are (n_runs, n_energy, spatial...);
+    ``cells`` is the flat bin of each run, ``weights_matrix`` (n_runs, n_bins) its interpolation weight
+    on each bin. Columns in ``energy_dependent`` get one coefficient per energy bin.
     """
     if not kinds:
         return []
     n_runs, n_energy = counts.shape[:2]
-    measured = exposure.sum(axis=2) > 0
+    exposure = exposure.reshape(n_runs, n_energy, -1)
+    measured, everywhere = exposure.sum(axis=2) > 0, np.ones((n_runs, 1), dtype=bool)
     template = [
-        _template(column, kind, values[column], livetime, measured, column in energy_dependent)
+        _template(column, kind, values[column], livetime, measured if column in energy_dependent else everywhere)
         for column, kind in kinds.items()
     ]
     # g of each parameter for each run and energy bin: an energy-dependent correction has one
@@ -168,19 +144,20 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
     for correction in template:
         g_runs = np.broadcast_to(correction.variable(values[correction.column]).reshape(n_runs, -1), (n_runs, n_energy))
         g.extend(g_runs * np.eye(n_energy)[:, None, :] if correction.energy_dependent else [g_runs])
-    g = np.array(g)
+    # in units of about the statistical error of each parameter, 1 / sqrt(sum of counts x g^2), the
+    # coefficients of energy bins with few counts converge as fast as the others
+    information = np.einsum("ne,pne->p", counts.reshape(n_runs, n_energy, -1).sum(axis=2), np.square(g))
+    scale = 1 / np.sqrt(np.where(information > 0, information, 1))
+    g = np.array(g) * scale[:, None, None]
     one_hot = (cells == np.arange(weights_matrix.shape[1])[:, None]).astype(float)  # (n_bins, n_runs)
     counts_flat = counts.reshape(n_runs, -1)
     counts_cell = one_hot @ counts_flat
     has_data = counts_flat > 0
 
-    def negative_log_likelihood(parameters):
-        """The profiled Poisson likelihood and its gradient.
-
-        mu = F X (W R) with R = C / (O (X F)) per bin: besides the direct term (mu - N) dlogF,
-        the rates change with the corrected exposure, which adds -(O^T b) X F dlogF with
-        b = R / E x W^T ((1 - N / mu) X F).
-        """
+    def deviance(parameters):
+        """Half the Poisson deviance and its gradient. mu = F X (W R) with R = C / (O (X F)) per bin:
+        besides the direct term (mu - N) dlogF, the rates change with the corrected exposure, which
+        adds -(O^T b) X F dlogF with b = R / E x W^T ((1 - N / mu) X F)."""
         factor = np.exp(np.einsum("p,pne->ne", parameters, g))[:, :, None]
         corrected = (exposure * factor).reshape(n_runs, -1)
         exposure_cell = one_hot @ corrected
@@ -188,17 +165,20 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
         rate = np.where(filled, counts_cell / np.where(filled, exposure_cell, 1), 0.0)
         mu = (weights_matrix @ rate) * corrected
         good = mu > 0
-        value = float(np.sum(mu[good]) - np.sum(counts_flat[good & has_data] * np.log(mu[good & has_data])))
+        # terms >= 0, small near the optimum: the sum keeps its precision, and L-BFGS-B's
+        # tolerance relative to it (not to the log-likelihood) lets the fit reach the optimum
+        ratio = np.where(good & has_data, mu, 1) / np.where(has_data, counts_flat, 1)
+        value = float(np.sum((mu - counts_flat - counts_flat * np.log(ratio))[good]))
         residual = np.where(good, 1 - counts_flat / np.where(good, mu, 1), 0.0)
         b = np.where(filled, rate / np.where(filled, exposure_cell, 1), 0.0) * (weights_matrix.T @ (residual * corrected))
         h = (residual * mu - (one_hot.T @ b) * corrected).reshape(n_runs, n_energy, -1).sum(axis=2)
         return value, np.einsum("ne,pne->p", h, g)
 
-    result = minimize(negative_log_likelihood, np.zeros(len(g)), jac=True, method="L-BFGS-B")
+    result = minimize(deviance, np.zeros(len(g)), jac=True, method="L-BFGS-B", options={"ftol": 1e-13, "gtol": 1e-6})
     if not result.success:
         log.warning(f"The correction fit did not converge ({result.message}); using its last values.")
     sizes = [n_energy if correction.energy_dependent else 1 for correction in template]
-    parameters = np.split(result.x, np.cumsum(sizes)[:-1])
+    parameters = np.split(result.x * scale, np.cumsum(sizes)[:-1])
     return [
         replace(correction, coefficient=p.copy() if correction.energy_dependent else float(p[0]))
         for correction, p in zip(template, parameters)
