@@ -260,7 +260,14 @@ def test_store_inputs():
     assert list(per_bin["BKG_BIN"]) == [2, 3]  # zenith bin 1, MUONEFF bins 0 and 1
     assert list(per_bin["BKG_HDU"]) == ["BKG_ZEN_PNT1_MUONEFF0", "BKG_ZEN_PNT1_MUONEFF1"]
     assert_allclose(per_bin["BKG_NORM"], np.exp([0, -0.1]), rtol=1e-12)
-    assert per_bin.colnames == ["OBS_ID", "BKG_BIN", "BKG_NORM", "BKG_HDU"]  # no clash with the obs index
+    # the obs index says which models each run got: bins, interpolation partners and weights (issue 5)
+    assert per_bin.colnames == ["OBS_ID", "ZEN_PNT_BIN", "ZEN_PNT_LO", "ZEN_PNT_HI", "ZEN_PNT_W", "MUONEFF_BIN",
+                                "MUONEFF_LO", "MUONEFF_HI", "MUONEFF_W", "BKG_BIN", "BKG_NORM", "BKG_HDU"]
+    cos = np.cos(np.radians([10, 20, 30, 35]))
+    # 35 deg lies beyond the last centre (30 deg): clipped to its model
+    assert_allclose(per_bin["ZEN_PNT_W"], [(cos[0] - cos[1]) / (cos[0] - cos[2]), 0], rtol=1e-12)
+    assert list(per_bin["ZEN_PNT_LO"]) == [0, 1] and list(per_bin["ZEN_PNT_HI"]) == [1, 1]
+    assert_allclose(per_bin["MUONEFF_W"], [0.25, 0.75], rtol=1e-12)
     models, per_run = collection.to_store_inputs(table)
     assert list(per_run["BKG_HDU"]) == ["BKG_7", "BKG_8"] and sorted(models) == ["BKG_7", "BKG_8"]
     assert_allclose(models["BKG_8"].data, collection.model_for(zenith=35, muoneff=1.05, AZ_PNT=0).data, rtol=1e-12)

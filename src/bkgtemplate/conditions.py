@@ -277,16 +277,25 @@ class BackgroundModelCollection:
     def to_store_inputs(self, obs_table, interpolate=True):
         """Models by HDU name and an assignment table for `~bkgtemplate.store.write_background_store`.
 
-        The assignment has OBS_ID, BKG_BIN (flat index of the bin holding the run, or the nearest),
-        BKG_NORM (the corrections at 1 TeV) and BKG_HDU for each run of ``obs_table``: its own model
-        "BKG_<OBS_ID>", interpolated and corrected, or with ``interpolate=False`` its bin's model.
+        The assignment (the obs index's new columns) has for each run of ``obs_table``: OBS_ID;
+        ``<col>_BIN`` per binned column; ``<col>_LO``, ``<col>_HI`` and ``<col>_W`` (weight of
+        ``_HI``) per interpolated column; BKG_BIN (flat index of the bin holding the run, or the
+        nearest); BKG_NORM (the corrections at 1 TeV) and BKG_HDU: its own model "BKG_<OBS_ID>",
+        interpolated and corrected, or with ``interpolate=False`` its bin's model.
         """
         values = _condition_values(obs_table, self.condition_columns)
         obs_ids = np.asarray(obs_table["OBS_ID"], dtype=np.int64)
         bins, _, outside = _bin_weights(self.bin_edges, values, len(obs_table))
         if outside.any():
             log.warning(f"Runs {obs_ids[outside].tolist()} lie outside the bins of {self.columns}: they get the nearest bin.")
-        assignment = Table({"OBS_ID": obs_ids, "BKG_BIN": bins[:, 0], "BKG_NORM": self._factors(values, len(obs_ids))[1]})
+        assignment = Table({"OBS_ID": obs_ids})
+        for column in self.columns:
+            assignment[f"{column}_BIN"] = assign_bins(values[column], self.bin_edges[column])[0]
+            if column in self.interpolate:
+                x, centres = _to_x(column, values[column]), _to_x(column, self.centres[column])
+                lo, hi, w = interpolation_weights(x, centres)
+                assignment[f"{column}_LO"], assignment[f"{column}_HI"], assignment[f"{column}_W"] = lo, hi, w
+        assignment["BKG_BIN"], assignment["BKG_NORM"] = bins[:, 0], self._factors(values, len(obs_ids))[1]
         if not interpolate:
             if self.corrections or self.interpolate:
                 log.warning("One model per bin: the interpolation and the corrections are not applied to the runs.")
