@@ -229,7 +229,7 @@ def test_exclusion_added_to_fill_of_the_wrong_kind(simulated_store, exclusion, g
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(fov_alignment="GALACTIC"), ValueError, r"Unknown fov_alignment 'GALACTIC'; choose one of \['ALTAZ', 'RADEC'\]"),
+        (dict(fov_alignment="GALACTIC"), ValueError, r"Unknown fov_alignment 'GALACTIC'; choose one of \['ALTAZ', 'RADEC', 'REVERSE_LON_RADEC'\]"),
         (dict(on_error="ignore"), ValueError, r"Unknown on_error 'ignore'"),
         (dict(offset_axis=MapAxis.from_bounds(0, 15, 3, unit="deg", name="offset")), ValueError, r"offset axis reaches 15.0 deg"),
         (dict(offset_axis=MapAxis.from_bounds(0, 2, 3, unit="deg", name="theta")), ValueError, r"The offset axis is named 'theta'"),

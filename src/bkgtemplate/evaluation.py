@@ -12,7 +12,6 @@ and ``ERR = sqrt(N_obs) / N_pred``; over runs, the bias is ``|median(RATIO) - 1|
 scatter the robust spread ``1.4826 x MAD(RATIO)``.
 """
 
-import logging
 import numpy as np
 import astropy.units as u
 from astropy.coordinates import SkyCoord
@@ -20,15 +19,13 @@ from astropy.table import Table, vstack
 from gammapy.irf import Background3D
 from gammapy.utils.pbar import progress_bar
 from regions import CircleSkyRegion
-from .conditions import BackgroundModelCollection, column_values
+from .conditions import column_values
 from .data import collect_runs, obs_table_rows
-from .geometry import Exclusion
-from .histograms import EXPOSURE_UNIT, RATE_UNIT, HistogramSpec, fill_run
+from .estimator import BackgroundModelEstimator
+from .histograms import EXPOSURE_UNIT, RATE_UNIT, fill_run
 
-__all__ = ["evaluate_models", "evaluate_predictions", "evaluation_mask", "held_out_evaluation",
-    "predicted_counts", "robust_summary", "summarize", "target_regions"]
-
-log = logging.getLogger(__name__)
+__all__ = ["evaluate_models", "evaluation_mask", "held_out_evaluation", "predicted_counts", "robust_summary",
+    "summarize", "target_regions"]
 
 DEFAULT_E_MIN = 0.5 * u.TeV
 DEFAULT_OFFSET_MAX = 2.0 * u.deg
@@ -105,23 +102,11 @@ def _table(obs_table, n_obs, n_pred, sample):
     return table
 
 
-def evaluate_predictions(histograms, models, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX, sample=""):
-    """Observed and predicted counts of runs whose `~bkgtemplate.histograms.BackgroundHistograms` are
-    filled in the models' axes (exclusion applied).
-
-    ``models`` is a `~bkgtemplate.conditions.BackgroundModelCollection` (each run gets the model of
-    its conditions), a dict or a function of OBS_ID, or one model for all runs; ``e_min`` and
-    ``offset_max`` as in `evaluation_mask` (defaults 0.5 TeV, 2 deg); ``sample`` is written in the
-    SAMPLE column (default ""). Returns one row per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF,
-    AZ_PNT, N_OBS, N_PRED, RATIO, ERR and SAMPLE.
-    """
+def _predictions(histograms, collection, e_min, offset_max, sample):
+    """The `_table` of runs predicted by a `~bkgtemplate.conditions.BackgroundModelCollection`."""
     mask = evaluation_mask(histograms.axes, e_min, offset_max)
-    if isinstance(models, BackgroundModelCollection):
-        run_models = models.to_store_inputs(histograms.obs_table)[0].values()
-    else:
-        run_models = [models[obs_id] if isinstance(models, dict) else models(obs_id) if callable(models) else models
-                      for obs_id in histograms.obs_ids]
-    n_pred = [predicted_counts(model, exposure, mask) for model, exposure in zip(run_models, histograms.exposure)]
+    models = collection.to_store_inputs(histograms.obs_table)[0].values()
+    n_pred = [predicted_counts(model, exposure, mask) for model, exposure in zip(models, histograms.exposure)]
     return _table(histograms.obs_table, histograms.counts[:, mask].sum(axis=1), n_pred, sample)
 
 
@@ -156,16 +141,17 @@ def held_out_evaluation(maker, histograms, off_ids, field_ids=None, e_min=DEFAUL
     ``histograms`` hold the off runs ``off_ids`` and the source-field runs ``field_ids`` (default
     None: none), targets cut out. Each off run is predicted by the collection built from the other
     off runs (leave-one-out, SAMPLE "off (leave-one-out)"); each source-field run by the collection
-    built from all off runs (SAMPLE = its TARGET_NAME). Cuts as in `evaluation_mask`. Returns the
-    per-run table of `evaluate_predictions`; summarise it with `summarize`.
+    built from all off runs (SAMPLE = its TARGET_NAME). Cuts as in `evaluation_mask`. Returns one row
+    per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF, AZ_PNT, N_OBS, N_PRED, RATIO, ERR and SAMPLE; summarise
+    it with `summarize`.
     """
     off = histograms.select(off_ids)
     tables = [
-        evaluate_predictions(off.select([obs_id]), collection, e_min, offset_max, "off (leave-one-out)")
+        _predictions(off.select([obs_id]), collection, e_min, offset_max, "off (leave-one-out)")
         for _, (obs_id, collection) in zip(progress_bar(off.obs_ids, desc="Leave-one-out"), maker.leave_one_out(off))
     ]
     if field_ids:
-        fields = evaluate_predictions(histograms.select(field_ids), maker.make_collection(off), e_min, offset_max)
+        fields = _predictions(histograms.select(field_ids), maker.make_collection(off), e_min, offset_max, "")
         fields["SAMPLE"] = fields["TARGET_NAME"]
         tables.append(fields)
     return vstack(tables)
@@ -175,24 +161,21 @@ def evaluate_models(data_store, models, obs_ids, exclusion=None, e_min=DEFAULT_E
     """Observed / predicted counts of runs with any per-run models, each filled in its model's own axes.
 
     ``models`` is a dict by OBS_ID or a function of OBS_ID (e.g. the released models:
-    ``lambda obs_id: data_store.obs(obs_id, required_irf="all-optional").bkg``). The counts and
-    exposure use the axes and FoV alignment of each run's model (RADEC for the released
-    H.E.S.S. models), with the safe threshold and ``exclusion`` regions. Returns the per-run
-    table of `evaluate_predictions`.
+    ``lambda obs_id: data_store.obs(obs_id, required_irf="all-optional").bkg``); counts and exposure
+    are filled in each model's axes and FoV alignment, with the safe threshold and ``exclusion``
+    regions. Returns the per-run table of `held_out_evaluation`.
     """
     runs = collect_runs(data_store, obs_ids)
     n_obs, n_pred = [], []
     for run in progress_bar(runs, desc="Runs"):
         model = models[run.obs_id] if isinstance(models, dict) else models(run.obs_id)
-        is_3d = isinstance(model, Background3D)
-        spec = HistogramSpec(
-            energy_axis=model.axes["energy"],
-            spatial_axes=(model.axes["fov_lon"], model.axes["fov_lat"]) if is_3d else (model.axes["offset"],),
-            fov_alignment=model.fov_alignment.value if is_3d else "ALTAZ",
-            exclusion=Exclusion(exclusion) if exclusion else None,
-        )
-        counts, exposure = fill_run(run, spec)
-        mask = evaluation_mask(model.axes, e_min, offset_max)
+        axes = model.axes
+        if isinstance(model, Background3D):
+            spatial = dict(fov_lon_axis=axes["fov_lon"], fov_lat_axis=axes["fov_lat"], fov_alignment=model.fov_alignment.value)
+        else:
+            spatial = dict(offset_axis=axes["offset"])
+        counts, exposure = fill_run(run, BackgroundModelEstimator(axes["energy"], exclusion=exclusion or None, **spatial))
+        mask = evaluation_mask(axes, e_min, offset_max)
         n_obs.append(counts[mask].sum())
         n_pred.append(predicted_counts(model, exposure * EXPOSURE_UNIT, mask))
     return _table(obs_table_rows(data_store, [run.obs_id for run in runs]), n_obs, n_pred, sample)
