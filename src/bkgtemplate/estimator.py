@@ -48,7 +48,8 @@ def make_energy_axis(energy_min, energy_max, nbin):
     energy_min, energy_max = u.Quantity(energy_min, "TeV"), u.Quantity(energy_max, "TeV")
     if not 0 < energy_min < energy_max:
         raise ValueError(f"Need 0 < energy_min < energy_max, got energy_min={energy_min}, energy_max={energy_max}.")
-    return MapAxis.from_energy_bounds(energy_min, energy_max, nbin=_check_nbin(nbin, "The number of energy bins"), name="energy")
+    nbin = _check_nbin(nbin, "The number of energy bins")
+    return MapAxis.from_energy_bounds(energy_min, energy_max, nbin=nbin, name="energy")
 
 
 def make_offset_axis(offset_max, nbin):
@@ -98,27 +99,22 @@ def _fill_chunk(runs, estimator, summed):
 class BackgroundModelEstimator(Maker, ParallelMixin):
     """Estimate a template background model from runs without strong gamma-ray sources.
 
-    Counts and exposure are accumulated run by run and the rate is their ratio::
-
-        rate = counts / (ONTIME x dE x dOmega)   [s-1 MeV-1 sr-1]
-
-    with ONTIME (not dead-time corrected, as gammapy uses it to predict background) and exact
-    bin solid angles. Each run contributes only in energy bins above its ``SAFE_ENERGY_LO``;
-    exclusion regions remove events and the excluded fraction of each bin's solid angle,
-    following the field rotation for ALTAZ 3D models.
+    The rate is counts / (ONTIME x dE x dOmega) in s-1 MeV-1 sr-1, summed over runs, with ONTIME (not
+    dead-time corrected, as gammapy predicts background with it) and exact bin solid angles. A run adds
+    to energy bins above its ``SAFE_ENERGY_LO``; exclusion removes events and the excluded fraction of
+    each bin's solid angle, following the field rotation for ALTAZ 3D models.
 
     Parameters
     ----------
     energy_axis : `~gammapy.maps.MapAxis`, optional
         Reconstructed energy axis named "energy". Default is `default_energy_axis`.
     offset_axis : `~gammapy.maps.MapAxis`, optional
-        Offset axis named "offset", for a `~gammapy.irf.Background2D`. Default is
-        `default_offset_axis` unless FoV axes are given.
+        Axis named "offset", for a `~gammapy.irf.Background2D`. Default is `default_offset_axis`
+        unless FoV axes are given.
     fov_lon_axis, fov_lat_axis : `~gammapy.maps.MapAxis`, optional
         Axes named "fov_lon" and "fov_lat", for a `~gammapy.irf.Background3D`. Default is None.
     fov_alignment : {"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}, optional
-        Alignment of the 3D field-of-view coordinates (the last is gammapy's for the released
-        H.E.S.S. models). Default is "ALTAZ".
+        Alignment of 3D coordinates (the last: the released H.E.S.S. models'). Default is "ALTAZ".
     exclusion : list of `~regions.SkyRegion` or `~gammapy.maps.WcsNDMap`, optional
         Regions to cut out, or a boolean exclusion mask (True = kept). Default is None.
     safe_threshold : bool, optional
@@ -135,7 +131,6 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
     Examples
     --------
     >>> from gammapy.data import DataStore
-    >>> from bkgtemplate import BackgroundModelEstimator
     >>> data_store = DataStore.from_dir("$GAMMAPY_DATA/hess-dl3-dr1")
     >>> obs_ids = data_store.obs_table["OBS_ID"][data_store.obs_table["TARGET_NAME"] == "Off data"]
     >>> BackgroundModelEstimator().run(data_store, obs_ids).axes.names
@@ -162,14 +157,12 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
             raise ValueError(f"Unknown on_error {on_error!r}; choose one of {ON_ERROR}.")
         if smooth_sigma is not None and not smooth_sigma > 0:
             raise ValueError(f"smooth_sigma must be positive (in bins) or None, got {smooth_sigma}.")
-        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1):
-            raise ValueError(f"n_jobs must be None or a whole number >= 1, got {n_jobs!r}.")
         self.fov_alignment = str(fov_alignment).upper()
         self.exclusion = None if exclusion is None else Exclusion(exclusion)
         self.safe_threshold = bool(safe_threshold)
         self.smooth_sigma = smooth_sigma
         self.on_error = on_error
-        self.n_jobs = None if n_jobs is None else int(n_jobs)
+        self.n_jobs = None if n_jobs is None else _check_nbin(n_jobs, "n_jobs")
         self.parallel_backend = parallel_backend
 
     @property
@@ -198,7 +191,7 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         return f"{self.tag}: {axes}{alignment}, n_jobs {self.n_jobs}"
 
     def _fill(self, data_store, obs_ids, exclusion, summed):
-        """The runs, each group's counts and exposure (see `_fill_chunk`) and the runs skipped, filled in parallel."""
+        """The runs, each group's `_fill_chunk` (filled in parallel) and the runs skipped."""
         estimator = self
         if exclusion is not None and not (isinstance(exclusion, (list, tuple)) and not exclusion):
             added = Exclusion(exclusion)  # checks the kind: a SkyCoord or pixel region is a TypeError
@@ -217,18 +210,16 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
             log.warning(f"{len(skipped)} of {len(runs)} runs skipped: {[row[0] for row in skipped]}")
         if len(skipped) == len(runs):
             raise RunError("No run could be used; see the warnings above for each run.")
-        return runs, results, skipped
-
-    def _check_kept(self, runs, n_runs, counts, exposure):
-        """Refuse a model of zeros, which would look like a result."""
-        if not np.any(exposure > 0):
-            thresholds = [run.safe_energy_lo for run in runs]
+        # a model of zeros would look like a result
+        if not any(np.any(array > 0) for _, _, exposure, _ in results for array in exposure):
+            low, high = min(run.safe_energy_lo for run in runs), max(run.safe_energy_lo for run in runs)
             edges = self.energy_axis.edges
-            raise ValueError(f"No exposure kept: the runs' SAFE_ENERGY_LO ({min(thresholds):.3g}-{max(thresholds):.3g} TeV) lie above the "
-                             f"energy axis ({edges[0]:.3g}-{edges[-1]:.3g}; check the threshold unit), or the exclusion covers the field.")
-        if not counts.sum() > 0:
-            raise ValueError(f"No event kept in {n_runs} runs: the runs hold no events inside the axes "
+            raise ValueError(f"No exposure kept: the runs' SAFE_ENERGY_LO ({low:.3g}-{high:.3g} TeV) lie above the energy axis "
+                             f"({edges[0]:.3g}-{edges[-1]:.3g}; check the threshold unit), or the exclusion covers the field.")
+        if not any(np.any(array > 0) for _, counts, _, _ in results for array in counts):
+            raise ValueError(f"No event kept in {len(runs) - len(skipped)} runs: the runs hold no events inside the axes "
                              "(energy range, field of view) outside the exclusion; check the axes and the event files.")
+        return runs, results, skipped
 
     def fill(self, data_store, obs_ids=None, exclusion=None):
         """Counts and exposure of each run (`~bkgtemplate.histograms.BackgroundHistograms`), read in parallel.
@@ -238,28 +229,24 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         """
         runs, results, skipped = self._fill(data_store, obs_ids, exclusion, summed=False)
         skipped_ids = {row[0] for row in skipped}
-        done = [run.obs_id for run in runs if run.obs_id not in skipped_ids]
-        position = {obs_id: i for i, obs_id in enumerate(done)}
-        counts, exposure = np.empty((2, len(done), *self.axes.shape))
+        position = {obs_id: i for i, obs_id in enumerate(run.obs_id for run in runs if run.obs_id not in skipped_ids)}
+        counts, exposure = np.empty((2, len(position), *self.axes.shape))
         for obs_ids, run_counts, run_exposure, _ in results:
             # one array each, filled while the workers' results are released: no second copy of every run
             while obs_ids:
                 i = position[obs_ids.pop()]
                 counts[i], exposure[i] = run_counts.pop(), run_exposure.pop()
-        self._check_kept(runs, len(done), counts, exposure)
-        log.info(f"Counts and exposure of {len(done)} runs, {int(counts.sum())} events")
+        log.info(f"Counts and exposure of {len(position)} runs, {int(counts.sum())} events")
         return BackgroundHistograms(self.axes, counts, u.Quantity(exposure, EXPOSURE_UNIT, copy=False),
-                                    obs_table_rows(data_store, done), self.fov_alignment, skipped_table(skipped))
+                                    obs_table_rows(data_store, list(position)), self.fov_alignment, skipped_table(skipped))
 
     def run(self, data_store, obs_ids=None):
         """The background model (`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`) of runs of a store.
 
-        ``obs_ids`` as in `fill`. The runs are summed as they are filled, so the memory does not
-        grow with their number; the model has no NaN or inf (see `~bkgtemplate.histograms.background_irf`).
+        ``obs_ids`` as in `fill`. Runs are summed as they are filled, so the memory does not grow with
+        their number; the model has no NaN or inf (see `~bkgtemplate.histograms.background_irf`).
         """
         runs, results, skipped = self._fill(data_store, obs_ids, None, summed=True)
-        counts = sum(chunk_counts[0] for _, chunk_counts, _, _ in results if chunk_counts)
-        exposure = sum(chunk_exposure[0] for _, _, chunk_exposure, _ in results if chunk_exposure)
-        n_runs = len(runs) - len(skipped)
-        self._check_kept(runs, n_runs, counts, exposure)
-        return background_irf(self.axes, counts, exposure * EXPOSURE_UNIT, n_runs, self.fov_alignment, self.smooth_sigma)
+        counts, exposure = (np.sum([array for chunk in results for array in chunk[k]], axis=0) for k in (1, 2))
+        return background_irf(self.axes, counts, exposure * EXPOSURE_UNIT, len(runs) - len(skipped), self.fov_alignment,
+                              self.smooth_sigma)
