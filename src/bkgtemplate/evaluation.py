@@ -1,15 +1,9 @@
 """Held-out evaluation: observed over predicted counts for runs a model was not built from.
 
-For each run, the prediction is the run's model x ONTIME summed over the kept part of the
-field of view (outside exclusion regions), over energy bins whose lower edge is at or above both
-the run's safe threshold and ``e_min``, and over spatial bins whose centre is less than
-``offset_max`` from the pointing::
-
-    N_pred = sum over bins of rate x exposure,  exposure = ONTIME x dE x dOmega x kept fraction
-
-The observed counts ``N_obs`` are the events in the same bins. Per run ``RATIO = N_obs / N_pred``
-and ``ERR = sqrt(N_obs) / N_pred``; over runs, the bias is ``|median(RATIO) - 1|`` and the
-scatter the robust spread ``1.4826 x MAD(RATIO)``.
+``N_pred`` is the sum of rate x ONTIME x dE x dOmega x kept fraction (outside exclusion) over the bins above
+the run's safe threshold and ``e_min`` and within ``offset_max``; ``N_obs`` the events in them. Per run
+``RATIO = N_obs / N_pred`` and ``ERR = sqrt(N_obs) / N_pred``; over runs, bias ``|median(RATIO) - 1|`` and
+scatter ``1.4826 x MAD(RATIO)``.
 """
 
 import numpy as np
@@ -37,12 +31,10 @@ def _names(column):
 
 
 def target_regions(obs_table, radii):
-    """A `~regions.CircleSkyRegion` around the target of each field named in ``radii``.
+    """A `~regions.CircleSkyRegion` around the target of each field named in ``radii`` (TARGET_NAME: radius in deg).
 
-    ``radii`` maps TARGET_NAME to a radius (floats in deg); ``obs_table`` needs TARGET_NAME,
-    RA_OBJ, DEC_OBJ and LIVETIME (else ONTIME). The target of a TARGET_NAME is its most frequent
-    (RA_OBJ, DEC_OBJ), weighted by livetime (a few runs of a field may carry their own pointing as
-    RA_OBJ). Fields of one target (e.g. a steady and a flare sample) give one circle.
+    The target is the field's most frequent (RA_OBJ, DEC_OBJ), weighted by LIVETIME (else ONTIME): a few runs
+    may carry their own pointing as RA_OBJ. Fields of one target (e.g. steady and flare samples) give one circle.
     """
     names = _names(obs_table["TARGET_NAME"])
     unknown = sorted(set(radii) - set(names))
@@ -63,10 +55,7 @@ def target_regions(obs_table, radii):
 
 
 def evaluation_mask(axes, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX):
-    """Bins that enter the held-out counts: energy lower edge >= ``e_min``, bin centre < ``offset_max``.
-
-    Returns a boolean array of shape ``axes.shape``.
-    """
+    """Boolean array (``axes.shape``) of the bins counted: energy lower edge >= ``e_min``, centre < ``offset_max``."""
     energy = axes["energy"].edges[:-1].to_value("TeV") >= u.Quantity(e_min, "TeV").value * (1 - RTOL)
     offset_max = u.Quantity(offset_max, "deg").to_value("rad") * (1 - RTOL)
     if "offset" in axes.names:
@@ -85,8 +74,7 @@ def predicted_counts(model, exposure, mask):
 
 
 def _table(obs_table, n_obs, n_pred, sample):
-    """One row per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF, AZ_PNT (NaN where absent), N_OBS, N_PRED, RATIO,
-    ERR and SAMPLE."""
+    """The table of `held_out_evaluation` (ZEN_PNT, MUONEFF, AZ_PNT NaN where absent)."""
     n_obs, n_pred, n_runs = np.asarray(n_obs, float), np.asarray(n_pred, float), len(obs_table)
     table = Table({"OBS_ID": np.asarray(obs_table["OBS_ID"], dtype=int)})
     names = obs_table["TARGET_NAME"] if "TARGET_NAME" in obs_table.colnames else [""] * n_runs

@@ -42,10 +42,9 @@ def _parallactic(run, time):
 
 
 def _padded_index(values, edges):
-    """Bin index + 1 of each value: 0 below the first edge, ``len(edges)`` at or above the last.
+    """Bin index + 1 of each value: 0 below the first edge (or NaN), ``len(edges)`` at or above the last.
 
-    For a few edges, one comparison per edge: branch-free, and several times faster than
-    `numpy.searchsorted` on unsorted values. NaN falls in the under- or the overflow bin.
+    For a few edges, one comparison per edge: several times faster than `numpy.searchsorted` on unsorted values.
     """
     if len(edges) > MAX_COMPARED_EDGES:
         return np.searchsorted(edges, values, side="right")
@@ -129,26 +128,14 @@ def skipped_table(rows=None):
 
 
 def background_irf(axes, counts, exposure, n_runs, fov_alignment="ALTAZ", smooth_sigma=None):
-    """`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` of summed counts and exposure.
+    """`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` of counts and exposure (s MeV sr) summed over
+    ``n_runs`` runs, in ``axes``; 3D in ``fov_alignment`` (Default is "ALTAZ"), smoothed along the spatial axes with
+    a Gaussian of ``smooth_sigma`` bins (Default is None: not smoothed).
 
-    Empty bins between measured energies are filled by gammapy's ``interp_missing_data``; beyond the
-    first and last measured energy of each spatial bin the rate follows a power law with the slope of
-    the FoV-averaged spectrum there: gammapy interpolates in log rate, so a zero next to a measured bin
-    would predict almost no background in its outer half.
-
-    Parameters
-    ----------
-    axes : `~gammapy.maps.MapAxes`
-        Energy and spatial axes (offset, or fov_lon and fov_lat).
-    counts, exposure : `~numpy.ndarray`, `~astropy.units.Quantity`
-        Summed counts and exposure (s MeV sr), of shape ``axes.shape``.
-    n_runs : int
-        Number of runs, written as ``NRUNS`` in the meta (with ``NEVENTS`` and ``EMEASMIN``, the
-        lowest energy in TeV with exposure: below it the model is an extrapolation).
-    fov_alignment : str, optional
-        Alignment of a 3D model. Default is "ALTAZ".
-    smooth_sigma : float, optional
-        Gaussian smoothing of counts and exposure along the spatial axes, in bins. Default is None.
+    Empty bins between measured energies are filled by gammapy's ``interp_missing_data``; beyond the first and last
+    measured energy of each spatial bin the rate follows a power law with the slope of the FoV-averaged spectrum
+    there: gammapy interpolates in log rate, so a zero next to a measured bin would predict almost no background in
+    its outer half. The meta holds NRUNS, NEVENTS and EMEASMIN, the lowest energy (TeV) with exposure.
     """
     exposure = u.Quantity(exposure, EXPOSURE_UNIT).value
     if smooth_sigma is not None:
@@ -204,22 +191,10 @@ def _end_slopes(counts, exposure, log_energy, min_counts=10):
 class BackgroundHistograms:
     """Counts and exposure of each run, with the runs' obs-index rows; sums on demand.
 
-    For example ``BackgroundModelEstimator().fill(data_store, [20136, 20137]).select([20136]).to_irf()``.
-
-    Parameters
-    ----------
-    axes : `~gammapy.maps.MapAxes`
-        Energy and spatial axes (offset, or fov_lon and fov_lat).
-    counts : `~numpy.ndarray`
-        Counts of each run, shape ``(n_runs, *axes.shape)``.
-    exposure : `~astropy.units.Quantity`
-        ONTIME x dE x dOmega of each run (s MeV sr), same shape.
-    obs_table : `~astropy.table.Table`
-        The runs' obs-index rows, in the same order.
-    fov_alignment : {"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}, optional
-        Alignment of 3D coordinates. Default is "ALTAZ".
-    skipped : `~astropy.table.Table`, optional
-        Runs that could not be read (OBS_ID, REASON). Default is empty.
+    ``counts`` and ``exposure`` (ONTIME x dE x dOmega, s MeV sr) have shape ``(n_runs, *axes.shape)`` over the
+    energy and spatial `~gammapy.maps.MapAxes`; ``obs_table`` holds the runs' rows in the same order;
+    ``fov_alignment`` of 3D coordinates (Default is "ALTAZ"); ``skipped`` lists runs that could not be read
+    (OBS_ID, REASON; Default is empty). E.g. ``BackgroundModelEstimator().fill(store, ids).select(ids[1:]).to_irf()``.
     """
 
     axes: MapAxes
@@ -237,10 +212,6 @@ class BackgroundHistograms:
 
     def __len__(self):
         return len(self.counts)
-
-    @property
-    def is_3d(self):
-        return "fov_lon" in self.axes.names
 
     @property
     def obs_ids(self):

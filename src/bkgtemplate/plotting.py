@@ -27,7 +27,7 @@ def peek_histograms(histograms, figsize=(12, 8)):
     The measured bins, empty ones blank (`~gammapy.irf.Background2D.plot` shows the filled model). ``figsize`` in inches,
     Default is (12, 8). Returns the figure.
     """
-    if histograms.is_3d:
+    if "offset" not in histograms.axes.names:
         raise ValueError("Only 2D (energy, offset) histograms are drawn here; for 3D use histograms.to_irf().peek().")
     (energy_axis, offset_axis), (counts, exposure) = histograms.axes, histograms.sum()
     panels = [("Counts", u.Quantity(counts), "viridis"), ("Exposure", exposure, "cividis"), ("Background rate", histograms.rate,
