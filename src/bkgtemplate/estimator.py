@@ -115,8 +115,8 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         Axes named "fov_lon" and "fov_lat", for a `~gammapy.irf.Background3D`. Default is None.
     fov_alignment : {"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}, optional
         Alignment of 3D coordinates (the last: the released H.E.S.S. models'). Default is "ALTAZ".
-    exclusion : list of `~regions.SkyRegion` or `~gammapy.maps.WcsNDMap`, optional
-        Regions to cut out, or a boolean exclusion mask (True = kept). Default is None.
+    exclusion : `~regions.SkyRegion` or list of `~regions.SkyRegion`, optional
+        Regions to cut out. Default is None.
     safe_threshold : bool, optional
         Use each run's ``SAFE_ENERGY_LO`` from the obs index. Default is True.
     smooth_sigma : float, optional
@@ -179,7 +179,8 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         """Plain arrays of the axes, converted once: edges (TeV, rad), dE (MeV), dOmega (sr), FoV radius (rad)."""
         edges = [axis.edges.to_value("rad") for axis in self.spatial_axes]
         solid_angle = fov_solid_angle(*self.spatial_axes) if self.is_3d else offset_solid_angle(*self.spatial_axes)
-        return dict(energy_edges=self.energy_axis.edges.to_value("TeV"), d_energy=self.energy_axis.bin_width.to_value("MeV"),
+        return dict(energy_edges=self.energy_axis.edges.to_value("TeV"),
+                    d_energy=self.energy_axis.bin_width.to_value("MeV"),
                     # offsets are binned in sin(offset / 2) ** 2, see `offset_haversine`
                     spatial_edges=edges if self.is_3d else [np.sin(edges[0] / 2) ** 2],
                     solid_angle=solid_angle.to_value("sr").ravel(),
@@ -194,11 +195,9 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         """The runs, each group's `_fill_chunk` (filled in parallel) and the runs skipped."""
         estimator = self
         if exclusion is not None and not (isinstance(exclusion, (list, tuple)) and not exclusion):
-            added = Exclusion(exclusion)  # checks the kind: a SkyCoord or pixel region is a TypeError
-            if added.mask is not None or (self.exclusion is not None and self.exclusion.mask is not None):
-                raise ValueError("Cannot combine an exclusion mask with other regions; give all regions to the estimator.")
+            added = Exclusion(exclusion).regions  # checked: a SkyCoord or pixel region is a TypeError
             estimator = copy(self)
-            estimator.exclusion = Exclusion([*(self.exclusion.regions if self.exclusion else []), *added.regions])
+            estimator.exclusion = Exclusion([*(self.exclusion.regions if self.exclusion else []), *added])
         runs = collect_runs(data_store, obs_ids, safe_threshold=self.safe_threshold)
         # a few interleaved groups per process: balanced load and a progress bar that moves
         n_chunks = min(len(runs), 8 * self.n_jobs)
@@ -238,7 +237,7 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
                 counts[i], exposure[i] = run_counts.pop(), run_exposure.pop()
         log.info(f"Counts and exposure of {len(position)} runs, {int(counts.sum())} events")
         return BackgroundHistograms(self.axes, counts, u.Quantity(exposure, EXPOSURE_UNIT, copy=False),
-                                    obs_table_rows(data_store, list(position)), self.fov_alignment, skipped_table(skipped))
+                                    obs_table_rows(data_store, [*position]), self.fov_alignment, skipped_table(skipped))
 
     def run(self, data_store, obs_ids=None):
         """The background model (`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`) of runs of a store.

@@ -5,7 +5,6 @@ parallel. `BackgroundHistograms` keeps each run's counts and exposure with its o
 any set of them on demand: a model of all runs but one costs a sum, not a new pass over the events.
 """
 
-import logging
 from dataclasses import dataclass, field, replace
 import numpy as np
 import astropy.units as u
@@ -18,8 +17,6 @@ from .geometry import (SIDEREAL_RATE, bin_points, fov_altaz_to_radec, fov_radec_
     parallactic_angle, ring_points, sky_to_fov_altaz, sky_to_fov_radec)
 
 __all__ = ["EXPOSURE_UNIT", "RATE_UNIT", "REVERSE_LON_RADEC", "BackgroundHistograms", "background_irf", "fill_run"]
-
-log = logging.getLogger(__name__)
 
 RATE_UNIT = u.Unit("s-1 MeV-1 sr-1")
 EXPOSURE_UNIT = u.Unit("s MeV sr")
@@ -42,7 +39,7 @@ def _parallactic(run, time):
 
 
 def _padded_index(values, edges):
-    """Bin index + 1 of each value: 0 below the first edge (or NaN), ``len(edges)`` at or above the last.
+    """Bin index + 1 of each value: 0 below the first edge, ``len(edges)`` at or above the last, NaN in either.
 
     For a few edges, one comparison per edge: several times faster than `numpy.searchsorted` on unsorted values.
     """
