@@ -127,14 +127,6 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         Number of processes. Default is None (gammapy's default, 1).
     parallel_backend : {"multiprocessing", "ray"}, optional
         Parallel backend. Default is None (gammapy's default, multiprocessing).
-
-    Examples
-    --------
-    >>> from gammapy.data import DataStore
-    >>> data_store = DataStore.from_dir("$GAMMAPY_DATA/hess-dl3-dr1")
-    >>> obs_ids = data_store.obs_table["OBS_ID"][data_store.obs_table["TARGET_NAME"] == "Off data"]
-    >>> BackgroundModelEstimator().run(data_store, obs_ids).axes.names
-    ['energy', 'offset']
     """
 
     tag = "BackgroundModelEstimator"

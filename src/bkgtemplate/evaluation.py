@@ -10,7 +10,6 @@ import numpy as np
 import astropy.units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import Table, vstack
-from gammapy.irf import Background3D
 from gammapy.utils.pbar import progress_bar
 from regions import CircleSkyRegion
 from .conditions import column_values
@@ -123,15 +122,12 @@ def summarize(table, by="SAMPLE"):
 
 
 def held_out_evaluation(maker, histograms, off_ids, field_ids=None, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX):
-    """Observed / predicted counts of runs not used to build the collection of an
-    `~bkgtemplate.ObservingConditionsEstimator` ``maker``.
+    """Observed / predicted counts of runs not used to build the collection of the ObservingConditionsEstimator.
 
-    ``histograms`` hold the off runs ``off_ids`` and the source-field runs ``field_ids`` (default
-    None: none), targets cut out. Each off run is predicted by the collection built from the other
-    off runs (leave-one-out, SAMPLE "off (leave-one-out)"); each source-field run by the collection
-    built from all off runs (SAMPLE = its TARGET_NAME). Cuts as in `evaluation_mask`. Returns one row
-    per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF, AZ_PNT, N_OBS, N_PRED, RATIO, ERR and SAMPLE; summarise
-    it with `summarize`.
+    ``histograms`` hold the off runs ``off_ids`` and the source-field runs ``field_ids`` (Default is None), targets
+    cut out. Each off run is predicted by the collection of the other off runs (SAMPLE "off (leave-one-out)"), each
+    source-field run by that of all off runs (SAMPLE = its TARGET_NAME); cuts as in `evaluation_mask`. Returns one
+    row per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF, AZ_PNT, N_OBS, N_PRED, RATIO, ERR, SAMPLE (see `summarize`).
     """
     off = histograms.select(off_ids)
     tables = [
@@ -146,24 +142,19 @@ def held_out_evaluation(maker, histograms, off_ids, field_ids=None, e_min=DEFAUL
 
 
 def evaluate_models(data_store, models, obs_ids, exclusion=None, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX, sample=""):
-    """Observed / predicted counts of runs with any per-run models, each filled in its model's own axes.
-
-    ``models`` is a dict by OBS_ID or a function of OBS_ID (e.g. the released models:
-    ``lambda obs_id: data_store.obs(obs_id, required_irf="all-optional").bkg``); counts and exposure
-    are filled in each model's axes and FoV alignment, with the safe threshold and ``exclusion``
-    regions. Returns the per-run table of `held_out_evaluation`.
+    """Observed / predicted counts of runs, each filled in the axes and alignment of its own model, as in
+    `held_out_evaluation`; ``models`` is a dict or a function of OBS_ID (e.g. the released models:
+    ``lambda obs_id: data_store.obs(obs_id, required_irf="all-optional").bkg``).
     """
     runs = collect_runs(data_store, obs_ids)
     n_obs, n_pred = [], []
     for run in progress_bar(runs, desc="Runs"):
         model = models[run.obs_id] if isinstance(models, dict) else models(run.obs_id)
-        axes = model.axes
-        if isinstance(model, Background3D):
-            spatial = dict(fov_lon_axis=axes["fov_lon"], fov_lat_axis=axes["fov_lat"], fov_alignment=model.fov_alignment.value)
-        else:
-            spatial = dict(offset_axis=axes["offset"])
-        counts, exposure = fill_run(run, BackgroundModelEstimator(axes["energy"], exclusion=exclusion or None, **spatial))
-        mask = evaluation_mask(axes, e_min, offset_max)
+        spatial = {f"{name}_axis": model.axes[name] for name in model.axes.names[1:]}  # offset, or fov_lon and fov_lat
+        estimator = BackgroundModelEstimator(model.axes["energy"], fov_alignment=model.fov_alignment.value,
+                                             exclusion=exclusion or None, **spatial)
+        counts, exposure = fill_run(run, estimator)
+        mask = evaluation_mask(model.axes, e_min, offset_max)
         n_obs.append(counts[mask].sum())
         n_pred.append(predicted_counts(model, exposure * EXPOSURE_UNIT, mask))
     return _table(obs_table_rows(data_store, [run.obs_id for run in runs]), n_obs, n_pred, sample)

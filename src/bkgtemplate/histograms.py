@@ -1,8 +1,5 @@
-"""Counts and exposure, run by run: `fill_run` for one run, `BackgroundHistograms` for many.
-
-`fill_run` is a pure function of a run and an estimator, so runs can be filled in any order and in
-parallel. `BackgroundHistograms` keeps each run's counts and exposure with its obs-index row and sums
-any set of them on demand: a model of all runs but one costs a sum, not a new pass over the events.
+"""Counts and exposure run by run: `fill_run` (a pure function, so runs fill in any order and in parallel) for one,
+`BackgroundHistograms` for many, summed on demand: a model of all runs but one costs a sum, not a pass over the events.
 """
 
 from dataclasses import dataclass, field, replace
