@@ -222,7 +222,7 @@ def test_exclusion_added_to_fill_of_the_wrong_kind(simulated_store, exclusion, g
         (dict(offset_axis=MapAxis.from_bounds(0, 2, 3, unit="deg", name="theta")), ValueError, r"The offset axis is named 'theta'"),
         (dict(energy_axis=MapAxis.from_bounds(0, 2, 3, unit="deg", name="energy")), u.UnitsError, r"energy axis has unit deg"),
         (dict(smooth_sigma=0), ValueError, r"smooth_sigma must be positive"),
-        (dict(fov_lon_axis=MapAxis.from_bounds(-2, 2, 4, unit="deg", name="fov_lon")), ValueError, r"Give both fov_lon_axis and fov_lat_axis"),
+        (dict(fov_lon_axis=MapAxis.from_bounds(-2, 2, 4, unit="deg", name="fov_lon")), ValueError, r"Give either offset_axis \(2D\) or both fov_lon_axis and fov_lat_axis"),
         (dict(n_jobs=0), ValueError, r"n_jobs must be a whole number >= 1, got 0"),
         (dict(n_jobs=-1), ValueError, r"n_jobs must be a whole number >= 1, got -1"),
         (dict(n_jobs=1.5), ValueError, r"n_jobs must be a whole number >= 1, got 1.5"),

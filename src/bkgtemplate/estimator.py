@@ -101,8 +101,7 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
     energy_axis : `~gammapy.maps.MapAxis`, optional
         Reconstructed energy axis named "energy". Default is `default_energy_axis`.
     offset_axis : `~gammapy.maps.MapAxis`, optional
-        Axis named "offset", for a `~gammapy.irf.Background2D`. Default is `default_offset_axis`
-        unless FoV axes are given.
+        Axis named "offset", for a `~gammapy.irf.Background2D`. Default is `default_offset_axis` without FoV axes.
     fov_lon_axis, fov_lat_axis : `~gammapy.maps.MapAxis`, optional
         Axes named "fov_lon" and "fov_lat", for a `~gammapy.irf.Background3D`. Default is None.
     fov_alignment : {"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}, optional
@@ -122,13 +121,10 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
     tag = "BackgroundModelEstimator"
 
     def __init__(self, energy_axis=None, offset_axis=None, fov_lon_axis=None, fov_lat_axis=None, fov_alignment="ALTAZ",
-                 exclusion=None, safe_threshold=True, smooth_sigma=None, n_jobs=None,
-                 parallel_backend=None):
+                 exclusion=None, safe_threshold=True, smooth_sigma=None, n_jobs=None, parallel_backend=None):
         self.energy_axis = _check_axis(energy_axis or default_energy_axis(), "energy", "TeV")
-        if (fov_lon_axis is None) != (fov_lat_axis is None):
-            raise ValueError("Give both fov_lon_axis and fov_lat_axis for a 3D model, or neither.")
-        if fov_lon_axis is not None and offset_axis is not None:
-            raise ValueError("Give either offset_axis (2D) or fov_lon_axis and fov_lat_axis (3D), not both.")
+        if (fov_lon_axis is None) != (fov_lat_axis is None) or (fov_lon_axis is not None and offset_axis is not None):
+            raise ValueError("Give either offset_axis (2D) or both fov_lon_axis and fov_lat_axis (3D).")
         if fov_lon_axis is None:
             self.spatial_axes = (_check_axis(offset_axis or default_offset_axis(), "offset", "deg"),)
         else:

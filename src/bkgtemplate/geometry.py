@@ -1,11 +1,9 @@
 """Geometry: event coordinates in the field of view, exact bin solid angles, exclusion regions.
 
-The vectorised transforms here reproduce gammapy's ``FoVICRSFrame`` and ``FoVAltAzFrame``
-conventions (origin at the pointing, longitude reversed). They are written by hand because
-astropy's frame machinery costs milliseconds per call and much more per event, which would
-dominate the estimator; ``tests/test_geometry.py`` checks them against gammapy's frames.
-Exclusion is given as sky regions; the excluded fraction of a bin's solid angle is estimated on a
-grid of equal-area points (`ring_points`, `bin_points`).
+The vectorised transforms reproduce gammapy's ``FoVICRSFrame`` and ``FoVAltAzFrame`` (origin at the pointing,
+longitude reversed). They are written by hand because astropy's frame machinery costs milliseconds per call and
+much more per event, which would dominate the estimator; ``tests/test_geometry.py`` checks them against gammapy's
+frames. Excluded fractions of bins are estimated on equal-area points (`ring_points`, `bin_points`).
 """
 
 import numpy as np
@@ -18,8 +16,7 @@ __all__ = ["SIDEREAL_RATE", "Exclusion", "bin_points", "fov_altaz_to_radec", "fo
     "fov_radec_to_sky", "fov_solid_angle", "offset_haversine", "offset_solid_angle", "parallactic_angle",
     "ring_points", "sky_to_fov_altaz", "sky_to_fov_radec"]
 
-SIDEREAL_RATE = 2 * np.pi * 1.00273781191135448 / 86400.0
-"""Earth rotation rate relative to the stars, in rad s-1."""
+SIDEREAL_RATE = 2 * np.pi * 1.00273781191135448 / 86400.0  # Earth rotation relative to the stars, rad s-1
 
 
 def _unit_vector(lon, lat):

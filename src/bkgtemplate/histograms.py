@@ -160,11 +160,8 @@ def _extrapolate_ends(rate, log_energy, slopes):
 
 
 def _end_slopes(counts, exposure, log_energy, min_counts=10):
-    """Spectral slopes at the low and high end of the FoV-averaged rate, never rising away from the data.
-
-    Each from the two outermost energy bins with at least ``min_counts`` events (single events would
-    make the slope arbitrary).
-    """
+    """Slopes of the FoV-averaged rate, never rising away from the data, from the two outermost energy bins
+    at each end with at least ``min_counts`` events (single events would make the slope arbitrary)."""
     counts = counts.reshape(len(counts), -1).sum(axis=1)
     exposure = exposure.reshape(len(exposure), -1).sum(axis=1)
     good = np.flatnonzero((counts >= min_counts) & (exposure > 0))
@@ -209,14 +206,12 @@ class BackgroundHistograms:
     @property
     def livetime(self):
         """LIVETIME of each run (ONTIME if there is no LIVETIME column), in s."""
-        for name in ("LIVETIME", "ONTIME"):
-            if name in self.obs_table.colnames:
-                livetime = u.Quantity(self.obs_table[name], "s").to_value("s").astype(float)
-                bad = ~(livetime > 0)
-                if bad.any():
-                    raise ValueError(f"Runs {np.array(self.obs_ids)[bad].tolist()} have {name} <= 0 or NaN; fix or drop them.")
-                return livetime
-        raise KeyError("The obs table has neither LIVETIME nor ONTIME.")
+        name = "LIVETIME" if "LIVETIME" in self.obs_table.colnames else "ONTIME"
+        livetime = u.Quantity(self.obs_table[name], "s").to_value("s").astype(float)
+        bad = ~(livetime > 0)
+        if bad.any():
+            raise ValueError(f"Runs {np.array(self.obs_ids)[bad].tolist()} have {name} <= 0 or NaN; fix or drop them.")
+        return livetime
 
     def select(self, obs_ids):
         """The histograms of some runs, in the given order."""
