@@ -72,12 +72,12 @@ def predicted_counts(model, exposure, mask):
     return float(np.sum((model.quantity.to_value(RATE_UNIT) * exposure.to_value(EXPOSURE_UNIT))[mask]))
 
 
-def _table(obs_table, n_obs, n_pred, sample):
+def _table(obs_table, n_obs, n_pred, sample=""):
     """The table of `held_out_evaluation` (ZEN_PNT, MUONEFF, AZ_PNT NaN where absent)."""
     n_obs, n_pred, n_runs = np.asarray(n_obs, float), np.asarray(n_pred, float), len(obs_table)
     table = Table({"OBS_ID": np.asarray(obs_table["OBS_ID"], dtype=int)})
     names = obs_table["TARGET_NAME"] if "TARGET_NAME" in obs_table.colnames else [""] * n_runs
-    table["TARGET_NAME"] = np.array(_names(names), dtype=str)
+    table["TARGET_NAME"] = _names(names)
     for name in ("ZEN_PNT", "MUONEFF", "AZ_PNT"):
         table[name] = column_values(obs_table, name) if name in obs_table.colnames else np.full(n_runs, np.nan)
     table["ZEN_PNT"].unit = table["AZ_PNT"].unit = "deg"
@@ -89,20 +89,8 @@ def _table(obs_table, n_obs, n_pred, sample):
     return table
 
 
-def _predictions(histograms, collection, e_min, offset_max, sample):
-    """The `_table` of runs predicted by a `~bkgtemplate.conditions.BackgroundModelCollection`."""
-    mask = evaluation_mask(histograms.axes, e_min, offset_max)
-    models = collection.to_store_inputs(histograms.obs_table)[0].values()
-    n_pred = [predicted_counts(model, exposure, mask) for model, exposure in zip(models, histograms.exposure)]
-    return _table(histograms.obs_table, histograms.counts[:, mask].sum(axis=1), n_pred, sample)
-
-
 def robust_summary(ratios):
-    """``n_runs``, ``median``, ``bias`` = |median - 1| and ``scatter`` = 1.4826 x MAD of ratios (NaN ignored).
-
-    >>> robust_summary([0.9, 1.0, 1.2])["bias"]
-    0.0
-    """
+    """``n_runs``, ``median``, ``bias`` = |median - 1| and ``scatter`` = 1.4826 x MAD of ratios (NaN ignored)."""
     ratios = np.asarray(ratios, dtype=float)
     ratios = ratios[np.isfinite(ratios)]
     if not len(ratios):
@@ -130,15 +118,19 @@ def held_out_evaluation(maker, histograms, off_ids, field_ids=None, e_min=DEFAUL
     row per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF, AZ_PNT, N_OBS, N_PRED, RATIO, ERR, SAMPLE (see `summarize`).
     """
     off = histograms.select(off_ids)
-    tables = [
-        _predictions(off.select([obs_id]), collection, e_min, offset_max, "off (leave-one-out)")
-        for _, (obs_id, collection) in zip(progress_bar(off.obs_ids, desc="Leave-one-out"), maker.leave_one_out(off))
-    ]
+    held_out = zip(progress_bar(off.obs_ids, desc="Leave-one-out"), maker.leave_one_out(off))
+    predicted = [(off.select([obs_id]), collection) for _, (obs_id, collection) in held_out]
     if field_ids:
-        fields = _predictions(histograms.select(field_ids), maker.make_collection(off), e_min, offset_max, "")
-        fields["SAMPLE"] = fields["TARGET_NAME"]
-        tables.append(fields)
-    return vstack(tables)
+        predicted.append((histograms.select(field_ids), maker.make_collection(off)))
+    mask = evaluation_mask(histograms.axes, e_min, offset_max)
+    tables = []
+    for runs, collection in predicted:
+        models = collection.to_store_inputs(runs.obs_table)[0].values()
+        n_pred = [predicted_counts(model, exposure, mask) for model, exposure in zip(models, runs.exposure)]
+        tables.append(_table(runs.obs_table, runs.counts[:, mask].sum(axis=1), n_pred))
+    table = vstack(tables)
+    table["SAMPLE"] = np.where(np.isin(table["OBS_ID"], off.obs_ids), "off (leave-one-out)", table["TARGET_NAME"])
+    return table
 
 
 def evaluate_models(data_store, models, obs_ids, exclusion=None, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX, sample=""):

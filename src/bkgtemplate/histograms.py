@@ -80,8 +80,7 @@ def _kept_fraction(run, estimator):
         lon = -lon if estimator.fov_alignment == REVERSE_LON_RADEC else lon
     else:
         lon, lat, index = ring_points(edges[0], EXCLUSION_SPACING)
-    altaz = estimator.is_3d and estimator.fov_alignment == "ALTAZ"
-    angles = rotation_steps(run, ROTATION_STEP) if altaz else [None]
+    angles = rotation_steps(run, ROTATION_STEP) if estimator.is_3d and estimator.fov_alignment == "ALTAZ" else [None]
     kept = np.zeros(n_spatial)
     for angle in angles:
         lon_radec, lat_radec = (lon, lat) if angle is None else fov_altaz_to_radec(lon, lat, angle)
@@ -92,11 +91,8 @@ def _kept_fraction(run, estimator):
 
 
 def fill_run(run, estimator):
-    """Counts and exposure (ONTIME x dE x dOmega x kept fraction, s MeV sr) of one `~bkgtemplate.data.RunInfo`.
-
-    In the axes, alignment, exclusion and safe-threshold choice of a `~bkgtemplate.BackgroundModelEstimator`;
-    both are zero in energy bins below the run's safe threshold.
-    """
+    """Counts and exposure (ONTIME x dE x dOmega x kept fraction, s MeV sr) of one `~bkgtemplate.data.RunInfo` as a
+    `~bkgtemplate.BackgroundModelEstimator` sets them up; both are zero below the run's safe threshold."""
     events, (ra_pnt, dec_pnt) = read_events(run)
     run = replace(run, ra_pnt=ra_pnt, dec_pnt=dec_pnt)
     binning, exclusion = estimator.binning, estimator.exclusion

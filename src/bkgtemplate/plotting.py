@@ -22,11 +22,8 @@ def _label(name, unit=""):
 
 
 def peek_histograms(histograms, figsize=(12, 8)):
-    """Energy x offset maps of counts, exposure, rate and relative error 1/sqrt(N) of a 2D estimate, all runs summed.
-
-    The measured bins, empty ones blank (`~gammapy.irf.Background2D.plot` shows the filled model). ``figsize`` in inches,
-    Default is (12, 8). Returns the figure.
-    """
+    """Figure of energy x offset maps of the summed counts, exposure, rate and relative error 1/sqrt(N) of 2D
+    histograms, empty bins blank (`~gammapy.irf.Background2D.plot` shows the model); ``figsize``: Default is (12, 8)."""
     if "offset" not in histograms.axes.names:
         raise ValueError("Only 2D (energy, offset) histograms are drawn here; for 3D use histograms.to_irf().peek().")
     (energy_axis, offset_axis), (counts, exposure) = histograms.axes, histograms.sum()
@@ -42,11 +39,8 @@ def peek_histograms(histograms, figsize=(12, 8)):
 
 
 def plot_models_comparison(models, labels=None, ax=None, offset="0.5 deg", **kwargs):
-    """Labelled spectra of several Background2D or 3D models at one offset (`~matplotlib.pyplot.plot`).
-
-    Each at its energy bin centres, a 3D one averaged over the circle of radius ``offset`` (Default is "0.5 deg"), model i
-    in colour "Ci"; ``labels`` are the legend entries (Default is None: "model 0", "model 1", ...).
-    """
+    """Spectra of Background2D or 3D models at their energy bin centres and one ``offset`` (a 3D one averaged over that
+    circle; Default is "0.5 deg"), model i in colour "Ci", with ``labels`` (Default is None: "model i")."""
     models = list(models)
     labels = [f"model {i}" for i in range(len(models))] if labels is None else list(labels)
     if not models or len(labels) != len(models) or not all(isinstance(m, (Background2D, Background3D)) for m in models):
@@ -78,11 +72,8 @@ def _column(table, name):
 
 
 def plot_zenith_dependence(table, ax=None, x="ZEN_PNT", y="SAFE_ENERGY_LO", color_by=None, **kwargs):
-    """Scatter of one obs-table column against another, e.g. safe threshold versus zenith (`~matplotlib.pyplot.scatter`).
-
-    Columns ``x``, ``y`` and ``color_by`` (with a colour bar) default to "ZEN_PNT", "SAFE_ENERGY_LO" and None; "EVENT_RATE"
-    is EVENT_COUNT / LIVETIME in s-1 if absent; an energy gets a log scale.
-    """
+    """Scatter of obs-table columns ``y`` against ``x`` coloured by ``color_by`` (Default is None), e.g. the safe
+    threshold versus zenith (the defaults); "EVENT_RATE" is EVENT_COUNT / LIVETIME (s-1) if absent; energy: log axis."""
     ax = plt.gca() if ax is None else ax
     x_values, y_values = _column(table, x), _column(table, y)
     colour = None if color_by is None else _column(table, color_by)
@@ -95,11 +86,8 @@ def plot_zenith_dependence(table, ax=None, x="ZEN_PNT", y="SAFE_ENERGY_LO", colo
 
 
 def plot_ratio_per_run(table, ax=None, group=None, **kwargs):
-    """Observed / predicted counts per run with errors, from an evaluation table (`~matplotlib.pyplot.errorbar`).
-
-    The table has OBS_ID, RATIO, ERR; runs are ordered by ``group`` (a column, e.g. "SAMPLE" or "MODEL"; Default is None),
-    then OBS_ID; a band shows each group's mean +- std; groups that share runs are drawn side by side.
-    """
+    """Observed / predicted counts (RATIO, ERR) per OBS_ID of an evaluation table, ordered by the column ``group``
+    (Default is None) and OBS_ID; a band shows each group's mean +- std; groups that share runs are side by side."""
     if len(table) == 0 or {"OBS_ID", "RATIO", "ERR", group or "OBS_ID"} - set(table.colnames):
         raise ValueError(f"Expected rows with OBS_ID, RATIO, ERR and group {group!r}; got {len(table)} of {table.colnames}.")
     ax = plt.gca() if ax is None else ax
