@@ -91,10 +91,10 @@ def _fill_chunk(runs, estimator, summed):
 class BackgroundModelEstimator(Maker, ParallelMixin):
     """Estimate a template background model from runs without strong gamma-ray sources.
 
-    The rate is counts / (ONTIME x dE x dOmega) in s-1 MeV-1 sr-1, summed over runs, with ONTIME (not
-    dead-time corrected, as gammapy predicts background with it) and exact bin solid angles. A run adds
-    to energy bins above its ``SAFE_ENERGY_LO``; exclusion removes events and the excluded fraction of
-    each bin's solid angle, following the field rotation for ALTAZ 3D models.
+    The rate is counts / (ONTIME x dE x dOmega) in s-1 MeV-1 sr-1, summed over runs, with ONTIME (not dead-time
+    corrected, as gammapy predicts background with it) and exact bin solid angles. A run adds to energy bins above its
+    ``SAFE_ENERGY_LO``; exclusion removes events and the excluded fraction of each bin's solid angle, following the
+    field rotation for ALTAZ 3D models.
 
     Parameters
     ----------

@@ -1,9 +1,8 @@
 """Held-out evaluation: observed over predicted counts for runs a model was not built from.
 
-``N_pred`` is the sum of rate x ONTIME x dE x dOmega x kept fraction (outside exclusion) over the bins above
-the run's safe threshold and ``e_min`` and within ``offset_max``; ``N_obs`` the events in them. Per run
-``RATIO = N_obs / N_pred`` and ``ERR = sqrt(N_obs) / N_pred``; over runs, bias ``|median(RATIO) - 1|`` and
-scatter ``1.4826 x MAD(RATIO)``.
+``N_pred`` is the sum of rate x ONTIME x dE x dOmega x kept fraction (outside exclusion) over the bins above the run's
+safe threshold and ``e_min`` and within ``offset_max``; ``N_obs`` the events in them. Per run ``RATIO = N_obs / N_pred``
+and ``ERR = sqrt(N_obs) / N_pred``; over runs, bias ``|median(RATIO) - 1|`` and scatter ``1.4826 x MAD(RATIO)``.
 """
 
 import numpy as np
@@ -15,18 +14,13 @@ from regions import CircleSkyRegion
 from .conditions import column_values
 from .data import collect_runs, obs_table_rows
 from .estimator import BackgroundModelEstimator
-from .histograms import EXPOSURE_UNIT, RATE_UNIT, fill_run
+from .histograms import EXPOSURE_UNIT, RATE_UNIT, EDGE_RTOL, fill_run
 
 __all__ = ["evaluate_models", "evaluation_mask", "held_out_evaluation", "predicted_counts", "robust_summary",
     "summarize", "target_regions"]
 
 DEFAULT_E_MIN = 0.5 * u.TeV
 DEFAULT_OFFSET_MAX = 2.0 * u.deg
-RTOL = 1e-6  # relative slack when comparing bin edges with energy cuts (float32 values in the files)
-
-
-def _names(column):
-    return np.array([name.decode() if isinstance(name, bytes) else str(name) for name in column])
 
 
 def target_regions(obs_table, radii):
@@ -35,7 +29,7 @@ def target_regions(obs_table, radii):
     The target is the field's most frequent (RA_OBJ, DEC_OBJ), weighted by LIVETIME (else ONTIME): a few runs
     may carry their own pointing as RA_OBJ. Fields of one target (e.g. steady and flare samples) give one circle.
     """
-    names = _names(obs_table["TARGET_NAME"])
+    names = np.asarray(obs_table["TARGET_NAME"]).astype(str)
     unknown = sorted(set(radii) - set(names))
     if unknown:
         raise ValueError(f"Targets {unknown} are not in the obs table's TARGET_NAME; the names are {sorted(set(names))}.")
@@ -55,8 +49,8 @@ def target_regions(obs_table, radii):
 
 def evaluation_mask(axes, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX):
     """Boolean array (``axes.shape``) of the bins counted: energy lower edge >= ``e_min``, centre < ``offset_max``."""
-    energy = axes["energy"].edges[:-1].to_value("TeV") >= u.Quantity(e_min, "TeV").value * (1 - RTOL)
-    offset_max = u.Quantity(offset_max, "deg").to_value("rad") * (1 - RTOL)
+    energy = axes["energy"].edges[:-1].to_value("TeV") >= u.Quantity(e_min, "TeV").value * (1 - EDGE_RTOL)
+    offset_max = u.Quantity(offset_max, "deg").to_value("rad") * (1 - EDGE_RTOL)
     if "offset" in axes.names:
         spatial = axes["offset"].center.to_value("rad") < offset_max
     else:
@@ -77,7 +71,7 @@ def _table(obs_table, n_obs, n_pred, sample=""):
     n_obs, n_pred, n_runs = np.asarray(n_obs, float), np.asarray(n_pred, float), len(obs_table)
     table = Table({"OBS_ID": np.asarray(obs_table["OBS_ID"], dtype=int)})
     names = obs_table["TARGET_NAME"] if "TARGET_NAME" in obs_table.colnames else [""] * n_runs
-    table["TARGET_NAME"] = _names(names)
+    table["TARGET_NAME"] = np.asarray(names).astype(str)
     for name in ("ZEN_PNT", "MUONEFF", "AZ_PNT"):
         table[name] = column_values(obs_table, name) if name in obs_table.colnames else np.full(n_runs, np.nan)
     table["ZEN_PNT"].unit = table["AZ_PNT"].unit = "deg"
@@ -102,10 +96,8 @@ def robust_summary(ratios):
 
 def summarize(table, by="SAMPLE"):
     """N_RUNS, MEDIAN, BIAS and SCATTER of the RATIO column per value of ``by`` (None: all runs)."""
-    groups = [("all", np.ones(len(table), dtype=bool))] if by is None else [
-        (value, _names(table[by]) == value) for value in dict.fromkeys(_names(table[by]))
-    ]
-    rows = [[value, *robust_summary(table["RATIO"][rows]).values()] for value, rows in groups]
+    values = np.full(len(table), "all") if by is None else np.asarray(table[by]).astype(str)
+    rows = [[value, *robust_summary(table["RATIO"][values == value]).values()] for value in dict.fromkeys(values)]
     return Table(rows=rows or None, names=[by or "GROUP", "N_RUNS", "MEDIAN", "BIAS", "SCATTER"], dtype=[str, int, float, float, float])
 
 

@@ -17,8 +17,8 @@ __all__ = ["EXPOSURE_UNIT", "RATE_UNIT", "REVERSE_LON_RADEC", "BackgroundHistogr
 
 RATE_UNIT = u.Unit("s-1 MeV-1 sr-1")
 EXPOSURE_UNIT = u.Unit("s MeV sr")
-# Relative slack when comparing bin edges with SAFE_ENERGY_LO (float32 values in the files).
-THRESHOLD_RTOL = 1e-6
+# Relative slack when comparing bin edges with cuts (SAFE_ENERGY_LO: float32 values in the files).
+EDGE_RTOL = 1e-6
 # gammapy's alignment of the released H.E.S.S. DR1 models (set by Observation.bkg): RADEC with
 # the longitude not reversed, i.e. the mirror image of gammapy's FoVICRSFrame.
 REVERSE_LON_RADEC = "REVERSE_LON_RADEC"
@@ -75,11 +75,8 @@ def _kept_fraction(run, estimator):
     """Fraction of each spatial bin's solid angle outside the exclusion, averaged over the run."""
     n_spatial = len(estimator.binning["solid_angle"])
     edges = [axis.edges.to_value("rad") for axis in estimator.spatial_axes]
-    if estimator.is_3d:
-        lon, lat, index = bin_points(*edges, EXCLUSION_SPACING)
-        lon = -lon if estimator.fov_alignment == REVERSE_LON_RADEC else lon
-    else:
-        lon, lat, index = ring_points(edges[0], EXCLUSION_SPACING)
+    lon, lat, index = (bin_points if estimator.is_3d else ring_points)(*edges, EXCLUSION_SPACING)
+    lon = -lon if estimator.fov_alignment == REVERSE_LON_RADEC else lon  # rings are symmetric in lon
     angles = rotation_steps(run, ROTATION_STEP) if estimator.is_3d and estimator.fov_alignment == "ALTAZ" else [None]
     kept = np.zeros(n_spatial)
     for angle in angles:
@@ -106,7 +103,7 @@ def fill_run(run, estimator):
     inner = (slice(1, -1),) * len(padded)
     counts = np.bincount(flat, minlength=int(np.prod(padded))).reshape(padded)[inner].astype(float)
     threshold = run.safe_energy_lo if estimator.safe_threshold else -np.inf
-    used = binning["energy_edges"][:-1] >= threshold * (1 - THRESHOLD_RTOL)
+    used = binning["energy_edges"][:-1] >= threshold * (1 - EDGE_RTOL)
     counts[~used] = 0
     solid_angle = binning["solid_angle"] * (_kept_fraction(run, estimator) if excluding else 1.0)
     return counts, run.ontime * np.outer(binning["d_energy"] * used, solid_angle).reshape(counts.shape)
@@ -114,13 +111,10 @@ def fill_run(run, estimator):
 
 def background_irf(axes, counts, exposure, n_runs, fov_alignment="ALTAZ", smooth_sigma=None):
     """`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` of counts and exposure (s MeV sr) summed over
-    ``n_runs`` runs, in ``axes``; 3D in ``fov_alignment`` (Default is "ALTAZ"), smoothed along the spatial axes with
-    a Gaussian of ``smooth_sigma`` bins (Default is None: not smoothed).
-
-    Empty bins between measured energies are filled by gammapy's ``interp_missing_data``; beyond the first and last
-    measured energy of each spatial bin the rate follows a power law with the slope of the FoV-averaged spectrum
-    there: gammapy interpolates in log rate, so a zero next to a measured bin would predict almost no background in
-    its outer half. The meta holds NRUNS, NEVENTS and EMEASMIN, the lowest energy (TeV) with exposure.
+    ``n_runs`` runs; 3D in ``fov_alignment`` (Default is "ALTAZ"), smoothed along the spatial axes by ``smooth_sigma``
+    bins (Default is None). Empty energy bins between measured ones are interpolated by gammapy, those beyond follow
+    the FoV-averaged spectral slope there (a zero would make gammapy's log interpolation collapse next to the data).
+    The meta holds NRUNS, NEVENTS and EMEASMIN, the lowest energy (TeV) with exposure.
     """
     exposure = u.Quantity(exposure, EXPOSURE_UNIT).value
     if smooth_sigma is not None:
@@ -173,9 +167,8 @@ def _end_slopes(counts, exposure, log_energy, min_counts=10):
 class BackgroundHistograms:
     """Counts and exposure of each run, with the runs' obs-index rows; sums on demand.
 
-    ``counts`` and ``exposure`` (ONTIME x dE x dOmega, s MeV sr) have shape ``(n_runs, *axes.shape)`` over the
-    energy and spatial `~gammapy.maps.MapAxes`; ``obs_table`` holds the runs' rows in the same order;
-    ``fov_alignment`` of 3D coordinates (Default is "ALTAZ").
+    ``counts`` and ``exposure`` (ONTIME x dE x dOmega, s MeV sr) have shape ``(n_runs, *axes.shape)``; ``obs_table``
+    holds the runs' rows in the same order; ``fov_alignment`` of 3D coordinates: Default is "ALTAZ".
     E.g. ``BackgroundModelEstimator().fill(store, ids).select(ids[1:]).to_irf()``.
     """
 

@@ -1,6 +1,5 @@
-"""Plots that gammapy's Background2D and Background3D lack (for one model use their ``plot_*`` and ``peek``). A ``plot_*``
-takes ``ax`` (Default is None: the current axes) and ``**kwargs`` for the matplotlib call it names, returns ``ax``.
-"""
+"""Plots that gammapy's Background2D and 3D lack. A ``plot_*`` takes ``ax`` (Default is None: the current axes) and
+``**kwargs`` for its matplotlib call, and returns ``ax``."""
 
 import numpy as np
 import astropy.units as u
