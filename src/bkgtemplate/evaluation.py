@@ -14,7 +14,7 @@ from regions import CircleSkyRegion
 from .conditions import column_values
 from .data import collect_runs, obs_table_rows
 from .estimator import BackgroundModelEstimator
-from .histograms import EXPOSURE_UNIT, RATE_UNIT, EDGE_RTOL, fill_run
+from .histograms import EDGE_RTOL, EXPOSURE_UNIT, RATE_UNIT, fill_run
 
 __all__ = ["evaluate_models", "evaluation_mask", "held_out_evaluation", "predicted_counts", "robust_summary",
     "summarize", "target_regions"]

@@ -13,7 +13,8 @@ from .data import read_events
 from .geometry import (SIDEREAL_RATE, bin_points, fov_altaz_to_radec, fov_radec_to_sky, offset_haversine,
     parallactic_angle, ring_points, sky_to_fov_altaz, sky_to_fov_radec)
 
-__all__ = ["EXPOSURE_UNIT", "RATE_UNIT", "REVERSE_LON_RADEC", "BackgroundHistograms", "background_irf", "fill_run"]
+__all__ = ["EDGE_RTOL", "EXPOSURE_UNIT", "RATE_UNIT", "REVERSE_LON_RADEC", "BackgroundHistograms", "background_irf",
+    "fill_run"]
 
 RATE_UNIT = u.Unit("s-1 MeV-1 sr-1")
 EXPOSURE_UNIT = u.Unit("s MeV sr")
@@ -24,8 +25,7 @@ EDGE_RTOL = 1e-6
 REVERSE_LON_RADEC = "REVERSE_LON_RADEC"
 # Axes with at most this many edges are binned by comparisons rather than a binary search.
 MAX_COMPARED_EDGES = 64
-# Spacing of the points that estimate excluded solid-angle fractions, and the largest field rotation
-# within one time step of ALTAZ exclusion, in rad.
+# Spacing of the points that estimate excluded fractions of bins, largest field rotation per ALTAZ time step (rad).
 EXCLUSION_SPACING = np.deg2rad(0.02)
 ROTATION_STEP = np.deg2rad(1.0)
 
