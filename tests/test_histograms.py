@@ -11,8 +11,9 @@ from gammapy.maps import MapAxes, MapAxis
 from gammapy.utils.coordinates import FoVAltAzFrame
 from regions import CircleSkyRegion
 from bkgtemplate.data import RunInfo
-from bkgtemplate.geometry import Exclusion, fov_solid_angle
-from bkgtemplate.histograms import BackgroundHistograms, HistogramSpec, fill_run
+from bkgtemplate import BackgroundModelEstimator
+from bkgtemplate.geometry import fov_solid_angle
+from bkgtemplate.histograms import BackgroundHistograms, fill_run
 
 HESS = EarthLocation(lon=16.5002 * u.deg, lat=-23.2718 * u.deg, height=1835 * u.m)
 POINTING = SkyCoord(228.61, -58.77, unit="deg")
@@ -57,7 +58,7 @@ def test_counts_and_exposure_hand_values(tmp_path):
     offsets = [0.2, 0.7, 0.7, 1.5, 2.2] * u.deg
     sky = POINTING.directional_offset_by([0, 90, 200, 300, 10] * u.deg, offsets)
     run = write_run(tmp_path / "run.fits", np.array([0.7, 1.5, 1.2, 3.0, 1.0]), sky)
-    counts, exposure = fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
+    counts, exposure = fill_run(run, BackgroundModelEstimator(ENERGY, OFFSET))
 
     expected = np.zeros((3, 3))
     expected[0, 0] = expected[2, 2] = 1
@@ -73,11 +74,11 @@ def test_safe_threshold_masks_counts_and_exposure(tmp_path):
     sky = POINTING.directional_offset_by([0, 0, 0] * u.deg, [0.3, 0.3, 0.3] * u.deg)
     # the threshold as float32, as in the files: 1 TeV is the lower edge of bin 1 and must count
     run = write_run(tmp_path / "run.fits", np.array([0.7, 1.5, 3.0]), sky, safe_energy_lo=float(np.float32(1.0)))
-    counts, exposure = fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
+    counts, exposure = fill_run(run, BackgroundModelEstimator(ENERGY, OFFSET))
     assert_allclose(counts[:, 0], [0, 1, 1])
     assert np.all(exposure[0] == 0) and np.all(exposure[1:] > 0)
 
-    counts, exposure = fill_run(run, HistogramSpec(ENERGY, (OFFSET,), safe_threshold=False))
+    counts, exposure = fill_run(run, BackgroundModelEstimator(ENERGY, OFFSET, safe_threshold=False))
     assert_allclose(counts[:, 0], [1, 1, 1])
     assert np.all(exposure > 0)
 
@@ -85,10 +86,10 @@ def test_safe_threshold_masks_counts_and_exposure(tmp_path):
 def test_exclusion_circle_at_pointing_removes_inner_rings(tmp_path):
     sky = POINTING.directional_offset_by([0, 0] * u.deg, [0.3, 1.5] * u.deg)
     run = write_run(tmp_path / "run.fits", np.array([0.7, 0.7]), sky)
-    exclusion = Exclusion([CircleSkyRegion(POINTING, 1.0 * u.deg)])
-    counts, exposure = fill_run(run, HistogramSpec(ENERGY, (OFFSET,), exclusion=exclusion))
+    exclusion = [CircleSkyRegion(POINTING, 1.0 * u.deg)]
+    counts, exposure = fill_run(run, BackgroundModelEstimator(ENERGY, OFFSET, exclusion=exclusion))
     assert_allclose(counts[0], [0, 0, 1])
-    _, full = fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
+    _, full = fill_run(run, BackgroundModelEstimator(ENERGY, OFFSET))
     assert_allclose(exposure[:, :2], 0, atol=0)
     assert_allclose(exposure[:, 2], full[:, 2], rtol=1e-12)
 
@@ -100,9 +101,9 @@ def test_exclusion_circle_inside_ring_hand_fraction(tmp_path):
     outside = POINTING.directional_offset_by(220 * u.deg, 1.5 * u.deg)
     sky = SkyCoord([inside.ra[0], inside.ra[1], outside.ra], [inside.dec[0], inside.dec[1], outside.dec])
     run = write_run(tmp_path / "run.fits", np.array([0.7, 0.7, 0.7]), sky)
-    exclusion = Exclusion([CircleSkyRegion(center, 0.2 * u.deg)])
-    counts, exposure = fill_run(run, HistogramSpec(ENERGY, (OFFSET,), exclusion=exclusion))
-    _, full = fill_run(run, HistogramSpec(ENERGY, (OFFSET,)))
+    exclusion = [CircleSkyRegion(center, 0.2 * u.deg)]
+    counts, exposure = fill_run(run, BackgroundModelEstimator(ENERGY, OFFSET, exclusion=exclusion))
+    _, full = fill_run(run, BackgroundModelEstimator(ENERGY, OFFSET))
 
     assert_allclose(counts[0], [0, 0, 1])
     expected_kept = 1 - ring_area(0, 0.2) / ring_area(1, 2)
@@ -119,7 +120,7 @@ def test_altaz_3d_bins_follow_gammapy_frame(tmp_path):
     run = write_run(tmp_path / "run.fits", np.full(n, 0.7), sky, time=time)
     lon_axis = MapAxis.from_bounds(-2, 2, 8, unit="deg", name="fov_lon")
     lat_axis = MapAxis.from_bounds(-2, 2, 8, unit="deg", name="fov_lat")
-    counts, _ = fill_run(run, HistogramSpec(ENERGY, (lon_axis, lat_axis), fov_alignment="ALTAZ"))
+    counts, _ = fill_run(run, BackgroundModelEstimator(ENERGY, fov_lon_axis=lon_axis, fov_lat_axis=lat_axis, fov_alignment="ALTAZ"))
 
     obstime = MJDREF + time * u.s
     origin = POINTING.transform_to(AltAz(location=HESS, obstime=obstime))
@@ -140,12 +141,12 @@ def test_3d_excluded_solid_angle_is_the_circle_area(tmp_path, alignment):
     lon_axis = MapAxis.from_bounds(-2, 2, 20, unit="deg", name="fov_lon")
     lat_axis = MapAxis.from_bounds(-2, 2, 20, unit="deg", name="fov_lat")
     center = POINTING.directional_offset_by(70 * u.deg, 1.0 * u.deg)
-    spec = HistogramSpec(ENERGY, (lon_axis, lat_axis), fov_alignment=alignment)
-    excluded_spec = HistogramSpec(
-        ENERGY, (lon_axis, lat_axis), fov_alignment=alignment, exclusion=Exclusion([CircleSkyRegion(center, 0.4 * u.deg)])
+    estimator = BackgroundModelEstimator(ENERGY, fov_lon_axis=lon_axis, fov_lat_axis=lat_axis, fov_alignment=alignment)
+    excluded = BackgroundModelEstimator(
+        ENERGY, fov_lon_axis=lon_axis, fov_lat_axis=lat_axis, fov_alignment=alignment, exclusion=[CircleSkyRegion(center, 0.4 * u.deg)]
     )
-    _, full = fill_run(run, spec)
-    _, cut = fill_run(run, excluded_spec)
+    _, full = fill_run(run, estimator)
+    _, cut = fill_run(run, excluded)
     d_energy = ENERGY.bin_width[0].to_value("MeV")
     excluded_solid_angle = (full[0] - cut[0]).sum() / (ONTIME * d_energy)
     assert_allclose(excluded_solid_angle, ring_area(0, 0.4), rtol=5e-3)
@@ -159,9 +160,11 @@ def test_reverse_lon_radec_mirrors_radec(tmp_path):
     run = write_run(tmp_path / "run.fits", np.full(300, 0.7), sky)
     lon_axis = MapAxis.from_bounds(-2, 2, 8, unit="deg", name="fov_lon")
     lat_axis = MapAxis.from_bounds(-2, 2, 8, unit="deg", name="fov_lat")
-    exclusion = Exclusion([CircleSkyRegion(POINTING.directional_offset_by(60 * u.deg, 1 * u.deg), 0.5 * u.deg)])
-    radec = fill_run(run, HistogramSpec(ENERGY, (lon_axis, lat_axis), fov_alignment="RADEC", exclusion=exclusion))
-    reverse = fill_run(run, HistogramSpec(ENERGY, (lon_axis, lat_axis), fov_alignment="REVERSE_LON_RADEC", exclusion=exclusion))
+    exclusion = [CircleSkyRegion(POINTING.directional_offset_by(60 * u.deg, 1 * u.deg), 0.5 * u.deg)]
+    radec, reverse = (
+        fill_run(run, BackgroundModelEstimator(ENERGY, fov_lon_axis=lon_axis, fov_lat_axis=lat_axis, fov_alignment=alignment, exclusion=exclusion))
+        for alignment in ("RADEC", "REVERSE_LON_RADEC")
+    )
     for a, b in zip(radec, reverse):
         assert_allclose(a, b[:, ::-1, :], rtol=1e-12)
     assert radec[0].sum() > 0 and not np.allclose(radec[1], reverse[1])

@@ -13,8 +13,6 @@ from gammapy.maps import MapAxes, MapAxis  # noqa: E402
 from bkgtemplate.histograms import BackgroundHistograms  # noqa: E402
 from bkgtemplate.plotting import (  # noqa: E402
     peek_histograms,
-    plot_histogram_profiles,
-    plot_model_ratios,
     plot_models_comparison,
     plot_ratio_per_run,
     plot_zenith_dependence,
@@ -77,29 +75,6 @@ def test_peek_histograms(histograms):
         peek_histograms(histograms_3d)
 
 
-def test_plot_histogram_profiles(histograms):
-    fig, axes = plt.subplots(1, 3)
-    assert plot_histogram_profiles(histograms, ax=axes[0], energies=[0.5, 5] * u.TeV) is axes[0]
-    plot_histogram_profiles(histograms, ax=axes[1])  # default: the bins with >= 100 events, i.e. the first two
-    plot_histogram_profiles(histograms, ax=axes[2], normalize=True)
-    for ax in axes[:2]:
-        assert len(ax.containers) == 2
-        for container, rate, error in zip(ax.containers, RATE, RATE * RELATIVE_ERROR):
-            assert_allclose(container.lines[0].get_xdata(), [0.5, 1.5], rtol=1e-12)
-            assert_allclose(container.lines[0].get_ydata(), rate, rtol=1e-12)
-            assert_allclose(_errors(container), error, rtol=1e-9)
-        assert [text.get_text() for text in ax.get_legend().get_texts()] == ["0.1-1 TeV", "1-10 TeV"]
-        assert ax.get_xlabel().startswith("Offset [") and ax.get_ylabel().startswith("Background rate [")
-        assert ax.get_yscale() == "log"
-    # FoV-averaged rate of both bins: 500 counts / 3e6 and / 120e6 s MeV sr; the offset bins hold 4/5 and 1/5 of
-    # the counts, 1/3 and 2/3 of the exposure
-    for container in axes[2].containers:
-        assert_allclose(container.lines[0].get_ydata(), [2.4, 0.3], rtol=1e-12)
-    assert axes[2].get_ylabel() == "Rate / FoV-averaged rate" and axes[2].get_yscale() == "linear"
-    with pytest.raises(ValueError, match="energies"):
-        plot_histogram_profiles(histograms, energies=[500] * u.TeV)
-
-
 def test_plot_models_comparison(bkg2d):
     flat = Background3D(axes=[ENERGY_AXIS, *FOV_AXES], data=np.full((3, 4, 4), 2e-6), unit=RATE_UNIT)
     flat.data[:, 0, 0] = 0  # a corner the 0.5 deg circle does not reach
@@ -119,17 +94,6 @@ def test_plot_models_comparison(bkg2d):
         plot_models_comparison([bkg2d], ["a", "b"])
     with pytest.raises(ValueError, match="Table"):
         plot_models_comparison([Table()])
-
-
-def test_plot_model_ratios(bkg2d):
-    double = Background2D(axes=bkg2d.axes, data=2 * bkg2d.data, unit=bkg2d.unit)
-    ax = plot_model_ratios([bkg2d, double], ["ref", "double"], offset="0.5 deg")
-    # the dashed line at 1 and one line per model after the first; no ratio where the reference is zero
-    assert len(ax.lines) == 2
-    assert_allclose(ax.lines[0].get_ydata(), 1)
-    assert_allclose(ax.lines[1].get_ydata(), [2, 2, np.nan], rtol=1e-6)
-    assert ax.get_ylabel() == "Ratio" and ax.get_xlabel() == "Energy [$\\mathrm{TeV}$]"
-    assert ax.get_legend().get_title().get_text() == "Ratio to ref"
 
 
 def test_plot_zenith_dependence():

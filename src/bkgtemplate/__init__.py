@@ -1,12 +1,5 @@
-"""Template background models for IACT data with gammapy 2.x.
-
-The pipeline, one module per stage: `data` (find a data store, read each run), `geometry`
-(field-of-view coordinates, solid angles, exclusion), `histograms` (counts and exposure run by
-run), `estimator` (`BackgroundModelEstimator`: runs -> a background IRF), `conditions` and
-`corrections` (models over zenith and optical efficiency), `store` (a new gammapy data store in
-which every run has its model), `evaluation` (held-out checks), `plotting` and `simulate` (an
-archive with a known truth).
-"""
+"""Template background models for IACT data with gammapy 2.x, one module per stage: `data`, `geometry`,
+`histograms`, `estimator`, `conditions`, `corrections`, `store`, `evaluation`, `plotting`, `simulate`."""
 
 from importlib.metadata import version
 from .conditions import BackgroundModelCollection, EmptyBinError, ObservingConditionsEstimator

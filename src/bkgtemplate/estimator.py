@@ -1,23 +1,23 @@
 """The background model estimator: runs of a data store in, a gammapy background IRF out."""
 
 import logging
-from dataclasses import replace
+from copy import copy
+from functools import cached_property
 import numpy as np
 import astropy.units as u
 from gammapy.makers import Maker
-from gammapy.maps import MapAxis
+from gammapy.maps import MapAxes, MapAxis
 from gammapy.utils.parallel import ParallelMixin, run_multiprocessing
-from .data import RunError, collect_runs, obs_table_rows
-from .geometry import Exclusion
-from .histograms import EXPOSURE_UNIT, BackgroundHistograms, HistogramSpec, fill_run, skipped_table
+from .data import collect_runs, obs_table_rows
+from .geometry import Exclusion, fov_solid_angle, offset_solid_angle
+from .histograms import EXPOSURE_UNIT, REVERSE_LON_RADEC, BackgroundHistograms, background_irf, fill_run
 
 __all__ = ["BackgroundModelEstimator", "default_energy_axis", "default_fov_axes", "default_offset_axis",
     "make_energy_axis", "make_offset_axis"]
 
 log = logging.getLogger(__name__)
 
-FOV_ALIGNMENTS = ["ALTAZ", "RADEC"]
-ON_ERROR = ["raise", "skip"]
+FOV_ALIGNMENTS = ["ALTAZ", "RADEC", REVERSE_LON_RADEC]
 MAX_FOV_RADIUS = 10 * u.deg
 
 
@@ -47,7 +47,8 @@ def make_energy_axis(energy_min, energy_max, nbin):
     energy_min, energy_max = u.Quantity(energy_min, "TeV"), u.Quantity(energy_max, "TeV")
     if not 0 < energy_min < energy_max:
         raise ValueError(f"Need 0 < energy_min < energy_max, got energy_min={energy_min}, energy_max={energy_max}.")
-    return MapAxis.from_energy_bounds(energy_min, energy_max, nbin=_check_nbin(nbin, "The number of energy bins"), name="energy")
+    nbin = _check_nbin(nbin, "The number of energy bins")
+    return MapAxis.from_energy_bounds(energy_min, energy_max, nbin=nbin, name="energy")
 
 
 def make_offset_axis(offset_max, nbin):
@@ -68,104 +69,126 @@ def _check_axis(axis, name, unit):
         raise u.UnitsError(f"The {name} axis has unit {axis.unit}, expected a unit of {unit}.")
     if name != "energy" and np.abs(axis.edges).max() > MAX_FOV_RADIUS:
         raise ValueError(f"The {name} axis reaches {np.abs(axis.edges).max()}, beyond any IACT field of view ({MAX_FOV_RADIUS}).")
+    if name == "offset" and axis.edges.min() < 0:
+        raise ValueError(f"The offset axis starts at {axis.edges.min()}; offsets are >= 0.")
     return axis
 
 
-def _fill_chunk(runs, spec, on_error):
-    """Counts and exposure of each run of a group, and the runs skipped with the reason."""
-    filled, skipped = [], []
+def _fill_chunk(runs, estimator, summed):
+    """Counts and exposure of each run of a group, or (``summed``) their sums."""
+    filled = []
     for run in runs:
-        try:
-            filled.append((run.obs_id, *fill_run(run, spec)))
-        except RunError as error:
-            if on_error == "raise":
-                raise
-            log.warning(f"{error} Run skipped.")
-            skipped.append((run.obs_id, str(error)))
-    return filled, skipped
+        counts, exposure = fill_run(run, estimator)
+        if summed and filled:
+            # one sum per group: run()'s memory does not grow with the number of runs
+            filled[0][0] += counts
+            filled[0][1] += exposure
+        else:
+            filled.append([counts, exposure])
+    return filled
 
 
 class BackgroundModelEstimator(Maker, ParallelMixin):
     """Estimate a template background model from runs without strong gamma-ray sources.
 
-    Counts and exposure are accumulated run by run and the rate is their ratio::
-
-        rate = counts / (ONTIME x dE x dOmega)   [s-1 MeV-1 sr-1]
-
-    with ONTIME (not dead-time corrected, as gammapy uses it to predict background) and exact
-    bin solid angles. Each run contributes only in energy bins above its ``SAFE_ENERGY_LO``;
-    exclusion regions remove events and the excluded fraction of each bin's solid angle,
-    following the field rotation for ALTAZ 3D models.
+    The rate is counts / (ONTIME x dE x dOmega) in s-1 MeV-1 sr-1, summed over runs, with ONTIME (not dead-time
+    corrected, as gammapy predicts background with it) and exact bin solid angles. A run adds to energy bins above its
+    ``SAFE_ENERGY_LO``; exclusion removes events and the excluded fraction of each bin's solid angle, following the
+    field rotation for ALTAZ 3D models.
 
     Parameters
     ----------
     energy_axis : `~gammapy.maps.MapAxis`, optional
         Reconstructed energy axis named "energy". Default is `default_energy_axis`.
     offset_axis : `~gammapy.maps.MapAxis`, optional
-        Offset axis named "offset", for a `~gammapy.irf.Background2D`. Default is
-        `default_offset_axis` unless FoV axes are given.
+        Axis named "offset", for a `~gammapy.irf.Background2D`. Default is `default_offset_axis` without FoV axes.
     fov_lon_axis, fov_lat_axis : `~gammapy.maps.MapAxis`, optional
         Axes named "fov_lon" and "fov_lat", for a `~gammapy.irf.Background3D`. Default is None.
-    fov_alignment : {"ALTAZ", "RADEC"}, optional
-        Alignment of the 3D field-of-view coordinates. Default is "ALTAZ".
-    exclusion : list of `~regions.SkyRegion` or `~gammapy.maps.WcsNDMap`, optional
-        Regions to cut out, or a boolean exclusion mask (True = kept). Default is None.
+    fov_alignment : {"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}, optional
+        Alignment of 3D coordinates (the last: the released H.E.S.S. models'). Default is "ALTAZ".
+    exclusion : `~regions.SkyRegion` or list of `~regions.SkyRegion`, optional
+        Regions to cut out. Default is None.
     safe_threshold : bool, optional
         Use each run's ``SAFE_ENERGY_LO`` from the obs index. Default is True.
     smooth_sigma : float, optional
         Gaussian smoothing along the spatial axes, in bins. Default is None (no smoothing).
-    on_error : {"raise", "skip"}, optional
-        What to do with a run whose events cannot be read. Default is "raise".
     n_jobs : int, optional
         Number of processes. Default is None (gammapy's default, 1).
     parallel_backend : {"multiprocessing", "ray"}, optional
         Parallel backend. Default is None (gammapy's default, multiprocessing).
-
-    Examples
-    --------
-    >>> from gammapy.data import DataStore
-    >>> from bkgtemplate import BackgroundModelEstimator
-    >>> data_store = DataStore.from_dir("$GAMMAPY_DATA/hess-dl3-dr1")
-    >>> obs_ids = data_store.obs_table["OBS_ID"][data_store.obs_table["TARGET_NAME"] == "Off data"]
-    >>> BackgroundModelEstimator().run(data_store, obs_ids).axes.names
-    ['energy', 'offset']
     """
 
     tag = "BackgroundModelEstimator"
 
     def __init__(self, energy_axis=None, offset_axis=None, fov_lon_axis=None, fov_lat_axis=None, fov_alignment="ALTAZ",
-                 exclusion=None, safe_threshold=True, smooth_sigma=None, on_error="raise", n_jobs=None,
-                 parallel_backend=None):
-        energy_axis = _check_axis(energy_axis or default_energy_axis(), "energy", "TeV")
-        if (fov_lon_axis is None) != (fov_lat_axis is None):
-            raise ValueError("Give both fov_lon_axis and fov_lat_axis for a 3D model, or neither.")
-        if fov_lon_axis is not None:
-            if offset_axis is not None:
-                raise ValueError("Give either offset_axis (2D) or fov_lon_axis and fov_lat_axis (3D), not both.")
-            spatial = (_check_axis(fov_lon_axis, "fov_lon", "deg"), _check_axis(fov_lat_axis, "fov_lat", "deg"))
+                 exclusion=None, safe_threshold=True, smooth_sigma=None, n_jobs=None, parallel_backend=None):
+        self.energy_axis = _check_axis(energy_axis or default_energy_axis(), "energy", "TeV")
+        if (fov_lon_axis is None) != (fov_lat_axis is None) or (fov_lon_axis is not None and offset_axis is not None):
+            raise ValueError("Give either offset_axis (2D) or both fov_lon_axis and fov_lat_axis (3D).")
+        if fov_lon_axis is None:
+            self.spatial_axes = (_check_axis(offset_axis or default_offset_axis(), "offset", "deg"),)
         else:
-            spatial = (_check_axis(offset_axis or default_offset_axis(), "offset", "deg"),)
-            if spatial[0].edges.min() < 0:
-                raise ValueError(f"The offset axis starts at {spatial[0].edges.min()}; offsets are >= 0.")
+            self.spatial_axes = (_check_axis(fov_lon_axis, "fov_lon", "deg"), _check_axis(fov_lat_axis, "fov_lat", "deg"))
         if str(fov_alignment).upper() not in FOV_ALIGNMENTS:
             raise ValueError(f"Unknown fov_alignment {fov_alignment!r}; choose one of {FOV_ALIGNMENTS}.")
-        if on_error not in ON_ERROR:
-            raise ValueError(f"Unknown on_error {on_error!r}; choose one of {ON_ERROR}.")
         if smooth_sigma is not None and not smooth_sigma > 0:
             raise ValueError(f"smooth_sigma must be positive (in bins) or None, got {smooth_sigma}.")
-        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1):
-            raise ValueError(f"n_jobs must be None or a whole number >= 1, got {n_jobs!r}.")
-        self.spec = HistogramSpec(energy_axis, spatial, str(fov_alignment).upper(), bool(safe_threshold),
-                                  None if exclusion is None else Exclusion(exclusion))
+        self.fov_alignment = str(fov_alignment).upper()
+        self.exclusion = None if exclusion is None else Exclusion(exclusion)
+        self.safe_threshold = bool(safe_threshold)
         self.smooth_sigma = smooth_sigma
-        self.on_error = on_error
-        self.n_jobs = n_jobs
+        self.n_jobs = None if n_jobs is None else _check_nbin(n_jobs, "n_jobs")
         self.parallel_backend = parallel_backend
 
+    @property
+    def is_3d(self):
+        return len(self.spatial_axes) == 2
+
+    @property
+    def axes(self):
+        """The energy and spatial axes, as `~gammapy.maps.MapAxes`."""
+        return MapAxes([self.energy_axis, *self.spatial_axes])
+
+    @cached_property
+    def binning(self):
+        """Plain arrays of the axes, converted once: edges (TeV, rad), dE (MeV), dOmega (sr), FoV radius (rad)."""
+        edges = [axis.edges.to_value("rad") for axis in self.spatial_axes]
+        solid_angle = fov_solid_angle(*self.spatial_axes) if self.is_3d else offset_solid_angle(*self.spatial_axes)
+        return dict(energy_edges=self.energy_axis.edges.to_value("TeV"),
+                    d_energy=self.energy_axis.bin_width.to_value("MeV"),
+                    # offsets are binned in sin(offset / 2) ** 2, see `offset_haversine`
+                    spatial_edges=edges if self.is_3d else [np.sin(edges[0] / 2) ** 2],
+                    solid_angle=solid_angle.to_value("sr").ravel(),
+                    max_radius=float(np.linalg.norm([np.abs(edge).max() for edge in edges])))
+
     def __str__(self):
-        axes = ", ".join(f"{axis.name} ({axis.nbin} bins)" for axis in self.spec.axes)
-        alignment = f", {self.spec.fov_alignment} aligned" if self.spec.is_3d else ""
+        axes = ", ".join(f"{axis.name} ({axis.nbin} bins)" for axis in self.axes)
+        alignment = f", {self.fov_alignment} aligned" if self.is_3d else ""
         return f"{self.tag}: {axes}{alignment}, n_jobs {self.n_jobs}"
+
+    def _fill(self, data_store, obs_ids, exclusion, summed):
+        """The runs and each group's `_fill_chunk`, filled in parallel."""
+        estimator = self
+        if exclusion is not None and not (isinstance(exclusion, (list, tuple)) and not exclusion):
+            added = Exclusion(exclusion).regions  # checked: a SkyCoord or pixel region is a TypeError
+            estimator = copy(self)
+            estimator.exclusion = Exclusion([*(self.exclusion.regions if self.exclusion else []), *added])
+        runs = collect_runs(data_store, obs_ids, safe_threshold=self.safe_threshold)
+        # a few interleaved groups per process: balanced load and a progress bar that moves
+        n_chunks = min(len(runs), 8 * self.n_jobs)
+        results = run_multiprocessing(_fill_chunk, [(runs[i::n_chunks], estimator, summed) for i in range(n_chunks)],
+                                      backend=self.parallel_backend, pool_kwargs=dict(processes=self.n_jobs),
+                                      task_name=f"Groups of runs ({len(runs)} runs)")
+        # a model of zeros would look like a result
+        if not any(np.any(exposure > 0) for filled in results for _, exposure in filled):
+            low, high = min(run.safe_energy_lo for run in runs), max(run.safe_energy_lo for run in runs)
+            edges = self.energy_axis.edges
+            raise ValueError(f"No exposure kept: the runs' SAFE_ENERGY_LO ({low:.3g}-{high:.3g} TeV) lie above the energy axis "
+                             f"({edges[0]:.3g}-{edges[-1]:.3g}; check the threshold unit), or the exclusion covers the field.")
+        if not any(np.any(counts > 0) for filled in results for counts, _ in filled):
+            raise ValueError(f"No event kept in {len(runs)} runs: the runs hold no events inside the axes "
+                             "(energy range, field of view) outside the exclusion; check the axes and the event files.")
+        return runs, results
 
     def fill(self, data_store, obs_ids=None, exclusion=None):
         """Counts and exposure of each run (`~bkgtemplate.histograms.BackgroundHistograms`), read in parallel.
@@ -173,52 +196,24 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         ``obs_ids`` are run numbers or `~gammapy.data.Observations` (default all runs of ``data_store``);
         ``exclusion`` adds sky regions to the estimator's own (e.g. the targets of source-field runs).
         """
-        spec = self.spec
-        if exclusion is not None and not (isinstance(exclusion, (list, tuple)) and not exclusion):
-            added = Exclusion(exclusion)  # checks the kind: a SkyCoord or pixel region is a TypeError
-            if added.mask is not None or (spec.exclusion is not None and spec.exclusion.mask is not None):
-                raise ValueError("Cannot combine an exclusion mask with other regions; give all regions to the estimator.")
-            regions = [] if spec.exclusion is None else spec.exclusion.regions
-            spec = replace(spec, exclusion=Exclusion(list(regions) + added.regions))
-        runs = collect_runs(data_store, obs_ids, safe_threshold=spec.safe_threshold)
-        n_jobs = max(1, self.n_jobs or 1)
-        # a few interleaved groups per process: balanced load and a progress bar that moves
-        n_chunks = min(len(runs), 8 * n_jobs)
-        results = run_multiprocessing(_fill_chunk, [(runs[i::n_chunks], spec, self.on_error) for i in range(n_chunks)],
-                                      backend=self.parallel_backend, pool_kwargs=dict(processes=n_jobs),
-                                      task_name=f"Groups of runs ({len(runs)} runs)")
-        skipped = [row for _, rows in results for row in rows]
-        skipped_ids = {row[0] for row in skipped}
-        done = [run.obs_id for run in runs if run.obs_id not in skipped_ids]
-        if skipped:
-            log.warning(f"{len(skipped)} of {len(runs)} runs skipped: {[row[0] for row in skipped]}")
-        if not done:
-            raise RunError("No run could be used; see the warnings above for each run.")
-        # one array each, filled while the workers' results are released: no second copy of every run
-        position = {obs_id: i for i, obs_id in enumerate(done)}
-        counts, exposure = np.empty((2, len(done), *spec.axes.shape))
-        for filled, _ in results:
+        runs, results = self._fill(data_store, obs_ids, exclusion, summed=False)
+        counts, exposure = np.empty((2, len(runs), *self.axes.shape))
+        for i, filled in enumerate(results):
+            # group i holds runs i, i + n, i + 2n, ...: each released as it is copied, no second copy of every run
             while filled:
-                obs_id, run_counts, run_exposure = filled.pop()
-                counts[position[obs_id]], exposure[position[obs_id]] = run_counts, run_exposure
-        histograms = BackgroundHistograms(spec.axes, counts, u.Quantity(exposure, EXPOSURE_UNIT, copy=False),
-                                          obs_table_rows(data_store, done), spec.fov_alignment, skipped_table(skipped))
-        if not np.any(exposure > 0):
-            # a model of zeros would look like a result
-            thresholds = [run.safe_energy_lo for run in runs]
-            axis = spec.energy_axis
-            raise ValueError(f"No exposure kept: the runs' SAFE_ENERGY_LO ({min(thresholds):.3g}-{max(thresholds):.3g} TeV) lie above the "
-                             f"energy axis ({axis.edges[0]:.3g}-{axis.edges[-1]:.3g}; check the threshold unit), or the exclusion covers the field.")
-        if not counts.sum() > 0:
-            raise ValueError(f"No event kept in {len(done)} runs: the runs hold no events inside the axes "
-                             "(energy range, field of view) outside the exclusion; check the axes and the event files.")
-        log.info(f"Counts and exposure of {len(done)} runs, {int(histograms.counts.sum())} events")
-        return histograms
+                position = i + (len(filled) - 1) * len(results)
+                counts[position], exposure[position] = filled.pop()
+        log.info(f"Counts and exposure of {len(runs)} runs, {int(counts.sum())} events")
+        return BackgroundHistograms(self.axes, counts, u.Quantity(exposure, EXPOSURE_UNIT, copy=False),
+                                    obs_table_rows(data_store, [run.obs_id for run in runs]), self.fov_alignment)
 
     def run(self, data_store, obs_ids=None):
         """The background model (`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`) of runs of a store.
 
-        ``obs_ids`` as in `fill`; the model has no NaN or inf (see `BackgroundHistograms.to_irf`).
+        ``obs_ids`` as in `fill`. Runs are summed as they are filled, so the memory does not grow with
+        their number; the model has no NaN or inf (see `~bkgtemplate.histograms.background_irf`).
         """
-        return self.fill(data_store, obs_ids).to_irf(smooth_sigma=self.smooth_sigma)
-
+        runs, results = self._fill(data_store, obs_ids, None, summed=True)
+        counts, exposure = np.sum([chunk[0] for chunk in results], axis=0)
+        return background_irf(self.axes, counts, exposure * EXPOSURE_UNIT, len(runs), self.fov_alignment,
+                              self.smooth_sigma)

@@ -1,53 +1,35 @@
 """Held-out evaluation: observed over predicted counts for runs a model was not built from.
 
-For each run, the prediction is the run's model x ONTIME summed over the kept part of the
-field of view (outside exclusion regions), over energy bins whose lower edge is at or above both
-the run's safe threshold and ``e_min``, and over spatial bins whose centre is less than
-``offset_max`` from the pointing::
-
-    N_pred = sum over bins of rate x exposure,  exposure = ONTIME x dE x dOmega x kept fraction
-
-The observed counts ``N_obs`` are the events in the same bins. Per run ``RATIO = N_obs / N_pred``
-and ``ERR = sqrt(N_obs) / N_pred``; over runs, the bias is ``|median(RATIO) - 1|`` and the
-scatter the robust spread ``1.4826 x MAD(RATIO)``.
+``N_pred`` is the sum of rate x ONTIME x dE x dOmega x kept fraction (outside exclusion) over the bins above the run's
+safe threshold and ``e_min`` and within ``offset_max``; ``N_obs`` the events in them. Per run ``RATIO = N_obs / N_pred``
+and ``ERR = sqrt(N_obs) / N_pred``; over runs, bias ``|median(RATIO) - 1|`` and scatter ``1.4826 x MAD(RATIO)``.
 """
 
-import logging
 import numpy as np
 import astropy.units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import Table, vstack
-from gammapy.irf import Background3D
 from gammapy.utils.pbar import progress_bar
 from regions import CircleSkyRegion
-from .conditions import BackgroundModelCollection, column_values
+from .conditions import column_values
 from .data import collect_runs, obs_table_rows
-from .geometry import Exclusion
-from .histograms import EXPOSURE_UNIT, RATE_UNIT, HistogramSpec, fill_run
+from .estimator import BackgroundModelEstimator
+from .histograms import EDGE_RTOL, EXPOSURE_UNIT, RATE_UNIT, fill_run
 
-__all__ = ["evaluate_models", "evaluate_predictions", "evaluation_mask", "held_out_evaluation",
-    "predicted_counts", "robust_summary", "summarize", "target_regions"]
-
-log = logging.getLogger(__name__)
+__all__ = ["evaluate_models", "evaluation_mask", "held_out_evaluation", "predicted_counts", "robust_summary",
+    "summarize", "target_regions"]
 
 DEFAULT_E_MIN = 0.5 * u.TeV
 DEFAULT_OFFSET_MAX = 2.0 * u.deg
-RTOL = 1e-6  # relative slack when comparing bin edges with energy cuts (float32 values in the files)
-
-
-def _names(column):
-    return np.array([name.decode() if isinstance(name, bytes) else str(name) for name in column])
 
 
 def target_regions(obs_table, radii):
-    """A `~regions.CircleSkyRegion` around the target of each field named in ``radii``.
+    """A `~regions.CircleSkyRegion` around the target of each field named in ``radii`` (TARGET_NAME: radius in deg).
 
-    ``radii`` maps TARGET_NAME to a radius (floats in deg); ``obs_table`` needs TARGET_NAME,
-    RA_OBJ, DEC_OBJ and LIVETIME (else ONTIME). The target of a TARGET_NAME is its most frequent
-    (RA_OBJ, DEC_OBJ), weighted by livetime (a few runs of a field may carry their own pointing as
-    RA_OBJ). Fields of one target (e.g. a steady and a flare sample) give one circle.
+    The target is the field's most frequent (RA_OBJ, DEC_OBJ), weighted by LIVETIME (else ONTIME): a few runs
+    may carry their own pointing as RA_OBJ. Fields of one target (e.g. steady and flare samples) give one circle.
     """
-    names = _names(obs_table["TARGET_NAME"])
+    names = np.asarray(obs_table["TARGET_NAME"]).astype(str)
     unknown = sorted(set(radii) - set(names))
     if unknown:
         raise ValueError(f"Targets {unknown} are not in the obs table's TARGET_NAME; the names are {sorted(set(names))}.")
@@ -66,12 +48,9 @@ def target_regions(obs_table, radii):
 
 
 def evaluation_mask(axes, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX):
-    """Bins that enter the held-out counts: energy lower edge >= ``e_min``, bin centre < ``offset_max``.
-
-    Returns a boolean array of shape ``axes.shape``.
-    """
-    energy = axes["energy"].edges[:-1].to_value("TeV") >= u.Quantity(e_min, "TeV").value * (1 - RTOL)
-    offset_max = u.Quantity(offset_max, "deg").to_value("rad") * (1 - RTOL)
+    """Boolean array (``axes.shape``) of the bins counted: energy lower edge >= ``e_min``, centre < ``offset_max``."""
+    energy = axes["energy"].edges[:-1].to_value("TeV") >= u.Quantity(e_min, "TeV").value * (1 - EDGE_RTOL)
+    offset_max = u.Quantity(offset_max, "deg").to_value("rad") * (1 - EDGE_RTOL)
     if "offset" in axes.names:
         spatial = axes["offset"].center.to_value("rad") < offset_max
     else:
@@ -87,13 +66,12 @@ def predicted_counts(model, exposure, mask):
     return float(np.sum((model.quantity.to_value(RATE_UNIT) * exposure.to_value(EXPOSURE_UNIT))[mask]))
 
 
-def _table(obs_table, n_obs, n_pred, sample):
-    """One row per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF, AZ_PNT (NaN where absent), N_OBS, N_PRED, RATIO,
-    ERR and SAMPLE."""
+def _table(obs_table, n_obs, n_pred, sample=""):
+    """The table of `held_out_evaluation` (ZEN_PNT, MUONEFF, AZ_PNT NaN where absent)."""
     n_obs, n_pred, n_runs = np.asarray(n_obs, float), np.asarray(n_pred, float), len(obs_table)
     table = Table({"OBS_ID": np.asarray(obs_table["OBS_ID"], dtype=int)})
     names = obs_table["TARGET_NAME"] if "TARGET_NAME" in obs_table.colnames else [""] * n_runs
-    table["TARGET_NAME"] = np.array(_names(names), dtype=str)
+    table["TARGET_NAME"] = np.asarray(names).astype(str)
     for name in ("ZEN_PNT", "MUONEFF", "AZ_PNT"):
         table[name] = column_values(obs_table, name) if name in obs_table.colnames else np.full(n_runs, np.nan)
     table["ZEN_PNT"].unit = table["AZ_PNT"].unit = "deg"
@@ -105,32 +83,8 @@ def _table(obs_table, n_obs, n_pred, sample):
     return table
 
 
-def evaluate_predictions(histograms, models, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX, sample=""):
-    """Observed and predicted counts of runs whose `~bkgtemplate.histograms.BackgroundHistograms` are
-    filled in the models' axes (exclusion applied).
-
-    ``models`` is a `~bkgtemplate.conditions.BackgroundModelCollection` (each run gets the model of
-    its conditions), a dict or a function of OBS_ID, or one model for all runs; ``e_min`` and
-    ``offset_max`` as in `evaluation_mask` (defaults 0.5 TeV, 2 deg); ``sample`` is written in the
-    SAMPLE column (default ""). Returns one row per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF,
-    AZ_PNT, N_OBS, N_PRED, RATIO, ERR and SAMPLE.
-    """
-    mask = evaluation_mask(histograms.axes, e_min, offset_max)
-    if isinstance(models, BackgroundModelCollection):
-        run_models = models.to_store_inputs(histograms.obs_table)[0].values()
-    else:
-        run_models = [models[obs_id] if isinstance(models, dict) else models(obs_id) if callable(models) else models
-                      for obs_id in histograms.obs_ids]
-    n_pred = [predicted_counts(model, exposure, mask) for model, exposure in zip(run_models, histograms.exposure)]
-    return _table(histograms.obs_table, histograms.counts[:, mask].sum(axis=1), n_pred, sample)
-
-
 def robust_summary(ratios):
-    """``n_runs``, ``median``, ``bias`` = |median - 1| and ``scatter`` = 1.4826 x MAD of ratios (NaN ignored).
-
-    >>> robust_summary([0.9, 1.0, 1.2])["bias"]
-    0.0
-    """
+    """``n_runs``, ``median``, ``bias`` = |median - 1| and ``scatter`` = 1.4826 x MAD of ratios (NaN ignored)."""
     ratios = np.asarray(ratios, dtype=float)
     ratios = ratios[np.isfinite(ratios)]
     if not len(ratios):
@@ -142,56 +96,48 @@ def robust_summary(ratios):
 
 def summarize(table, by="SAMPLE"):
     """N_RUNS, MEDIAN, BIAS and SCATTER of the RATIO column per value of ``by`` (None: all runs)."""
-    groups = [("all", np.ones(len(table), dtype=bool))] if by is None else [
-        (value, _names(table[by]) == value) for value in dict.fromkeys(_names(table[by]))
-    ]
-    rows = [[value, *robust_summary(table["RATIO"][rows]).values()] for value, rows in groups]
+    values = np.full(len(table), "all") if by is None else np.asarray(table[by]).astype(str)
+    rows = [[value, *robust_summary(table["RATIO"][values == value]).values()] for value in dict.fromkeys(values)]
     return Table(rows=rows or None, names=[by or "GROUP", "N_RUNS", "MEDIAN", "BIAS", "SCATTER"], dtype=[str, int, float, float, float])
 
 
 def held_out_evaluation(maker, histograms, off_ids, field_ids=None, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX):
-    """Observed / predicted counts of runs not used to build the collection of an
-    `~bkgtemplate.ObservingConditionsEstimator` ``maker``.
+    """Observed / predicted counts of runs not used to build the collection of the ObservingConditionsEstimator.
 
-    ``histograms`` hold the off runs ``off_ids`` and the source-field runs ``field_ids`` (default
-    None: none), targets cut out. Each off run is predicted by the collection built from the other
-    off runs (leave-one-out, SAMPLE "off (leave-one-out)"); each source-field run by the collection
-    built from all off runs (SAMPLE = its TARGET_NAME). Cuts as in `evaluation_mask`. Returns the
-    per-run table of `evaluate_predictions`; summarise it with `summarize`.
+    ``histograms`` hold the off runs ``off_ids`` and the source-field runs ``field_ids`` (Default is None), targets
+    cut out. Each off run is predicted by the collection of the other off runs (SAMPLE "off (leave-one-out)"), each
+    source-field run by that of all off runs (SAMPLE = its TARGET_NAME); cuts as in `evaluation_mask`. Returns one
+    row per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF, AZ_PNT, N_OBS, N_PRED, RATIO, ERR, SAMPLE (see `summarize`).
     """
     off = histograms.select(off_ids)
-    tables = [
-        evaluate_predictions(off.select([obs_id]), collection, e_min, offset_max, "off (leave-one-out)")
-        for _, (obs_id, collection) in zip(progress_bar(off.obs_ids, desc="Leave-one-out"), maker.leave_one_out(off))
-    ]
+    held_out = zip(progress_bar(off.obs_ids, desc="Leave-one-out"), maker.leave_one_out(off))
+    predicted = [(off.select([obs_id]), collection) for _, (obs_id, collection) in held_out]
     if field_ids:
-        fields = evaluate_predictions(histograms.select(field_ids), maker.make_collection(off), e_min, offset_max)
-        fields["SAMPLE"] = fields["TARGET_NAME"]
-        tables.append(fields)
-    return vstack(tables)
+        predicted.append((histograms.select(field_ids), maker.make_collection(off)))
+    mask = evaluation_mask(histograms.axes, e_min, offset_max)
+    tables = []
+    for runs, collection in predicted:
+        models = collection.to_store_inputs(runs.obs_table)[0].values()
+        n_pred = [predicted_counts(model, exposure, mask) for model, exposure in zip(models, runs.exposure)]
+        tables.append(_table(runs.obs_table, runs.counts[:, mask].sum(axis=1), n_pred))
+    table = vstack(tables)
+    table["SAMPLE"] = np.where(np.isin(table["OBS_ID"], off.obs_ids), "off (leave-one-out)", table["TARGET_NAME"])
+    return table
 
 
 def evaluate_models(data_store, models, obs_ids, exclusion=None, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX, sample=""):
-    """Observed / predicted counts of runs with any per-run models, each filled in its model's own axes.
-
-    ``models`` is a dict by OBS_ID or a function of OBS_ID (e.g. the released models:
-    ``lambda obs_id: data_store.obs(obs_id, required_irf="all-optional").bkg``). The counts and
-    exposure use the axes and FoV alignment of each run's model (RADEC for the released
-    H.E.S.S. models), with the safe threshold and ``exclusion`` regions. Returns the per-run
-    table of `evaluate_predictions`.
+    """Observed / predicted counts of runs, each filled in the axes and alignment of its own model, as in
+    `held_out_evaluation`; ``models`` is a dict or a function of OBS_ID (e.g. the released models:
+    ``lambda obs_id: data_store.obs(obs_id, required_irf="all-optional").bkg``).
     """
     runs = collect_runs(data_store, obs_ids)
     n_obs, n_pred = [], []
     for run in progress_bar(runs, desc="Runs"):
         model = models[run.obs_id] if isinstance(models, dict) else models(run.obs_id)
-        is_3d = isinstance(model, Background3D)
-        spec = HistogramSpec(
-            energy_axis=model.axes["energy"],
-            spatial_axes=(model.axes["fov_lon"], model.axes["fov_lat"]) if is_3d else (model.axes["offset"],),
-            fov_alignment=model.fov_alignment.value if is_3d else "ALTAZ",
-            exclusion=Exclusion(exclusion) if exclusion else None,
-        )
-        counts, exposure = fill_run(run, spec)
+        spatial = {f"{name}_axis": model.axes[name] for name in model.axes.names[1:]}  # offset, or fov_lon and fov_lat
+        estimator = BackgroundModelEstimator(model.axes["energy"], fov_alignment=model.fov_alignment.value,
+                                             exclusion=exclusion or None, **spatial)
+        counts, exposure = fill_run(run, estimator)
         mask = evaluation_mask(model.axes, e_min, offset_max)
         n_obs.append(counts[mask].sum())
         n_pred.append(predicted_counts(model, exposure * EXPOSURE_UNIT, mask))

@@ -1,29 +1,22 @@
 """Geometry: event coordinates in the field of view, exact bin solid angles, exclusion regions.
 
-The vectorised transforms here reproduce gammapy's ``FoVICRSFrame`` and ``FoVAltAzFrame``
-conventions (origin at the pointing, longitude reversed). They are written by hand because
-astropy's frame machinery costs milliseconds per call and much more per event, which would
-dominate the estimator; ``tests/test_geometry.py`` checks them against gammapy's frames.
-Exclusion is given as sky regions or a gammapy exclusion mask; the excluded fraction of a
-bin's solid angle is estimated on a grid of equal-area points (`ring_points`, `bin_points`).
+The vectorised transforms reproduce gammapy's ``FoVICRSFrame`` and ``FoVAltAzFrame`` (origin at the pointing,
+longitude reversed). They are written by hand because astropy's frame machinery costs milliseconds per call and
+much more per event, which would dominate the estimator; ``tests/test_geometry.py`` checks them against gammapy's
+frames. Excluded fractions of bins are estimated on equal-area points (`ring_points`, `bin_points`).
 """
 
-import logging
 import numpy as np
 import astropy.units as u
 from astropy.coordinates import SkyCoord, angular_separation
 from astropy.wcs import WCS
-from gammapy.maps import WcsNDMap
 from regions import CircleSkyRegion, SkyRegion
 
 __all__ = ["SIDEREAL_RATE", "Exclusion", "bin_points", "fov_altaz_to_radec", "fov_radec_to_altaz",
     "fov_radec_to_sky", "fov_solid_angle", "offset_haversine", "offset_solid_angle", "parallactic_angle",
     "ring_points", "sky_to_fov_altaz", "sky_to_fov_radec"]
 
-log = logging.getLogger(__name__)
-
-SIDEREAL_RATE = 2 * np.pi * 1.00273781191135448 / 86400.0
-"""Earth rotation rate relative to the stars, in rad s-1."""
+SIDEREAL_RATE = 2 * np.pi * 1.00273781191135448 / 86400.0  # Earth rotation relative to the stars, rad s-1
 
 
 def _unit_vector(lon, lat):
@@ -50,29 +43,20 @@ def _fov_radec_vector(ra, dec, ra_pnt, dec_pnt):
 
 
 def sky_to_fov_radec(ra, dec, ra_pnt, dec_pnt):
-    """Sky to RADEC-aligned field-of-view coordinates, as `gammapy.utils.coordinates.sky_to_fov`.
-
-    All angles in rad; returns ``(fov_lon, fov_lat)`` in rad, longitude reversed.
-    """
+    """Sky to RADEC-aligned ``(fov_lon, fov_lat)``, as `gammapy.utils.coordinates.sky_to_fov` (all in rad)."""
     lon, lat = _lon_lat(*_fov_radec_vector(ra, dec, ra_pnt, dec_pnt))
     return -lon, lat
 
 
 def sky_to_fov_altaz(ra, dec, ra_pnt, dec_pnt, parallactic):
-    """Sky to ALTAZ-aligned field-of-view coordinates in one rotation of the unit vector.
-
-    Same as `fov_radec_to_altaz` of `sky_to_fov_radec` to rounding; all angles in rad.
-    """
+    """Sky to ALTAZ-aligned FoV coordinates (rad), `fov_radec_to_altaz` of `sky_to_fov_radec` in one step."""
     x, y, z = _fov_radec_vector(ra, dec, ra_pnt, dec_pnt)
     y, z = _rotate(y, z, parallactic)
     return _lon_lat(x, y, z)
 
 
 def offset_haversine(ra, dec, ra_pnt, dec_pnt):
-    """``sin(offset / 2) ** 2`` of sky positions from the pointing (rad), increasing with the offset.
-
-    The haversine formula: exact at small offsets, and binned without inverse trigonometry.
-    """
+    """``sin(offset / 2) ** 2`` from the pointing (rad): the haversine, exact at small offsets, no arcsin."""
     sin_d_dec, sin_d_ra = np.sin((dec - dec_pnt) / 2), np.sin((ra - ra_pnt) / 2)
     return sin_d_dec * sin_d_dec + np.cos(dec_pnt) * np.cos(dec) * (sin_d_ra * sin_d_ra)
 
@@ -86,11 +70,8 @@ def fov_radec_to_sky(fov_lon, fov_lat, ra_pnt, dec_pnt):
 
 
 def fov_radec_to_altaz(fov_lon, fov_lat, parallactic):
-    """RADEC-aligned to ALTAZ-aligned field-of-view coordinates (all in rad).
-
-    A rotation by the parallactic angle and, because azimuth and right ascension turn in
-    opposite senses on the sky, a reflection of the longitude.
-    """
+    """RADEC-aligned to ALTAZ-aligned field-of-view coordinates (rad): a rotation by the parallactic angle and,
+    as azimuth and right ascension turn in opposite senses on the sky, a reflection of the longitude."""
     x, y, z = _unit_vector(fov_lon, fov_lat)
     y, z = _rotate(y, z, -parallactic)
     lon, lat = _lon_lat(x, y, z)
@@ -123,11 +104,7 @@ def fov_solid_angle(fov_lon_axis, fov_lat_axis):
 
 
 def ring_points(offset_edges, spacing):
-    """Equal-area sample points in each offset ring (edges and spacing in rad).
-
-    Returns ``(fov_lon, fov_lat, ring)``: coordinates in rad and the ring index of each point;
-    the points of one ring carry equal solid angle.
-    """
+    """Equal-area points ``(fov_lon, fov_lat, ring index)`` in each offset ring (edges, spacing and points in rad)."""
     lon, lat, ring = [], [], []
     for idx, (r_lo, r_hi) in enumerate(zip(offset_edges[:-1], offset_edges[1:])):
         n_r = max(2, int(np.ceil((r_hi - r_lo) / spacing)))
@@ -143,56 +120,40 @@ def ring_points(offset_edges, spacing):
 
 
 def bin_points(lon_edges, lat_edges, spacing):
-    """Equal-area sample points in each (fov_lon, fov_lat) bin (edges and spacing in rad).
-
-    Returns ``(fov_lon, fov_lat, index)``: coordinates in rad and the flat bin index (lon major).
-    """
+    """Equal-area points ``(fov_lon, fov_lat, flat bin index)`` in each (fov_lon, fov_lat) bin (all in rad)."""
     n_sub = max(2, int(np.ceil(np.max(np.diff(lon_edges)) / spacing)))
     fractions = (np.arange(n_sub) + 0.5) / n_sub
-    lon = (lon_edges[:-1, None] + np.diff(lon_edges)[:, None] * fractions).ravel()
-    sin_lat_edges = np.sin(lat_edges)
-    sin_lat = (sin_lat_edges[:-1, None] + np.diff(sin_lat_edges)[:, None] * fractions).ravel()
+    lon, sin_lat = ((edges[:-1, None] + np.diff(edges)[:, None] * fractions).ravel()
+                    for edges in (lon_edges, np.sin(lat_edges)))
     lon, lat = np.meshgrid(lon, np.arcsin(sin_lat), indexing="ij")
-    i_lon = np.repeat(np.arange(len(lon_edges) - 1), n_sub)
-    i_lat = np.repeat(np.arange(len(lat_edges) - 1), n_sub)
-    index = (i_lon[:, None] * (len(lat_edges) - 1) + i_lat[None, :]).ravel()
-    return lon.ravel(), lat.ravel(), index
+    n_lat = len(lat_edges) - 1
+    index = np.add.outer(np.repeat(np.arange(len(lon_edges) - 1) * n_lat, n_sub), np.repeat(np.arange(n_lat), n_sub))
+    return lon.ravel(), lat.ravel(), index.ravel()
 
 
 class Exclusion:
-    """Sky regions (a `~regions.SkyRegion` or a list of them) or a boolean `~gammapy.maps.WcsNDMap`
-    mask (True = kept, as in gammapy) to cut out of the background estimate."""
+    """Sky regions (a `~regions.SkyRegion` or a list of them) to cut out of the background estimate."""
 
-    def __init__(self, exclusion):
-        if isinstance(exclusion, SkyRegion):
-            exclusion = [exclusion]
-        if isinstance(exclusion, WcsNDMap):
-            if exclusion.data.dtype != bool:
-                raise TypeError("The exclusion mask must be boolean (True where events are kept).")
-            self.mask, self.regions = exclusion, []
-            return
-        if not isinstance(exclusion, (list, tuple)) or not exclusion:
-            raise TypeError(f"exclusion must be a sky region, a list of sky regions or a boolean WcsNDMap, "
-                            f"got {type(exclusion).__name__}.")
-        bad = [type(region).__name__ for region in exclusion if not isinstance(region, SkyRegion)]
+    def __init__(self, regions):
+        regions = [regions] if isinstance(regions, SkyRegion) else regions
+        if not isinstance(regions, (list, tuple)) or not regions:
+            raise TypeError(f"exclusion must be a sky region or a list of sky regions, got {type(regions).__name__}.")
+        bad = [type(region).__name__ for region in regions if not isinstance(region, SkyRegion)]
         if bad:
             raise TypeError(f"exclusion must hold sky regions (regions.SkyRegion), got {bad[0]}; "
                             "convert pixel regions with .to_sky(wcs) and give a SkyCoord as a CircleSkyRegion.")
-        self.mask, self.regions = None, list(exclusion)
+        self.regions = list(regions)
 
     def touches(self, ra_pnt, dec_pnt, radius):
         """Whether the exclusion may overlap a field of view of ``radius`` around the pointing (rad)."""
         pointing = SkyCoord(ra_pnt * u.rad, dec_pnt * u.rad)
-        return self.mask is not None or any(
+        return any(
             not isinstance(region, CircleSkyRegion) or region.center.separation(pointing) < radius * u.rad + region.radius
             for region in self.regions
         )
 
     def excluded(self, ra, dec, ra_pnt, dec_pnt):
         """Whether sky positions (rad) are excluded; non-circular regions are projected around the pointing."""
-        if self.mask is not None:
-            coords = SkyCoord(ra * u.rad, dec * u.rad, frame="icrs")
-            return self.mask.get_by_coord({"skycoord": coords}, fill_value=1) == 0
         excluded = np.zeros(np.shape(ra), dtype=bool)
         coords = None
         for region in self.regions:

@@ -1,79 +1,33 @@
-"""Counts and exposure, run by run: `fill_run` for one run, `BackgroundHistograms` for many.
-
-The filling is a pure function of a `~bkgtemplate.data.RunInfo` and a `HistogramSpec`, so that
-runs can be processed in any order and in parallel. `BackgroundHistograms` keeps each run's
-counts and exposure apart, with the runs' obs-index rows, and sums any set of them on demand:
-a model of some runs, or of all runs but one, costs a sum, not a new pass over the events.
+"""Counts and exposure run by run: `fill_run` (a pure function, so runs fill in any order and in parallel) for one,
+`BackgroundHistograms` for many, summed on demand: a model of all runs but one costs a sum, not a pass over the events.
 """
 
-import logging
-from dataclasses import dataclass, field, replace
-from functools import cached_property
+from dataclasses import dataclass, replace
 import numpy as np
 import astropy.units as u
 from astropy.table import Table
 from scipy.ndimage import gaussian_filter
 from gammapy.irf import Background2D, Background3D
-from gammapy.maps import MapAxes, MapAxis
+from gammapy.maps import MapAxes
 from .data import read_events
-from .geometry import (SIDEREAL_RATE, Exclusion, bin_points, fov_altaz_to_radec, fov_radec_to_sky,
-    fov_solid_angle, offset_haversine, offset_solid_angle, parallactic_angle, ring_points, sky_to_fov_altaz,
-    sky_to_fov_radec)
+from .geometry import (SIDEREAL_RATE, bin_points, fov_altaz_to_radec, fov_radec_to_sky, offset_haversine,
+    parallactic_angle, ring_points, sky_to_fov_altaz, sky_to_fov_radec)
 
-__all__ = ["EXPOSURE_UNIT", "RATE_UNIT", "REVERSE_LON_RADEC", "BackgroundHistograms", "HistogramSpec", "fill_run"]
-
-log = logging.getLogger(__name__)
+__all__ = ["EDGE_RTOL", "EXPOSURE_UNIT", "RATE_UNIT", "REVERSE_LON_RADEC", "BackgroundHistograms", "background_irf",
+    "fill_run"]
 
 RATE_UNIT = u.Unit("s-1 MeV-1 sr-1")
 EXPOSURE_UNIT = u.Unit("s MeV sr")
-# Relative slack when comparing bin edges with SAFE_ENERGY_LO (float32 values in the files).
-THRESHOLD_RTOL = 1e-6
+# Relative slack when comparing bin edges with cuts (SAFE_ENERGY_LO: float32 values in the files).
+EDGE_RTOL = 1e-6
 # gammapy's alignment of the released H.E.S.S. DR1 models (set by Observation.bkg): RADEC with
 # the longitude not reversed, i.e. the mirror image of gammapy's FoVICRSFrame.
 REVERSE_LON_RADEC = "REVERSE_LON_RADEC"
 # Axes with at most this many edges are binned by comparisons rather than a binary search.
 MAX_COMPARED_EDGES = 64
-
-
-@dataclass(frozen=True)
-class HistogramSpec:
-    """What to histogram: the energy axis, the spatial axes (``(offset,)`` for 2D, ``(fov_lon, fov_lat)`` for 3D),
-    the 3D alignment ({"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}), whether to apply each run's ``SAFE_ENERGY_LO``,
-    the `~bkgtemplate.geometry.Exclusion`, and (in rad) the spacing of the points that estimate excluded
-    solid-angle fractions and the largest field rotation within one time step for ALTAZ exclusion.
-    """
-
-    energy_axis: MapAxis
-    spatial_axes: tuple
-    fov_alignment: str = "ALTAZ"
-    safe_threshold: bool = True
-    exclusion: Exclusion = None
-    exclusion_spacing: float = np.deg2rad(0.02)
-    rotation_step: float = np.deg2rad(1.0)
-
-    @property
-    def is_3d(self):
-        return len(self.spatial_axes) == 2
-
-    @property
-    def axes(self):
-        return MapAxes([self.energy_axis, *self.spatial_axes])
-
-    @property
-    def max_radius(self):
-        """Largest angular distance of a bin corner from the pointing, in rad."""
-        return float(np.linalg.norm([np.abs(axis.edges.to_value("rad")).max() for axis in self.spatial_axes]))
-
-    @cached_property
-    def binning(self):
-        """Plain arrays of the axes that every run uses, converted from quantities once per spec."""
-        spatial_edges = [axis.edges.to_value("rad") for axis in self.spatial_axes]
-        if not self.is_3d:
-            # offsets are binned in sin(offset / 2) ** 2, see `offset_haversine`
-            spatial_edges = [np.sin(spatial_edges[0] / 2) ** 2]
-        solid_angle = fov_solid_angle(*self.spatial_axes) if self.is_3d else offset_solid_angle(self.spatial_axes[0])
-        return dict(energy_edges=self.energy_axis.edges.to_value("TeV"), d_energy=self.energy_axis.bin_width.to_value("MeV"),
-                    spatial_edges=spatial_edges, solid_angle=solid_angle.to_value("sr").ravel())
+# Spacing of the points that estimate excluded fractions of bins, largest field rotation per ALTAZ time step (rad).
+EXCLUSION_SPACING = np.deg2rad(0.02)
+ROTATION_STEP = np.deg2rad(1.0)
 
 
 def _parallactic(run, time):
@@ -82,10 +36,9 @@ def _parallactic(run, time):
 
 
 def _padded_index(values, edges):
-    """Bin index + 1 of each value: 0 below the first edge, ``len(edges)`` at or above the last.
+    """Bin index + 1 of each value: 0 below the first edge, ``len(edges)`` at or above the last, NaN in either.
 
-    For a few edges, one comparison per edge: branch-free, and several times faster than
-    `numpy.searchsorted` on unsorted values. NaN falls in the under- or the overflow bin.
+    For a few edges, one comparison per edge: several times faster than `numpy.searchsorted` on unsorted values.
     """
     if len(edges) > MAX_COMPARED_EDGES:
         return np.searchsorted(edges, values, side="right")
@@ -96,16 +49,16 @@ def _padded_index(values, edges):
     return index.astype(np.intp)
 
 
-def _spatial_index(run, spec, ra, dec, time):
+def _spatial_index(run, estimator, ra, dec, time):
     """Flat spatial index of each event in the axes padded with an under- and an overflow bin."""
-    edges = spec.binning["spatial_edges"]
-    if not spec.is_3d:
+    edges = estimator.binning["spatial_edges"]
+    if not estimator.is_3d:
         return _padded_index(offset_haversine(ra, dec, run.ra_pnt, run.dec_pnt), edges[0])
-    if spec.fov_alignment == "ALTAZ":
+    if estimator.fov_alignment == "ALTAZ":
         lon, lat = sky_to_fov_altaz(ra, dec, run.ra_pnt, run.dec_pnt, _parallactic(run, time))
     else:
         lon, lat = sky_to_fov_radec(ra, dec, run.ra_pnt, run.dec_pnt)
-        if spec.fov_alignment == REVERSE_LON_RADEC:
+        if estimator.fov_alignment == REVERSE_LON_RADEC:
             lon = -lon
     return _padded_index(lon, edges[0]) * (len(edges[1]) + 1) + _padded_index(lat, edges[1])
 
@@ -118,47 +71,70 @@ def rotation_steps(run, max_step):
     return _parallactic(run, (edges[:-1] + edges[1:]) / 2)
 
 
-def _kept_fraction(run, spec):
+def _kept_fraction(run, estimator):
     """Fraction of each spatial bin's solid angle outside the exclusion, averaged over the run."""
-    n_spatial = len(spec.binning["solid_angle"])
-    if spec.is_3d:
-        lon, lat, index = bin_points(*[axis.edges.to_value("rad") for axis in spec.spatial_axes], spec.exclusion_spacing)
-        lon = -lon if spec.fov_alignment == REVERSE_LON_RADEC else lon
-    else:
-        lon, lat, index = ring_points(spec.spatial_axes[0].edges.to_value("rad"), spec.exclusion_spacing)
-    angles = rotation_steps(run, spec.rotation_step) if spec.is_3d and spec.fov_alignment == "ALTAZ" else [None]
+    n_spatial = len(estimator.binning["solid_angle"])
+    edges = [axis.edges.to_value("rad") for axis in estimator.spatial_axes]
+    lon, lat, index = (bin_points if estimator.is_3d else ring_points)(*edges, EXCLUSION_SPACING)
+    lon = -lon if estimator.fov_alignment == REVERSE_LON_RADEC else lon  # rings are symmetric in lon
+    angles = rotation_steps(run, ROTATION_STEP) if estimator.is_3d and estimator.fov_alignment == "ALTAZ" else [None]
     kept = np.zeros(n_spatial)
     for angle in angles:
         lon_radec, lat_radec = (lon, lat) if angle is None else fov_altaz_to_radec(lon, lat, angle)
         ra, dec = fov_radec_to_sky(lon_radec, lat_radec, run.ra_pnt, run.dec_pnt)
-        kept += np.bincount(index, weights=~spec.exclusion.excluded(ra, dec, run.ra_pnt, run.dec_pnt), minlength=n_spatial)
+        excluded = estimator.exclusion.excluded(ra, dec, run.ra_pnt, run.dec_pnt)
+        kept += np.bincount(index, weights=~excluded, minlength=n_spatial)
     return kept / np.bincount(index, minlength=n_spatial) / len(angles)
 
 
-def fill_run(run, spec):
-    """Counts and exposure (ONTIME x dE x dOmega x kept fraction, s MeV sr) of one `~bkgtemplate.data.RunInfo`.
-
-    Both are zero in energy bins below the run's safe threshold.
-    """
+def fill_run(run, estimator):
+    """Counts and exposure (ONTIME x dE x dOmega x kept fraction, s MeV sr) of one `~bkgtemplate.data.RunInfo` as a
+    `~bkgtemplate.BackgroundModelEstimator` sets them up; both are zero below the run's safe threshold."""
     events, (ra_pnt, dec_pnt) = read_events(run)
     run = replace(run, ra_pnt=ra_pnt, dec_pnt=dec_pnt)
-    binning = spec.binning
+    binning, exclusion = estimator.binning, estimator.exclusion
     # one bincount over axes padded with under- and overflow bins, which are then cut off
     padded = tuple(len(edges) + 1 for edges in [binning["energy_edges"], *binning["spatial_edges"]])
     flat = _padded_index(events["energy"], binning["energy_edges"]) * int(np.prod(padded[1:]))
-    flat += _spatial_index(run, spec, events["ra"], events["dec"], events["time"])
-    excluding = spec.exclusion is not None and spec.exclusion.touches(run.ra_pnt, run.dec_pnt, spec.max_radius)
+    flat += _spatial_index(run, estimator, events["ra"], events["dec"], events["time"])
+    excluding = exclusion is not None and exclusion.touches(run.ra_pnt, run.dec_pnt, binning["max_radius"])
     if excluding:
-        flat[spec.exclusion.excluded(events["ra"], events["dec"], run.ra_pnt, run.dec_pnt)] = 0
+        flat[exclusion.excluded(events["ra"], events["dec"], run.ra_pnt, run.dec_pnt)] = 0
     inner = (slice(1, -1),) * len(padded)
     counts = np.bincount(flat, minlength=int(np.prod(padded))).reshape(padded)[inner].astype(float)
-
-    threshold = run.safe_energy_lo if spec.safe_threshold else -np.inf
-    used = binning["energy_edges"][:-1] >= threshold * (1 - THRESHOLD_RTOL)
+    threshold = run.safe_energy_lo if estimator.safe_threshold else -np.inf
+    used = binning["energy_edges"][:-1] >= threshold * (1 - EDGE_RTOL)
     counts[~used] = 0
-    solid_angle = binning["solid_angle"] * (_kept_fraction(run, spec) if excluding else 1.0)
-    exposure = run.ontime * np.outer(binning["d_energy"] * used, solid_angle).reshape(counts.shape)
-    return counts, exposure
+    solid_angle = binning["solid_angle"] * (_kept_fraction(run, estimator) if excluding else 1.0)
+    return counts, run.ontime * np.outer(binning["d_energy"] * used, solid_angle).reshape(counts.shape)
+
+
+def background_irf(axes, counts, exposure, n_runs, fov_alignment="ALTAZ", smooth_sigma=None):
+    """`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` of counts and exposure (s MeV sr) summed over
+    ``n_runs`` runs; 3D in ``fov_alignment`` (Default is "ALTAZ"), smoothed along the spatial axes by ``smooth_sigma``
+    bins (Default is None). Empty energy bins between measured ones are interpolated by gammapy, those beyond follow
+    the FoV-averaged spectral slope there (a zero would make gammapy's log interpolation collapse next to the data).
+    The meta holds NRUNS, NEVENTS and EMEASMIN, the lowest energy (TeV) with exposure.
+    """
+    exposure = u.Quantity(exposure, EXPOSURE_UNIT).value
+    if smooth_sigma is not None:
+        if not smooth_sigma > 0:
+            raise ValueError(f"smooth_sigma must be positive (in bins), got {smooth_sigma}.")
+        sigmas = (0,) + (smooth_sigma,) * (counts.ndim - 1)
+        counts, exposure = (gaussian_filter(a, sigmas, mode="nearest") for a in (counts, exposure))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        data = np.where(exposure > 0, counts / exposure, 0.0)
+    kwargs = dict(axes=axes, data=data, unit=RATE_UNIT)  # counts / (s MeV sr)
+    bkg = Background3D(fov_alignment=fov_alignment, **kwargs) if "fov_lon" in axes.names else Background2D(**kwargs)
+    bkg.interp_missing_data(axis_name="energy")
+    filled = np.nan_to_num(bkg.data, nan=0.0, posinf=0.0, neginf=0.0)
+    log_energy = np.log(axes["energy"].center.to_value("TeV"))
+    bkg.data = np.apply_along_axis(_extrapolate_ends, 0, filled, log_energy, _end_slopes(counts, exposure, log_energy))
+    bkg.meta.update({"NRUNS": n_runs, "NEVENTS": int(counts.sum())})
+    measured = exposure.reshape(len(exposure), -1).sum(axis=1) > 0
+    if measured.any():
+        bkg.meta["EMEASMIN"] = float(axes["energy"].edges[:-1][measured][0].to_value("TeV"))
+    return bkg
 
 
 def _extrapolate_ends(rate, log_energy, slopes):
@@ -173,21 +149,27 @@ def _extrapolate_ends(rate, log_energy, slopes):
     return rate
 
 
-def skipped_table(rows=None):
-    """Table of runs that could not be read: OBS_ID and REASON."""
-    return Table(rows=rows or None, names=["OBS_ID", "REASON"], dtype=[int, str])
+def _end_slopes(counts, exposure, log_energy, min_counts=10):
+    """Slopes of the FoV-averaged rate, never rising away from the data, from the two outermost energy bins
+    at each end with at least ``min_counts`` events (single events would make the slope arbitrary)."""
+    counts = counts.reshape(len(counts), -1).sum(axis=1)
+    exposure = exposure.reshape(len(exposure), -1).sum(axis=1)
+    good = np.flatnonzero((counts >= min_counts) & (exposure > 0))
+    if len(good) < 2:
+        return 0.0, 0.0
+    log_rate = np.log(counts[good] / exposure[good])
+    low = (log_rate[1] - log_rate[0]) / (log_energy[good[1]] - log_energy[good[0]])
+    high = (log_rate[-1] - log_rate[-2]) / (log_energy[good[-1]] - log_energy[good[-2]])
+    return min(low, 0.0), min(high, 0.0)
 
 
 @dataclass
 class BackgroundHistograms:
     """Counts and exposure of each run, with the runs' obs-index rows; sums on demand.
 
-    ``counts`` has shape ``(n_runs, *axes.shape)`` over the energy and spatial `~gammapy.maps.MapAxes`
-    (offset, or fov_lon and fov_lat); ``exposure`` (ONTIME x dE x dOmega, s MeV sr) the same;
-    ``obs_table`` holds the runs' obs-index rows in the same order. ``fov_alignment`` of 3D
-    coordinates is one of "ALTAZ" (default), "RADEC", "REVERSE_LON_RADEC"; ``skipped`` lists the
-    runs that could not be read (OBS_ID, REASON; default empty). For example
-    ``BackgroundModelEstimator().fill(data_store, [20136, 20137]).select([20136]).to_irf()``.
+    ``counts`` and ``exposure`` (ONTIME x dE x dOmega, s MeV sr) have shape ``(n_runs, *axes.shape)``; ``obs_table``
+    holds the runs' rows in the same order; ``fov_alignment`` of 3D coordinates: Default is "ALTAZ".
+    E.g. ``BackgroundModelEstimator().fill(store, ids).select(ids[1:]).to_irf()``.
     """
 
     axes: MapAxes
@@ -195,7 +177,6 @@ class BackgroundHistograms:
     exposure: u.Quantity
     obs_table: Table
     fov_alignment: str = "ALTAZ"
-    skipped: Table = field(default_factory=skipped_table)
 
     def __post_init__(self):
         if self.counts.shape != self.exposure.shape or self.counts.shape[1:] != self.axes.shape:
@@ -207,10 +188,6 @@ class BackgroundHistograms:
         return len(self.counts)
 
     @property
-    def is_3d(self):
-        return "fov_lon" in self.axes.names
-
-    @property
     def obs_ids(self):
         """Run numbers, as a list of int."""
         return [int(obs_id) for obs_id in self.obs_table["OBS_ID"]]
@@ -218,28 +195,22 @@ class BackgroundHistograms:
     @property
     def livetime(self):
         """LIVETIME of each run (ONTIME if there is no LIVETIME column), in s."""
-        for name in ("LIVETIME", "ONTIME"):
-            if name in self.obs_table.colnames:
-                livetime = u.Quantity(self.obs_table[name], "s").to_value("s").astype(float)
-                bad = ~(livetime > 0)
-                if bad.any():
-                    raise ValueError(f"Runs {np.array(self.obs_ids)[bad].tolist()} have {name} <= 0 or NaN; fix or drop them.")
-                return livetime
-        raise KeyError("The obs table has neither LIVETIME nor ONTIME.")
+        name = "LIVETIME" if "LIVETIME" in self.obs_table.colnames else "ONTIME"
+        livetime = u.Quantity(self.obs_table[name], "s").to_value("s").astype(float)
+        bad = ~(livetime > 0)
+        if bad.any():
+            raise ValueError(f"Runs {np.array(self.obs_ids)[bad].tolist()} have {name} <= 0 or NaN; fix or drop them.")
+        return livetime
 
-    def index(self, obs_ids):
-        """Positions of runs in this container."""
+    def select(self, obs_ids):
+        """The histograms of some runs, in the given order."""
         position = {obs_id: i for i, obs_id in enumerate(self.obs_ids)}
         missing = [int(obs_id) for obs_id in obs_ids if int(obs_id) not in position]
         if missing:
             raise KeyError(f"Runs {missing} are not in these histograms.")
-        return np.array([position[int(obs_id)] for obs_id in obs_ids], dtype=int)
-
-    def select(self, obs_ids):
-        """The histograms of some runs, in the given order."""
-        idx = self.index(obs_ids)
-        if not len(idx):
+        if not len(obs_ids):
             raise ValueError("The run selection is empty.")
+        idx = [position[int(obs_id)] for obs_id in obs_ids]
         return replace(self, counts=self.counts[idx], exposure=self.exposure[idx], obs_table=self.obs_table[idx])
 
     def sum(self, weights=None):
@@ -264,52 +235,6 @@ class BackgroundHistograms:
             return np.where(counts > 0, 1 / np.sqrt(counts), np.nan)
 
     def to_irf(self, weights=None, smooth_sigma=None):
-        """`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` (s-1 MeV-1 sr-1) of the summed runs.
-
-        ``weights`` multiply each run's exposure (per run, or per run and energy bin; a rate
-        correction); ``smooth_sigma`` smooths counts and exposure along the spatial axes with a
-        Gaussian of that width in bins (default None: no smoothing). Empty bins between measured
-        energies are filled by gammapy's ``interp_missing_data``; beyond the first and last measured
-        energy of each spatial bin the rate follows a power law with the slope of the FoV-averaged
-        spectrum there: gammapy interpolates in log rate between bin centres, so a zero next to a
-        measured bin would predict almost no background in its outer half. ``EMEASMIN`` in the meta
-        is the lowest energy (TeV) with exposure: below it the model is an extrapolation.
-        """
-        counts, exposure = self.sum(weights)
-        exposure = exposure.to_value(EXPOSURE_UNIT)
-        if smooth_sigma is not None:
-            if not smooth_sigma > 0:
-                raise ValueError(f"smooth_sigma must be positive (in bins), got {smooth_sigma}.")
-            sigmas = (0,) + (smooth_sigma,) * (counts.ndim - 1)
-            counts, exposure = (gaussian_filter(a, sigmas, mode="nearest") for a in (counts, exposure))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            data = np.where(exposure > 0, counts / exposure, 0.0)
-        kwargs = dict(axes=self.axes, data=data, unit=RATE_UNIT)  # counts / (s MeV sr)
-        bkg = Background3D(fov_alignment=self.fov_alignment, **kwargs) if self.is_3d else Background2D(**kwargs)
-        bkg.interp_missing_data(axis_name="energy")
-        filled = np.nan_to_num(bkg.data, nan=0.0, posinf=0.0, neginf=0.0)
-        log_energy = np.log(self.axes["energy"].center.to_value("TeV"))
-        slopes = _end_slopes(counts, exposure, log_energy)
-        bkg.data = np.apply_along_axis(_extrapolate_ends, 0, filled, log_energy, slopes)
-        bkg.meta.update({"NRUNS": len(self), "NEVENTS": int(counts.sum())})
-        measured = exposure.reshape(len(exposure), -1).sum(axis=1) > 0
-        if measured.any():
-            bkg.meta["EMEASMIN"] = float(self.axes["energy"].edges[:-1][measured][0].to_value("TeV"))
-        return bkg
-
-
-def _end_slopes(counts, exposure, log_energy, min_counts=10):
-    """Spectral slopes at the low and high end of the field-of-view averaged rate.
-
-    Each from the two outermost energy bins with at least ``min_counts`` events (single events
-    would make the slope arbitrary), and never rising away from the measured range.
-    """
-    counts = counts.reshape(len(counts), -1).sum(axis=1)
-    exposure = exposure.reshape(len(exposure), -1).sum(axis=1)
-    good = np.flatnonzero((counts >= min_counts) & (exposure > 0))
-    if len(good) < 2:
-        return 0.0, 0.0
-    log_rate = np.log(counts[good] / exposure[good])
-    low = (log_rate[1] - log_rate[0]) / (log_energy[good[1]] - log_energy[good[0]])
-    high = (log_rate[-1] - log_rate[-2]) / (log_energy[good[-1]] - log_energy[good[-2]])
-    return min(low, 0.0), min(high, 0.0)
+        """The model of the summed runs (`background_irf`); ``weights`` multiply each run's exposure (per run,
+        or per run and energy bin: a rate correction), ``smooth_sigma`` in bins (Default is None)."""
+        return background_irf(self.axes, *self.sum(weights), len(self), self.fov_alignment, smooth_sigma)

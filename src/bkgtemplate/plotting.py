@@ -1,8 +1,6 @@
-"""Plots that gammapy's Background2D and Background3D lack (for one model use their ``plot_*`` and ``peek``). A ``plot_*``
-takes ``ax`` (Default is None: the current axes) and ``**kwargs`` for the matplotlib call it names, returns ``ax``.
-"""
+"""Plots that gammapy's Background2D and 3D lack. A ``plot_*`` takes ``ax`` (Default is None: the current axes) and
+``**kwargs`` for its matplotlib call, and returns ``ax``."""
 
-import logging
 import numpy as np
 import astropy.units as u
 import matplotlib.pyplot as plt
@@ -10,14 +8,10 @@ from gammapy.irf import Background2D, Background3D
 from gammapy.maps.axes import UNIT_STRING_FORMAT
 from gammapy.visualization import add_colorbar
 
-__all__ = ["peek_histograms", "plot_histogram_profiles", "plot_model_ratios", "plot_models_comparison",
-           "plot_ratio_per_run", "plot_zenith_dependence"]
-
-log = logging.getLogger(__name__)
+__all__ = ["peek_histograms", "plot_models_comparison", "plot_ratio_per_run", "plot_zenith_dependence"]
 
 COLUMN_LABELS = {"ZEN_PNT": "Zenith angle", "SAFE_ENERGY_LO": "Safe energy threshold", "EVENT_RATE": "Event rate",
                  "MUONEFF": "Muon efficiency"}
-PROFILE_MIN_COUNTS = 100  # default profiles: energy bins with at least this many events
 SPECTRUM_DECADES = 10  # gammapy log-interpolates zeros as ~1e-38: rates this far below a model's maximum are left out
 
 
@@ -26,19 +20,12 @@ def _label(name, unit=""):
     return name if unit == u.dimensionless_unscaled else f"{name} [{unit.to_string(UNIT_STRING_FORMAT)}]"
 
 
-def _summed_2d(histograms):
-    if histograms.is_3d:
-        raise ValueError("Only 2D (energy, offset) histograms are drawn here; for 3D use histograms.to_irf().peek().")
-    return histograms.axes["energy"], histograms.axes["offset"], *histograms.sum()
-
-
 def peek_histograms(histograms, figsize=(12, 8)):
-    """Energy x offset maps of counts, exposure, rate and relative error 1/sqrt(N) of a 2D estimate, all runs summed.
-
-    The measured bins, empty ones blank (`~gammapy.irf.Background2D.plot` shows the filled model). ``figsize`` in inches,
-    Default is (12, 8). Returns the figure.
-    """
-    energy_axis, offset_axis, counts, exposure = _summed_2d(histograms)
+    """Figure of energy x offset maps of the summed counts, exposure, rate and relative error 1/sqrt(N) of 2D
+    histograms, empty bins blank (`~gammapy.irf.Background2D.plot` shows the model); ``figsize``: Default is (12, 8)."""
+    if "offset" not in histograms.axes.names:
+        raise ValueError("Only 2D (energy, offset) histograms are drawn here; for 3D use histograms.to_irf().peek().")
+    (energy_axis, offset_axis), (counts, exposure) = histograms.axes, histograms.sum()
     panels = [("Counts", u.Quantity(counts), "viridis"), ("Exposure", exposure, "cividis"), ("Background rate", histograms.rate,
               "GnBu"), ("Relative error 1/$\\sqrt{N}$", u.Quantity(histograms.relative_error), "magma_r")]
     fig, axes = plt.subplots(2, 2, figsize=figsize, layout="tight")
@@ -50,80 +37,28 @@ def peek_histograms(histograms, figsize=(12, 8)):
     return fig
 
 
-def plot_histogram_profiles(histograms, ax=None, energies=None, normalize=False, **kwargs):
-    """Measured rate of a 2D estimate versus offset, with errors rate/sqrt(N) (`~matplotlib.pyplot.errorbar`).
-
-    In the bins holding ``energies`` (Default is None: up to 4 bins spread over those with >= 100 events); ``normalize``
-    divides by the bin's FoV-averaged rate, all counts / all exposure (Default is False: s-1 MeV-1 sr-1, log scale).
-    """
-    energy_axis, offset_axis, counts, exposure = _summed_2d(histograms)
-    ax = plt.gca() if ax is None else ax
-    if energies is None:
-        good = np.flatnonzero(counts.sum(axis=1) >= min(PROFILE_MIN_COUNTS, counts.sum(axis=1).max()))
-        indices = good[np.unique(np.linspace(0, len(good) - 1, min(4, len(good))).round().astype(int))]
-    else:
-        indices = energy_axis.coord_to_idx(np.atleast_1d(u.Quantity(energies)))
-        if np.any(indices < 0):
-            raise ValueError(f"energies {energies} are not all within the energy axis {energy_axis.bounds}.")
-    kwargs.setdefault("fmt", "o-")
-    rate, edges = histograms.rate, energy_axis.edges
-    for idx in indices:
-        values = (rate[idx] * exposure[idx].sum() / counts[idx].sum()).to_value("") if normalize else rate[idx].value
-        label = f"{edges[idx].value:.3g}-{edges[idx + 1].value:.3g} {edges.unit}"
-        ax.errorbar(offset_axis.center.value, values, yerr=values * histograms.relative_error[idx], label=label, **kwargs)
-    ax.set(xlabel=_label("Offset", offset_axis.unit), yscale="linear" if normalize else "log",
-           ylabel="Rate / FoV-averaged rate" if normalize else _label("Background rate", rate.unit))
-    ax.legend(title="Energy", fontsize="small")
-    return ax
-
-
-def _rate_at_offset(model, energy, offset, n_azimuth=36):
-    if isinstance(model, Background2D):
-        rate = model.evaluate(energy=energy, offset=offset)
-    else:
-        phi = np.linspace(0, 2 * np.pi, n_azimuth, endpoint=False)
-        rate = model.evaluate(energy=energy[:, None], fov_lon=offset * np.cos(phi), fov_lat=offset * np.sin(phi)).mean(1)
-    return np.where(rate.value > np.nanmax(rate.value, initial=0) * 10.0**-SPECTRUM_DECADES, rate.value, np.nan) * rate.unit
-
-
-def _check_models(models, labels, ax, offset):
+def plot_models_comparison(models, labels=None, ax=None, offset="0.5 deg", **kwargs):
+    """Spectra of Background2D or 3D models at their energy bin centres and one ``offset`` (a 3D one averaged over that
+    circle; Default is "0.5 deg"), model i in colour "Ci", with ``labels`` (Default is None: "model i")."""
     models = list(models)
     labels = [f"model {i}" for i in range(len(models))] if labels is None else list(labels)
     if not models or len(labels) != len(models) or not all(isinstance(m, (Background2D, Background3D)) for m in models):
         raise ValueError(f"Expected Background2D/3D models, one label each; got {[type(m).__name__ for m in models]}, {labels}.")
-    return models, labels, plt.gca() if ax is None else ax, u.Quantity(offset, "deg")
-
-
-def plot_models_comparison(models, labels=None, ax=None, offset="0.5 deg", **kwargs):
-    """Labelled spectra of several Background2D or 3D models at one offset (`~matplotlib.pyplot.plot`).
-
-    Each at its energy bin centres, a 3D one averaged over the circle of radius ``offset`` (Default is "0.5 deg"), model i
-    in colour "Ci"; ``labels`` are the legend entries (Default is None: "model 0", "model 1", ...).
-    """
-    models, labels, ax, offset = _check_models(models, labels, ax, offset)
+    ax, offset = plt.gca() if ax is None else ax, u.Quantity(offset, "deg")
     unit, energy_unit = models[0].unit, models[0].axes["energy"].unit
     kwargs.setdefault("marker", "o")
+    phi = np.linspace(0, 2 * np.pi, 36, endpoint=False)
     for i, (model, label) in enumerate(zip(models, labels)):
         energy = model.axes["energy"].center
-        rate = _rate_at_offset(model, energy, offset).to_value(unit)
+        if isinstance(model, Background2D):
+            rate = model.evaluate(energy=energy, offset=offset).to_value(unit)
+        else:
+            circle = dict(fov_lon=offset * np.cos(phi), fov_lat=offset * np.sin(phi))
+            rate = model.evaluate(energy=energy[:, None], **circle).mean(1).to_value(unit)
+        rate[~(rate > np.nanmax(rate, initial=0) * 10.0**-SPECTRUM_DECADES)] = np.nan
         ax.plot(energy.to_value(energy_unit), rate, label=label, **{"color": f"C{i}", **kwargs})
     ax.set(xscale="log", yscale="log", xlabel=_label("Energy", energy_unit), ylabel=_label("Background rate", unit))
     ax.legend(title=f"Offset {offset:.2f}", fontsize="small")
-    return ax
-
-
-def plot_model_ratios(models, labels=None, ax=None, offset="0.5 deg", **kwargs):
-    """Ratio of each model to the first at the first's energy bin centres; parameters as in `plot_models_comparison`."""
-    models, labels, ax, offset = _check_models(models, labels, ax, offset)
-    energy = models[0].axes["energy"].center
-    reference = _rate_at_offset(models[0], energy, offset)
-    kwargs.setdefault("marker", "o")
-    ax.axhline(1, color="k", linestyle="--", linewidth=1)
-    for i, (model, label) in enumerate(zip(models[1:], labels[1:]), start=1):
-        ratio = (_rate_at_offset(model, energy, offset) / reference).to_value("")
-        ax.plot(energy.value, ratio, label=label, **{"color": f"C{i}", **kwargs})
-    ax.set(xscale="log", xlabel=_label("Energy", energy.unit), ylabel="Ratio")
-    ax.legend(title=f"Ratio to {labels[0]}", fontsize="small")
     return ax
 
 
@@ -136,11 +71,8 @@ def _column(table, name):
 
 
 def plot_zenith_dependence(table, ax=None, x="ZEN_PNT", y="SAFE_ENERGY_LO", color_by=None, **kwargs):
-    """Scatter of one obs-table column against another, e.g. safe threshold versus zenith (`~matplotlib.pyplot.scatter`).
-
-    Columns ``x``, ``y`` and ``color_by`` (with a colour bar) default to "ZEN_PNT", "SAFE_ENERGY_LO" and None; "EVENT_RATE"
-    is EVENT_COUNT / LIVETIME in s-1 if absent; an energy gets a log scale.
-    """
+    """Scatter of obs-table columns ``y`` against ``x`` coloured by ``color_by`` (Default is None), e.g. the safe
+    threshold versus zenith (the defaults); "EVENT_RATE" is EVENT_COUNT / LIVETIME (s-1) if absent; energy: log axis."""
     ax = plt.gca() if ax is None else ax
     x_values, y_values = _column(table, x), _column(table, y)
     colour = None if color_by is None else _column(table, color_by)
@@ -153,11 +85,8 @@ def plot_zenith_dependence(table, ax=None, x="ZEN_PNT", y="SAFE_ENERGY_LO", colo
 
 
 def plot_ratio_per_run(table, ax=None, group=None, **kwargs):
-    """Observed / predicted counts per run with errors, from an evaluation table (`~matplotlib.pyplot.errorbar`).
-
-    The table has OBS_ID, RATIO, ERR; runs are ordered by ``group`` (a column, e.g. "SAMPLE" or "MODEL"; Default is None),
-    then OBS_ID; a band shows each group's mean +- std; groups that share runs are drawn side by side.
-    """
+    """Observed / predicted counts (RATIO, ERR) per OBS_ID of an evaluation table, ordered by the column ``group``
+    (Default is None) and OBS_ID; a band shows each group's mean +- std; groups that share runs are side by side."""
     if len(table) == 0 or {"OBS_ID", "RATIO", "ERR", group or "OBS_ID"} - set(table.colnames):
         raise ValueError(f"Expected rows with OBS_ID, RATIO, ERR and group {group!r}; got {len(table)} of {table.colnames}.")
     ax = plt.gca() if ax is None else ax
