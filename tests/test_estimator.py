@@ -1,5 +1,5 @@
 """The estimator: against an independent loop on the real H.E.S.S. off runs, parallel paths,
-unreadable runs, and the errors of issue 13 (configuration, selections, nothing usable)."""
+skipped runs, and the errors of issue 13 (configuration, selections, nothing usable)."""
 
 import logging
 import numpy as np
@@ -153,14 +153,26 @@ def missing_file(archive, obs_id):
 
 
 @pytest.mark.parametrize("breaker, text", [(missing_file, "does not exist"), (bad_energy_unit, "is not a valid unit")])
-def test_bad_runs(archive, breaker, text):
-    """A run that cannot be read stops the estimate with one line naming the run, the file and the problem."""
+def test_skip_bad_runs(archive, caplog, breaker, text):
+    """A run that cannot be read raises by default; with on_error="skip" it is left out, with a
+    warning, and the result is exactly the estimate without it."""
     obs_ids = archive.off_ids[:4]
     bad = obs_ids[1]
     path = breaker(archive, bad)
+    store = archive.store
     with pytest.raises(RunError) as error:
-        BackgroundModelEstimator().fill(archive.store, obs_ids)
+        BackgroundModelEstimator().fill(store, obs_ids)
     assert f"Run {bad}" in one_line(error) and text in one_line(error) and str(path) in one_line(error)
+
+    with caplog.at_level(logging.WARNING, logger="bkgtemplate.estimator"):
+        result = BackgroundModelEstimator(on_error="skip").fill(store, obs_ids)
+    assert list(result.skipped["OBS_ID"]) == [bad] and text in result.skipped["REASON"][0]
+    assert f"1 of 4 runs skipped: [{bad}]" in caplog.text and f"Run {bad}" in caplog.text
+    assert result.obs_ids == [obs_id for obs_id in obs_ids if obs_id != bad]
+    reference = BackgroundModelEstimator().fill(store, result.obs_ids)
+    assert_allclose(result.counts, reference.counts, rtol=0)
+    assert_allclose(result.exposure, reference.exposure, rtol=0)
+    assert len(reference.skipped) == 0
 
 
 def test_repeated_runs_are_counted_once(simulated_store, caplog):
@@ -218,6 +230,7 @@ def test_exclusion_added_to_fill_of_the_wrong_kind(simulated_store, exclusion, g
     "kwargs, error, match",
     [
         (dict(fov_alignment="GALACTIC"), ValueError, r"Unknown fov_alignment 'GALACTIC'; choose one of \['ALTAZ', 'RADEC', 'REVERSE_LON_RADEC'\]"),
+        (dict(on_error="ignore"), ValueError, r"Unknown on_error 'ignore'"),
         (dict(offset_axis=MapAxis.from_bounds(0, 15, 3, unit="deg", name="offset")), ValueError, r"offset axis reaches 15.0 deg"),
         (dict(offset_axis=MapAxis.from_bounds(0, 2, 3, unit="deg", name="theta")), ValueError, r"The offset axis is named 'theta'"),
         (dict(energy_axis=MapAxis.from_bounds(0, 2, 3, unit="deg", name="energy")), u.UnitsError, r"energy axis has unit deg"),

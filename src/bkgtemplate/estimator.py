@@ -8,9 +8,9 @@ import astropy.units as u
 from gammapy.makers import Maker
 from gammapy.maps import MapAxes, MapAxis
 from gammapy.utils.parallel import ParallelMixin, run_multiprocessing
-from .data import collect_runs, obs_table_rows
+from .data import RunError, collect_runs, obs_table_rows
 from .geometry import Exclusion, fov_solid_angle, offset_solid_angle
-from .histograms import EXPOSURE_UNIT, REVERSE_LON_RADEC, BackgroundHistograms, background_irf, fill_run
+from .histograms import EXPOSURE_UNIT, REVERSE_LON_RADEC, BackgroundHistograms, background_irf, fill_run, skipped_table
 
 __all__ = ["BackgroundModelEstimator", "default_energy_axis", "default_fov_axes", "default_offset_axis",
     "make_energy_axis", "make_offset_axis"]
@@ -18,6 +18,7 @@ __all__ = ["BackgroundModelEstimator", "default_energy_axis", "default_fov_axes"
 log = logging.getLogger(__name__)
 
 FOV_ALIGNMENTS = ["ALTAZ", "RADEC", REVERSE_LON_RADEC]
+ON_ERROR = ["raise", "skip"]
 MAX_FOV_RADIUS = 10 * u.deg
 
 
@@ -75,17 +76,24 @@ def _check_axis(axis, name, unit):
 
 
 def _fill_chunk(runs, estimator, summed):
-    """Counts and exposure of each run of a group, or (``summed``) their sums."""
-    filled = []
+    """Counts and exposure of each run of a group (or, if ``summed``, their sums), and the runs skipped."""
+    obs_ids, counts, exposure, skipped = [], [], [], []
     for run in runs:
-        counts, exposure = fill_run(run, estimator)
-        if summed and filled:
+        try:
+            run_counts, run_exposure = fill_run(run, estimator)
+        except RunError as error:
+            if estimator.on_error == "raise":
+                raise
+            log.warning(f"{error} Run skipped.")
+            skipped.append((run.obs_id, str(error)))
+            continue
+        obs_ids.append(run.obs_id)
+        counts.append(run_counts)
+        exposure.append(run_exposure)
+        if summed:
             # one sum per group: run()'s memory does not grow with the number of runs
-            filled[0][0] += counts
-            filled[0][1] += exposure
-        else:
-            filled.append([counts, exposure])
-    return filled
+            counts, exposure = [sum(counts)], [sum(exposure)]
+    return obs_ids, counts, exposure, skipped
 
 
 class BackgroundModelEstimator(Maker, ParallelMixin):
@@ -112,6 +120,8 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         Use each run's ``SAFE_ENERGY_LO`` from the obs index. Default is True.
     smooth_sigma : float, optional
         Gaussian smoothing along the spatial axes, in bins. Default is None (no smoothing).
+    on_error : {"raise", "skip"}, optional
+        What to do with a run whose events cannot be read. Default is "raise".
     n_jobs : int, optional
         Number of processes. Default is None (gammapy's default, 1).
     parallel_backend : {"multiprocessing", "ray"}, optional
@@ -121,7 +131,8 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
     tag = "BackgroundModelEstimator"
 
     def __init__(self, energy_axis=None, offset_axis=None, fov_lon_axis=None, fov_lat_axis=None, fov_alignment="ALTAZ",
-                 exclusion=None, safe_threshold=True, smooth_sigma=None, n_jobs=None, parallel_backend=None):
+                 exclusion=None, safe_threshold=True, smooth_sigma=None, on_error="raise", n_jobs=None,
+                 parallel_backend=None):
         self.energy_axis = _check_axis(energy_axis or default_energy_axis(), "energy", "TeV")
         if (fov_lon_axis is None) != (fov_lat_axis is None) or (fov_lon_axis is not None and offset_axis is not None):
             raise ValueError("Give either offset_axis (2D) or both fov_lon_axis and fov_lat_axis (3D).")
@@ -131,12 +142,15 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
             self.spatial_axes = (_check_axis(fov_lon_axis, "fov_lon", "deg"), _check_axis(fov_lat_axis, "fov_lat", "deg"))
         if str(fov_alignment).upper() not in FOV_ALIGNMENTS:
             raise ValueError(f"Unknown fov_alignment {fov_alignment!r}; choose one of {FOV_ALIGNMENTS}.")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"Unknown on_error {on_error!r}; choose one of {ON_ERROR}.")
         if smooth_sigma is not None and not smooth_sigma > 0:
             raise ValueError(f"smooth_sigma must be positive (in bins) or None, got {smooth_sigma}.")
         self.fov_alignment = str(fov_alignment).upper()
         self.exclusion = None if exclusion is None else Exclusion(exclusion)
         self.safe_threshold = bool(safe_threshold)
         self.smooth_sigma = smooth_sigma
+        self.on_error = on_error
         self.n_jobs = None if n_jobs is None else _check_nbin(n_jobs, "n_jobs")
         self.parallel_backend = parallel_backend
 
@@ -167,7 +181,7 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         return f"{self.tag}: {axes}{alignment}, n_jobs {self.n_jobs}"
 
     def _fill(self, data_store, obs_ids, exclusion, summed):
-        """The runs and each group's `_fill_chunk`, filled in parallel."""
+        """The runs, each group's `_fill_chunk` (filled in parallel) and the runs skipped."""
         estimator = self
         if exclusion is not None and not (isinstance(exclusion, (list, tuple)) and not exclusion):
             added = Exclusion(exclusion).regions  # checked: a SkyCoord or pixel region is a TypeError
@@ -179,16 +193,21 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         results = run_multiprocessing(_fill_chunk, [(runs[i::n_chunks], estimator, summed) for i in range(n_chunks)],
                                       backend=self.parallel_backend, pool_kwargs=dict(processes=self.n_jobs),
                                       task_name=f"Groups of runs ({len(runs)} runs)")
+        skipped = [row for *_, rows in results for row in rows]
+        if skipped:
+            log.warning(f"{len(skipped)} of {len(runs)} runs skipped: {[row[0] for row in skipped]}")
+        if len(skipped) == len(runs):
+            raise RunError("No run could be used; see the warnings above for each run.")
         # a model of zeros would look like a result
-        if not any(np.any(exposure > 0) for filled in results for _, exposure in filled):
+        if not any(np.any(array > 0) for _, _, exposure, _ in results for array in exposure):
             low, high = min(run.safe_energy_lo for run in runs), max(run.safe_energy_lo for run in runs)
             edges = self.energy_axis.edges
             raise ValueError(f"No exposure kept: the runs' SAFE_ENERGY_LO ({low:.3g}-{high:.3g} TeV) lie above the energy axis "
                              f"({edges[0]:.3g}-{edges[-1]:.3g}; check the threshold unit), or the exclusion covers the field.")
-        if not any(np.any(counts > 0) for filled in results for counts, _ in filled):
-            raise ValueError(f"No event kept in {len(runs)} runs: the runs hold no events inside the axes "
+        if not any(np.any(array > 0) for _, counts, _, _ in results for array in counts):
+            raise ValueError(f"No event kept in {len(runs) - len(skipped)} runs: the runs hold no events inside the axes "
                              "(energy range, field of view) outside the exclusion; check the axes and the event files.")
-        return runs, results
+        return runs, results, skipped
 
     def fill(self, data_store, obs_ids=None, exclusion=None):
         """Counts and exposure of each run (`~bkgtemplate.histograms.BackgroundHistograms`), read in parallel.
@@ -196,16 +215,18 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         ``obs_ids`` are run numbers or `~gammapy.data.Observations` (default all runs of ``data_store``);
         ``exclusion`` adds sky regions to the estimator's own (e.g. the targets of source-field runs).
         """
-        runs, results = self._fill(data_store, obs_ids, exclusion, summed=False)
-        counts, exposure = np.empty((2, len(runs), *self.axes.shape))
-        for i, filled in enumerate(results):
-            # group i holds runs i, i + n, i + 2n, ...: each released as it is copied, no second copy of every run
-            while filled:
-                position = i + (len(filled) - 1) * len(results)
-                counts[position], exposure[position] = filled.pop()
-        log.info(f"Counts and exposure of {len(runs)} runs, {int(counts.sum())} events")
+        runs, results, skipped = self._fill(data_store, obs_ids, exclusion, summed=False)
+        skipped_ids = {row[0] for row in skipped}
+        position = {obs_id: i for i, obs_id in enumerate(run.obs_id for run in runs if run.obs_id not in skipped_ids)}
+        counts, exposure = np.empty((2, len(position), *self.axes.shape))
+        for obs_ids, run_counts, run_exposure, _ in results:
+            # one array each, filled while the workers' results are released: no second copy of every run
+            while obs_ids:
+                i = position[obs_ids.pop()]
+                counts[i], exposure[i] = run_counts.pop(), run_exposure.pop()
+        log.info(f"Counts and exposure of {len(position)} runs, {int(counts.sum())} events")
         return BackgroundHistograms(self.axes, counts, u.Quantity(exposure, EXPOSURE_UNIT, copy=False),
-                                    obs_table_rows(data_store, [run.obs_id for run in runs]), self.fov_alignment)
+                                    obs_table_rows(data_store, [*position]), self.fov_alignment, skipped_table(skipped))
 
     def run(self, data_store, obs_ids=None):
         """The background model (`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`) of runs of a store.
@@ -213,7 +234,7 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         ``obs_ids`` as in `fill`. Runs are summed as they are filled, so the memory does not grow with
         their number; the model has no NaN or inf (see `~bkgtemplate.histograms.background_irf`).
         """
-        runs, results = self._fill(data_store, obs_ids, None, summed=True)
-        counts, exposure = np.sum([chunk[0] for chunk in results], axis=0)
-        return background_irf(self.axes, counts, exposure * EXPOSURE_UNIT, len(runs), self.fov_alignment,
+        runs, results, skipped = self._fill(data_store, obs_ids, None, summed=True)
+        counts, exposure = (np.sum([array for chunk in results for array in chunk[k]], axis=0) for k in (1, 2))
+        return background_irf(self.axes, counts, exposure * EXPOSURE_UNIT, len(runs) - len(skipped), self.fov_alignment,
                               self.smooth_sigma)

@@ -2,7 +2,7 @@
 `BackgroundHistograms` for many, summed on demand: a model of all runs but one costs a sum, not a pass over the events.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 import numpy as np
 import astropy.units as u
 from astropy.table import Table
@@ -109,6 +109,11 @@ def fill_run(run, estimator):
     return counts, run.ontime * np.outer(binning["d_energy"] * used, solid_angle).reshape(counts.shape)
 
 
+def skipped_table(rows=None):
+    """Table of runs that could not be read: OBS_ID and REASON."""
+    return Table(rows=rows or None, names=["OBS_ID", "REASON"], dtype=[int, str])
+
+
 def background_irf(axes, counts, exposure, n_runs, fov_alignment="ALTAZ", smooth_sigma=None):
     """`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` of counts and exposure (s MeV sr) summed over
     ``n_runs`` runs; 3D in ``fov_alignment`` (Default is "ALTAZ"), smoothed along the spatial axes by ``smooth_sigma``
@@ -168,7 +173,8 @@ class BackgroundHistograms:
     """Counts and exposure of each run, with the runs' obs-index rows; sums on demand.
 
     ``counts`` and ``exposure`` (ONTIME x dE x dOmega, s MeV sr) have shape ``(n_runs, *axes.shape)``; ``obs_table``
-    holds the runs' rows in the same order; ``fov_alignment`` of 3D coordinates: Default is "ALTAZ".
+    holds the runs' rows in the same order; ``fov_alignment`` of 3D coordinates: Default is "ALTAZ"; ``skipped``
+    lists runs that could not be read (OBS_ID, REASON; Default is empty).
     E.g. ``BackgroundModelEstimator().fill(store, ids).select(ids[1:]).to_irf()``.
     """
 
@@ -177,6 +183,7 @@ class BackgroundHistograms:
     exposure: u.Quantity
     obs_table: Table
     fov_alignment: str = "ALTAZ"
+    skipped: Table = field(default_factory=skipped_table)
 
     def __post_init__(self):
         if self.counts.shape != self.exposure.shape or self.counts.shape[1:] != self.axes.shape:
