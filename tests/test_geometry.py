@@ -6,7 +6,7 @@ from astropy.coordinates import AltAz, EarthLocation, HADec, SkyCoord
 from astropy.time import Time
 from numpy.testing import assert_allclose
 import pytest
-from gammapy.maps import MapAxis
+from gammapy.maps import MapAxis, WcsGeom
 from gammapy.utils.coordinates import FoVAltAzFrame, sky_to_fov
 from regions import CirclePixelRegion, CircleSkyRegion, PixCoord, RectangleSkyRegion
 from bkgtemplate.geometry import (
@@ -120,6 +120,18 @@ def test_exclusion_circles_and_other_regions(events):
     far = pointing.directional_offset_by(210 * u.deg, 5 * u.deg)
     assert circle.touches(pointing.ra.rad, pointing.dec.rad, np.deg2rad(2.5))
     assert not circle.touches(far.ra.rad, far.dec.rad, np.deg2rad(2.5))
+
+
+def test_exclusion_mask_follows_gammapy_convention(events):
+    pointing, sky = events
+    geom = WcsGeom.create(skydir=pointing, width=6 * u.deg, binsz=0.02)
+    center = pointing.directional_offset_by(30 * u.deg, 1 * u.deg)
+    mask = ~geom.region_mask([CircleSkyRegion(center, 0.6 * u.deg)])  # True = kept, as in gammapy
+    excluded = Exclusion(mask).excluded(sky.ra.rad, sky.dec.rad, pointing.ra.rad, pointing.dec.rad)
+    near_edge = np.abs(sky.separation(center).deg - 0.6) < 0.03
+    assert_allclose(excluded[~near_edge], (sky.separation(center) < 0.6 * u.deg)[~near_edge])
+    with pytest.raises(TypeError, match="The exclusion mask must be boolean"):
+        Exclusion(mask.copy(data=mask.data.astype(float)))
 
 
 @pytest.mark.parametrize(

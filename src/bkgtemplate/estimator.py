@@ -114,8 +114,8 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         Axes named "fov_lon" and "fov_lat", for a `~gammapy.irf.Background3D`. Default is None.
     fov_alignment : {"ALTAZ", "RADEC", "REVERSE_LON_RADEC"}, optional
         Alignment of 3D coordinates (the last: the released H.E.S.S. models'). Default is "ALTAZ".
-    exclusion : `~regions.SkyRegion` or list of `~regions.SkyRegion`, optional
-        Regions to cut out. Default is None.
+    exclusion : list of `~regions.SkyRegion` or `~gammapy.maps.WcsNDMap`, optional
+        Regions to cut out, or a boolean exclusion mask (True = kept). Default is None.
     safe_threshold : bool, optional
         Use each run's ``SAFE_ENERGY_LO`` from the obs index. Default is True.
     smooth_sigma : float, optional
@@ -184,9 +184,11 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         """The runs, each group's `_fill_chunk` (filled in parallel) and the runs skipped."""
         estimator = self
         if exclusion is not None and not (isinstance(exclusion, (list, tuple)) and not exclusion):
-            added = Exclusion(exclusion).regions  # checked: a SkyCoord or pixel region is a TypeError
+            added = Exclusion(exclusion)  # checks the kind: a SkyCoord or pixel region is a TypeError
+            if added.mask is not None or (self.exclusion is not None and self.exclusion.mask is not None):
+                raise ValueError("Cannot combine an exclusion mask with other regions; give all regions to the estimator.")
             estimator = copy(self)
-            estimator.exclusion = Exclusion([*(self.exclusion.regions if self.exclusion else []), *added])
+            estimator.exclusion = Exclusion([*(self.exclusion.regions if self.exclusion else []), *added.regions])
         runs = collect_runs(data_store, obs_ids, safe_threshold=self.safe_threshold)
         # a few interleaved groups per process: balanced load and a progress bar that moves
         n_chunks = min(len(runs), 8 * self.n_jobs)

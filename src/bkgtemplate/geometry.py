@@ -3,13 +3,15 @@
 The vectorised transforms reproduce gammapy's ``FoVICRSFrame`` and ``FoVAltAzFrame`` (origin at the pointing,
 longitude reversed). They are written by hand because astropy's frame machinery costs milliseconds per call and
 much more per event, which would dominate the estimator; ``tests/test_geometry.py`` checks them against gammapy's
-frames. Excluded fractions of bins are estimated on equal-area points (`ring_points`, `bin_points`).
+frames. Exclusion is sky regions or a gammapy exclusion mask; excluded fractions of bins are estimated on equal-area
+points (`ring_points`, `bin_points`).
 """
 
 import numpy as np
 import astropy.units as u
 from astropy.coordinates import SkyCoord, angular_separation
 from astropy.wcs import WCS
+from gammapy.maps import WcsNDMap
 from regions import CircleSkyRegion, SkyRegion
 
 __all__ = ["SIDEREAL_RATE", "Exclusion", "bin_points", "fov_altaz_to_radec", "fov_radec_to_altaz",
@@ -132,28 +134,39 @@ def bin_points(lon_edges, lat_edges, spacing):
 
 
 class Exclusion:
-    """Sky regions (a `~regions.SkyRegion` or a list of them) to cut out of the background estimate."""
+    """Sky regions (a `~regions.SkyRegion` or a list of them) or a boolean `~gammapy.maps.WcsNDMap`
+    mask (True = kept, as in gammapy) to cut out of the background estimate."""
 
-    def __init__(self, regions):
-        regions = [regions] if isinstance(regions, SkyRegion) else regions
-        if not isinstance(regions, (list, tuple)) or not regions:
-            raise TypeError(f"exclusion must be a sky region or a list of sky regions, got {type(regions).__name__}.")
-        bad = [type(region).__name__ for region in regions if not isinstance(region, SkyRegion)]
+    def __init__(self, exclusion):
+        if isinstance(exclusion, SkyRegion):
+            exclusion = [exclusion]
+        if isinstance(exclusion, WcsNDMap):
+            if exclusion.data.dtype != bool:
+                raise TypeError("The exclusion mask must be boolean (True where events are kept).")
+            self.mask, self.regions = exclusion, []
+            return
+        if not isinstance(exclusion, (list, tuple)) or not exclusion:
+            raise TypeError(f"exclusion must be a sky region, a list of sky regions or a boolean WcsNDMap, "
+                            f"got {type(exclusion).__name__}.")
+        bad = [type(region).__name__ for region in exclusion if not isinstance(region, SkyRegion)]
         if bad:
             raise TypeError(f"exclusion must hold sky regions (regions.SkyRegion), got {bad[0]}; "
                             "convert pixel regions with .to_sky(wcs) and give a SkyCoord as a CircleSkyRegion.")
-        self.regions = list(regions)
+        self.mask, self.regions = None, list(exclusion)
 
     def touches(self, ra_pnt, dec_pnt, radius):
         """Whether the exclusion may overlap a field of view of ``radius`` around the pointing (rad)."""
         pointing = SkyCoord(ra_pnt * u.rad, dec_pnt * u.rad)
-        return any(
+        return self.mask is not None or any(
             not isinstance(region, CircleSkyRegion) or region.center.separation(pointing) < radius * u.rad + region.radius
             for region in self.regions
         )
 
     def excluded(self, ra, dec, ra_pnt, dec_pnt):
         """Whether sky positions (rad) are excluded; non-circular regions are projected around the pointing."""
+        if self.mask is not None:
+            coords = SkyCoord(ra * u.rad, dec * u.rad, frame="icrs")
+            return self.mask.get_by_coord({"skycoord": coords}, fill_value=1) == 0
         excluded = np.zeros(np.shape(ra), dtype=bool)
         coords = None
         for region in self.regions:

@@ -14,7 +14,7 @@ from .geometry import (SIDEREAL_RATE, bin_points, fov_altaz_to_radec, fov_radec_
     parallactic_angle, ring_points, sky_to_fov_altaz, sky_to_fov_radec)
 
 __all__ = ["EDGE_RTOL", "EXPOSURE_UNIT", "RATE_UNIT", "REVERSE_LON_RADEC", "BackgroundHistograms", "background_irf",
-    "fill_run"]
+    "fill_run", "skipped_table"]
 
 RATE_UNIT = u.Unit("s-1 MeV-1 sr-1")
 EXPOSURE_UNIT = u.Unit("s MeV sr")
@@ -36,7 +36,7 @@ def _parallactic(run, time):
 
 
 def _padded_index(values, edges):
-    """Bin index + 1 of each value: 0 below the first edge, ``len(edges)`` at or above the last, NaN in either.
+    """Bin index + 1 of each value: 0 below the first edge (or NaN), ``len(edges)`` at or above the last.
 
     For a few edges, one comparison per edge: several times faster than `numpy.searchsorted` on unsorted values.
     """
