@@ -367,24 +367,23 @@ def _status_mb(key):
 def memory_probe(store_dir, max_runs=None, n_jobs=1, kind="2d"):
     """Peak RSS of one estimator (``kind`` "2d" or "3d") in this process (call it in a fresh one).
 
-    The model is built as ``run`` builds it, ``fill`` then ``to_irf``, to also report the size
-    of the per-run counts and exposure that ``fill`` returns.
+    The model is built by ``run``, which adds each run into one sum as it is filled: its peak
+    should not grow with the number of runs (``fill`` keeps every run's histograms by design).
 
     Returns
     -------
     result : dict
         ``n_runs``, ``n_jobs``, ``kind``, ``rss_before_mb`` (after imports and opening the
-        store), ``rss_after_mb`` (holding the model and the per-run histograms),
+        store), ``rss_after_mb`` (holding the model),
         ``peak_rss_mb`` (``VmHWM``, the peak of this process), ``peak_rss_children_mb``
         (``ru_maxrss`` of the largest worker, which counts the pages it shares with this
-        process) and ``histograms_mb`` (the per-run counts and exposure), in MB.
+        process) and ``model_mb`` (the model's rates), in MB.
     """
     data_store = DataStore.from_dir(store_dir)
     obs_ids = off_obs_ids(data_store, max_runs)
     rss_before = _status_mb("VmRSS")
     estimator = make_estimators(n_jobs=n_jobs)[kind]
-    histograms = estimator.fill(data_store, obs_ids)
-    histograms.to_irf(smooth_sigma=estimator.smooth_sigma)
+    model = estimator.run(data_store, obs_ids)
     rss_after = _status_mb("VmRSS")
     return {
         "n_runs": len(obs_ids),
@@ -394,7 +393,7 @@ def memory_probe(store_dir, max_runs=None, n_jobs=1, kind="2d"):
         "rss_after_mb": rss_after,
         "peak_rss_mb": _status_mb("VmHWM"),
         "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-        "histograms_mb": (histograms.counts.nbytes + histograms.exposure.nbytes) / 2**20,
+        "model_mb": model.data.nbytes / 2**20,
     }
 
 
@@ -552,7 +551,7 @@ def format_table(results):
         for key, mem in results["memory"].items():
             lines.append(
                 f"  {key:<12}{mem['n_runs']:>5} runs, {mem['kind']}, n_jobs={mem['n_jobs']}: peak {mem['peak_rss_mb']:7.1f}"
-                f"  (before {mem['rss_before_mb']:.1f}, after {mem['rss_after_mb']:.1f}, per-run histograms {mem['histograms_mb']:.1f},"
+                f"  (before {mem['rss_before_mb']:.1f}, after {mem['rss_after_mb']:.1f}, model {mem['model_mb']:.2f},"
                 f" largest worker {mem['peak_rss_children_mb']:.1f})"
             )
     lines += ["", f"{'ratio':<38}{'best':>7}{'median':>8}{'cpu':>7}   target"]
