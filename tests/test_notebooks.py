@@ -51,13 +51,15 @@ def tree_hashes(folder):
 
 @pytest.mark.slow
 def test_chain_with_other_parameters(hess_dir, tmp_path):
-    """zenith_edges_deg=[0, 30, 60] and energy_bins=12 reach the files; the input is untouched."""
+    """zenith_edges_deg=[0, 30, 60] and energy_bins=12 reach the files; notebook 4 with model_dimension="3d"
+    writes a store in which every run has a finite, non-negative Background3D; the input is untouched."""
     before = tree_hashes(hess_dir)
     data = str(hess_dir)
     execute("01_select_off_runs.ipynb", tmp_path, data_dir=data)
     execute("02_estimate_background.ipynb", tmp_path, data_dir=data, energy_bins=12)
     execute("03_zenith_dependence.ipynb", tmp_path, data_dir=data, zenith_edges_deg=[0, 30, 60])
     execute("04_write_index_tables.ipynb", tmp_path, data_dir=data)
+    execute("04_write_index_tables.ipynb", tmp_path, data_dir=data, model_dimension="3d")
     execute("05_validate_background.ipynb", tmp_path, data_dir=data, pixel_size_deg=0.04)
     execute("06_3d_models_and_source_runs.ipynb", tmp_path, data_dir=data, fov_bins=10)
 
@@ -74,6 +76,12 @@ def test_chain_with_other_parameters(hess_dir, tmp_path):
     store = DataStore.from_dir(tmp_path / "store")
     bkg = store.obs(off_runs["OBS_ID"][0], required_irf="all-optional").bkg
     assert bkg.axes["energy"].nbin == 12
+    store_3d = DataStore.from_dir(tmp_path / "store-3d")
+    assert len(store_3d.obs_table) == len(DataStore.from_dir(hess_dir).obs_table) == 105
+    for obs_id in store_3d.obs_table["OBS_ID"]:
+        bkg_3d = store_3d.obs(int(obs_id), required_irf="all-optional").bkg
+        assert isinstance(bkg_3d, Background3D) and bkg_3d.axes["energy"].nbin == 12, obs_id
+        assert np.all(np.isfinite(bkg_3d.data)) and np.all(bkg_3d.data >= 0) and bkg_3d.data.max() > 0, obs_id
     assert len(Table.read(tmp_path / "validation.ecsv")) > 0
     assert Background3D.read(tmp_path / "bkg_3d_altaz.fits").axes["fov_lon"].nbin == 10
     assert tree_hashes(hess_dir) == before
@@ -229,6 +237,7 @@ def test_help_notebook_shows_types_and_help(notebook):
         ("02_estimate_background.ipynb", {"energy_bins": "ten"}, "energy_bins must be"),
         ("03_zenith_dependence.ipynb", {"zenith_edges_deg": 30}, "zenith_edges_deg must be a list of bin edges in deg, got 30"),
         ("03_zenith_dependence.ipynb", {"zenith_edges_deg": "0,20,40"}, "zenith_edges_deg must be a list of bin edges in deg"),
+        ("04_write_index_tables.ipynb", {"model_dimension": "3D model"}, "model_dimension must be '2d' or '3d', got '3D model'"),
     ],
 )
 def test_wrong_parameter_type_names_the_parameter(tmp_path, notebook, parameters, message):
