@@ -1,8 +1,5 @@
-"""Data: find a DL3 data store, open it, and read what each run contributes.
-
-For each run only the obs-index row and the EVENTS columns are read (a gammapy
-`~gammapy.data.Observation` would also load IRFs), checked against each other: a bad run raises
-`RunError` with one line naming the run and the file.
+"""Data: find a DL3 data store, open it, and read each run's obs-index row and EVENTS columns (no IRFs),
+checked against each other: a bad run raises `RunError` naming the run and the file.
 """
 
 import gzip
@@ -60,20 +57,14 @@ def _index_files(folder):
 
 
 def find_data_dir(path=None):
-    """Find the folder of a DL3 data store (``obs-index.fits(.gz)`` and ``hdu-index.fits(.gz)``).
+    """Find the folder of a DL3 data store (``obs-index.fits(.gz)`` and ``hdu-index.fits(.gz)``), absolute.
 
     A missing variable, folder or index file raises `DataNotFoundError` naming the path and how to get the data.
 
     Parameters
     ----------
     path : str or `~pathlib.Path`, optional
-        The folder; environment variables and ``~`` are expanded. Default is None, which means
-        ``$GAMMAPY_DATA/hess-dl3-dr1``.
-
-    Returns
-    -------
-    path : `~pathlib.Path`
-        The folder, absolute.
+        The folder; variables and ``~`` are expanded. Default is None, ``$GAMMAPY_DATA/hess-dl3-dr1``.
     """
     if path is None:
         if not os.environ.get("GAMMAPY_DATA"):
@@ -105,10 +96,7 @@ def open_data_store(path=None):
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What the estimator needs from one run, small enough to send to a worker.
-
-    Angles are in rad, times in s (mission elapsed time), energies in TeV.
-    """
+    """What the estimator needs from one run, small enough to send to a worker (rad, s MET, TeV)."""
 
     obs_id: int
     path: str
@@ -125,10 +113,7 @@ class RunInfo:
 
 
 def check_obs_ids(obs_ids, data_store=None):
-    """Run numbers as a list of distinct int; a repeated run is used once, with a warning.
-
-    ``obs_ids`` may be run numbers, a `~gammapy.data.Observations` or None (all runs of ``data_store``).
-    """
+    """Run numbers (a list, `~gammapy.data.Observations` or None: all of ``data_store``) as distinct ints."""
     if obs_ids is None and data_store is not None:
         obs_ids = data_store.obs_table["OBS_ID"]
     elif isinstance(obs_ids, Observations):
@@ -149,10 +134,7 @@ def check_obs_ids(obs_ids, data_store=None):
 
 
 def _column(table, name, unit, obs_ids=None, what=None):
-    """A column in ``unit``, NaN where masked or absent; without a unit the GADF one is assumed, with a warning.
-
-    With ``what``, a missing column or value is an error asking to add ``what``.
-    """
+    """A column in ``unit`` (GADF's if it has none, with a warning), NaN where masked or absent (an error with ``what``)."""
     if name not in table.colnames:
         if what:
             raise KeyError(f"The obs index has no {name} column; add {what} for every run.")
@@ -197,8 +179,7 @@ def obs_table_rows(data_store, obs_ids):
 def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     """The `RunInfo` of the runs ``obs_ids`` (default all; ``SAFE_ENERGY_LO`` read if ``safe_threshold``).
 
-    The hour angle at each run's start is computed for all runs in one vectorised astropy call
-    (site and time reference from the obs-index header, else from the runs' EVENTS headers).
+    Hour angles at the runs' starts come from one vectorised astropy call (site from the obs index, else EVENTS).
     """
     if not isinstance(data_store, DataStore):
         raise TypeError(f"Expected a gammapy DataStore, got {type(data_store).__name__}.")
@@ -265,12 +246,9 @@ def _scale(columns, name, path, default, to, obs_id):
 
 
 def read_events(run):
-    """Read the event columns the estimator needs, checked against the run's index rows.
+    """Events ``energy`` (TeV), ``ra``, ``dec`` (rad), ``time`` (s) without NaNs, and the header's pointing (rad).
 
-    Units are honoured (GADF units assumed, with a warning, where a column has none); the file
-    must belong to the run (OBS_ID, pointing within 0.1 deg) and its events lie within TSTART-TSTOP.
-    Events with NaN energy or direction are dropped. Returns a dict of arrays ``energy`` (TeV),
-    ``ra``, ``dec`` (rad), ``time`` (s), and the header's (RA_PNT, DEC_PNT) in rad.
+    The file must match the run's index rows (OBS_ID, pointing within 0.1 deg, times within TSTART-TSTOP).
     """
     path = Path(run.path)
     if not path.is_file():

@@ -1,10 +1,7 @@
 """Geometry: event coordinates in the field of view, exact bin solid angles, exclusion regions.
 
-The vectorised transforms reproduce gammapy's ``FoVICRSFrame`` and ``FoVAltAzFrame`` (origin at the pointing,
-longitude reversed). They are written by hand because astropy's frame machinery costs milliseconds per call and
-much more per event, which would dominate the estimator; ``tests/test_geometry.py`` checks them against gammapy's
-frames. Exclusion is sky regions or a gammapy exclusion mask; excluded fractions of bins are estimated on equal-area
-points (`ring_points`, `bin_points`).
+The transforms reproduce gammapy's ``FoVICRSFrame`` and ``FoVAltAzFrame`` by hand: astropy's frames would dominate
+the estimator's time (``tests/test_geometry.py`` checks them against gammapy).
 """
 
 import numpy as np
@@ -72,8 +69,7 @@ def fov_radec_to_sky(fov_lon, fov_lat, ra_pnt, dec_pnt):
 
 
 def fov_radec_to_altaz(fov_lon, fov_lat, parallactic):
-    """RADEC-aligned to ALTAZ-aligned field-of-view coordinates (rad): a rotation by the parallactic angle and,
-    as azimuth and right ascension turn in opposite senses on the sky, a reflection of the longitude."""
+    """RADEC- to ALTAZ-aligned FoV coordinates (rad): rotation by the parallactic angle, longitude reflected."""
     x, y, z = _unit_vector(fov_lon, fov_lat)
     y, z = _rotate(y, z, -parallactic)
     lon, lat = _lon_lat(x, y, z)
@@ -134,8 +130,7 @@ def bin_points(lon_edges, lat_edges, spacing):
 
 
 class Exclusion:
-    """Sky regions (a `~regions.SkyRegion` or a list of them) or a boolean `~gammapy.maps.WcsNDMap`
-    mask (True = kept, as in gammapy) to cut out of the background estimate."""
+    """Sky regions (one or a list) or a boolean `~gammapy.maps.WcsNDMap` mask (True = kept) to cut out."""
 
     def __init__(self, exclusion):
         if isinstance(exclusion, SkyRegion):

@@ -1,7 +1,6 @@
 """A seeded simulated GADF DL3 archive with a known background truth (`BackgroundTruth`, `simulate_archive`).
 
-The truth shares no code with the estimator (from the package only the store's safe-writing helpers are
-imported): events become RA/Dec through gammapy's ``FoVAltAzFrame``, and bin averages are numerical integrals.
+The truth shares no code with the estimator: events go through gammapy's ``FoVAltAzFrame``, bin averages are integrals.
 """
 
 import gzip
@@ -26,11 +25,8 @@ __all__ = ["RATE_UNIT", "SOURCE_POSITION", "BackgroundTruth", "simulate_archive"
 
 log = logging.getLogger(__name__)
 
-RATE_UNIT = u.Unit("s-1 MeV-1 sr-1")
-"""Unit of background rates, as in GADF ``BKG`` HDUs."""
-
-SOURCE_POSITION = SkyCoord(60.0, -30.0, unit="deg", frame="icrs")
-"""Position of the simulated point source observed by the source runs."""
+RATE_UNIT = u.Unit("s-1 MeV-1 sr-1")  # as in GADF BKG HDUs
+SOURCE_POSITION = SkyCoord(60.0, -30.0, unit="deg", frame="icrs")  # the point source of the source runs
 
 HESS_SITE = dict(GEOLON=16.5002222222222, GEOLAT=-23.2717777777778, ALTITUDE=1835.0)  # deg, deg, m
 SITE = EarthLocation.from_geodetic(HESS_SITE["GEOLON"], HESS_SITE["GEOLAT"], HESS_SITE["ALTITUDE"])
@@ -138,8 +134,7 @@ class BackgroundTruth:
         return np.where(offset <= self.offset_max.to_value("rad"), value, 0.0)
 
     def evaluate(self, energy, fov_lon, fov_lat, zenith, muoneff):
-        """Rate (s-1 MeV-1 sr-1) at reconstructed ``energy``, ``FoVAltAzFrame`` (fov_lon, fov_lat),
-        pointing ``zenith`` and ``muoneff``; all inputs broadcast."""
+        """Rate at ``energy``, ``FoVAltAzFrame`` (fov_lon, fov_lat), ``zenith`` and ``muoneff`` (broadcast)."""
         zenith = u.Quantity(zenith, "rad").value
         spectrum = self._spectrum(u.Quantity(energy, "TeV").value, zenith)
         spatial = self._spatial(u.Quantity(fov_lon, "rad").value, u.Quantity(fov_lat, "rad").value)
@@ -181,9 +176,10 @@ class BackgroundTruth:
         return np.sum(inner * np.cos(lat) * w_lat, axis=(-2, -1)), area[..., 0]
 
     def expected_counts(self, obs_table, energy_min=None, energy_max=None):
-        """Expected background events of each run (ONTIME x integral of R) over the whole FoV, between
-        ``energy_min`` and ``energy_max`` (Quantity, default None: the truth's range); ``obs_table`` needs
-        ONTIME, ZEN_PNT and MUONEFF."""
+        """Expected background events of each run (ONTIME x integral of R over the FoV and energy range).
+
+        ``obs_table`` needs ONTIME, ZEN_PNT and MUONEFF; the energy range is the truth's unless given.
+        """
         e_lo = self.energy_min if energy_min is None else u.Quantity(energy_min, "TeV")
         e_hi = self.energy_max if energy_max is None else u.Quantity(energy_max, "TeV")
         zenith = np.deg2rad(_column(obs_table, "ZEN_PNT", "deg"))
@@ -194,12 +190,10 @@ class BackgroundTruth:
 
     def expected_rate(self, obs_table, energy_axis, offset_axis=None, fov_lon_axis=None, fov_lat_axis=None,
                       safe_threshold=True):
-        """Bin-averaged truth of a set of runs, as a template estimator measures it (s-1 MeV-1 sr-1).
+        """Bin-averaged truth of runs as an estimator measures it: sum(ONTIME x integral R) / sum(ONTIME x dE dOmega).
 
-        Per bin, sum_r(ONTIME_r x integral of R_r dE dOmega) / sum_r(ONTIME_r x dE x dOmega), a run entering an
-        energy bin only at or above its SAFE_ENERGY_LO if ``safe_threshold`` (default True); NaN where no run
-        does. Shape (energy, offset) or (energy, fov_lon, fov_lat) (ALTAZ). ``obs_table`` needs ONTIME, ZEN_PNT,
-        MUONEFF (and SAFE_ENERGY_LO).
+        A run enters an energy bin only at or above its SAFE_ENERGY_LO if ``safe_threshold``; NaN where none does.
+        Shape (energy, offset) or (energy, fov_lon, fov_lat) (ALTAZ).
         """
         if (offset_axis is None) == (fov_lon_axis is None or fov_lat_axis is None):
             raise ValueError("Give either offset_axis, or both fov_lon_axis and fov_lat_axis.")
@@ -379,7 +373,7 @@ def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=Fal
     Returns
     -------
     path : `~pathlib.Path`
-        The folder, with ``obs-index.fits.gz``, ``hdu-index.fits.gz`` and ``data/run_XXXXXX.fits.gz``.
+        The folder (obs-index.fits.gz, hdu-index.fits.gz, data/run_XXXXXX.fits.gz).
     """
     path = Path(path).expanduser().resolve()
     truth = BackgroundTruth() if truth is None else truth
