@@ -179,7 +179,8 @@ class BackgroundHistograms:
 
     def __post_init__(self):
         if self.counts.shape != self.exposure.shape or self.counts.shape[1:] != self.axes.shape:
-            raise ValueError(f"Counts {self.counts.shape} and exposure {self.exposure.shape} do not match (n_runs, {self.axes.shape}).")
+            raise ValueError(f"Counts {self.counts.shape} and exposure {self.exposure.shape} do not match "
+                             f"(n_runs, {self.axes.shape}).")
         if len(self.obs_table) != len(self.counts):
             raise ValueError(f"{len(self.obs_table)} obs-table rows for {len(self.counts)} runs.")
 
@@ -234,5 +235,5 @@ class BackgroundHistograms:
             return np.where(counts > 0, 1 / np.sqrt(counts), np.nan)
 
     def to_irf(self, weights=None, smooth_sigma=None):
-        """The model of the summed runs (`background_irf`); ``weights`` (per run, or run and energy) multiply exposure."""
+        """The model of the summed runs (`background_irf`); ``weights`` (per run, or run and energy) scale exposure."""
         return background_irf(self.axes, *self.sum(weights), len(self), self.fov_alignment, smooth_sigma)

@@ -1,7 +1,6 @@
 """A seeded simulated GADF DL3 archive with a known background truth (`BackgroundTruth`, `simulate_archive`).
 
-The truth shares no code with the estimator: events go through gammapy's ``FoVAltAzFrame``, bin averages are integrals.
-"""
+The truth shares no code with the estimator: events go through gammapy's ``FoVAltAzFrame``, bins are integrated."""
 
 import gzip
 import io
@@ -50,7 +49,7 @@ def _nodes(lo, hi, n_panels):
 
 
 def _column(table, name, unit=""):
-    """Column ``name`` of an obs table as floats in ``unit`` (a column without unit is taken to be in it)."""
+    """Column ``name`` of an obs table as floats in ``unit`` (or without unit)."""
     if name not in table.colnames:
         raise KeyError(f"The obs table has no {name} column; it is needed to evaluate the truth.")
     return u.Quantity(table[name], unit).value
@@ -58,16 +57,12 @@ def _column(table, name, unit=""):
 
 @dataclass(frozen=True)
 class BackgroundTruth:
-    """Known background rate of the simulated archive, in s-1 MeV-1 sr-1.
+    """Known background rate of the simulated archive, in s-1 MeV-1 sr-1 (quantities in any convertible unit).
 
-    R = norm (cos z)^-zenith_index MUONEFF^muoneff_index (E / reference_energy)^-index
-    / (1 + (E_th(z) / E)^rolloff_index) exp(-r^2 / (2 radial_width^2)) (1 - altaz_gradient fov_lat), with
-    E_th(z) = threshold_energy (cos z)^-threshold_zenith_index, r the offset and fov_lat in gammapy's
-    ``FoVAltAzFrame`` (positive toward higher altitude). R is zero above ``offset_max`` and outside
-    [``energy_min``, ``energy_max``], and constant during a run (mid-run zenith); |altaz_gradient| must be
-    below 1 / offset_max. SAFE_ENERGY_LO is ``safe_threshold_factor`` x E_th(z), rounded up to a step of 0.03
-    in log10(E / TeV) like the H.E.S.S. DR1 values. Quantities may be given in any unit convertible to those
-    of the defaults below.
+    R = norm (cos z)^-zenith_index MUONEFF^muoneff_index (E / reference_energy)^-index / (1 + (E_th(z) / E)^
+    rolloff_index) exp(-r^2 / (2 radial_width^2)) (1 - altaz_gradient fov_lat), E_th(z) = threshold_energy (cos z)^
+    -threshold_zenith_index, fov_lat in gammapy's ``FoVAltAzFrame``; zero beyond offset_max, energy_min, energy_max.
+    SAFE_ENERGY_LO is safe_threshold_factor x E_th(z), rounded up to 0.03 in log10(E / TeV) like H.E.S.S. DR1.
     """
 
     norm: u.Quantity = field(default_factory=lambda: 1.3e-4 * RATE_UNIT)
@@ -351,11 +346,10 @@ def _write_gzip(hdus, filename):
 
 
 def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=False, truth=None):
-    """Write a seeded simulated GADF DL3 archive whose background is `BackgroundTruth`.
+    """Write a seeded simulated GADF DL3 archive whose background is `BackgroundTruth`; return its folder.
 
-    Off runs ("Off data") point at zenith 5-55 deg; source runs ("Simulated source") wobble 0.5 deg
-    around `SOURCE_POSITION` and hold a power-law point source (0.1 deg PSF, 10 % energy resolution).
-    Runs last about 28 min, with MUONEFF in 0.85-1.2; no ``bkg`` HDUs. The same seed gives the same bytes.
+    Off runs ("Off data") point at zenith 5-55 deg; source runs ("Simulated source") wobble 0.5 deg around
+    `SOURCE_POSITION` with a power-law point source. Runs last about 28 min; the same seed gives the same bytes.
 
     Parameters
     ----------
@@ -369,11 +363,6 @@ def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=Fal
         Replace a non-empty ``path`` that holds nothing but an archive simulated here. Default is False.
     truth : `BackgroundTruth`, optional
         Background truth. Default is None, ``BackgroundTruth()``.
-
-    Returns
-    -------
-    path : `~pathlib.Path`
-        The folder (obs-index.fits.gz, hdu-index.fits.gz, data/run_XXXXXX.fits.gz).
     """
     path = Path(path).expanduser().resolve()
     truth = BackgroundTruth() if truth is None else truth

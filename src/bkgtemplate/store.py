@@ -1,7 +1,6 @@
 """Store: a new gammapy data store in which every run has its background model.
 
-It holds only the models and two index files pointing at the input files through relative FILE_DIRs.
-"""
+It holds only the models and two index files pointing at the input files through relative FILE_DIRs."""
 
 import errno
 import logging
@@ -41,9 +40,7 @@ STORE_FILES = {BKG_DIR, f"{BKG_DIR}/{BKG_FILE}", HDU_INDEX_FILE, OBS_INDEX_FILE}
 @contextmanager
 def staged_write(path, overwrite=False):
     """Yield a temporary `~pathlib.Path` beside ``path``, moved into place at the end; on any error nothing changes.
-
-    Without ``overwrite`` an existing file or non-empty folder is never replaced, even one that appears meanwhile.
-    """
+    Without ``overwrite`` an existing file or non-empty folder is never replaced, even one that appears meanwhile."""
     path = make_path(path).absolute()
     if _exists(path) and not overwrite and not (path.is_dir() and not any(path.iterdir())):
         raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
@@ -95,7 +92,7 @@ def _move_into_place(stage, path, aside, overwrite):
 
 
 def write_background_store(data_store, models, assignment, output_dir, overwrite=False):
-    """Write a new data store in which every run has its background model.
+    """Write a new data store in which every run has its background model; return its folder.
 
     Models go to ``bkg/background.fits`` (one HDU per model), the HDU index gets one ``bkg`` row per run and
     relative FILE_DIRs, the obs index the extra columns of ``assignment``. An ALTAZ 3D model of a run that gammapy
@@ -113,11 +110,6 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
         Folder of the new store; must not be, be inside, or contain the input folder.
     overwrite : bool, optional
         Replace a non-empty ``output_dir`` holding only a store written here (CREATOR). Default is False.
-
-    Returns
-    -------
-    path : `~pathlib.Path`
-        Folder of the new store, to open with `~gammapy.data.DataStore.from_dir`.
     """
     if data_store.obs_table is None:
         raise ValueError("The data store has no obs index: cannot assign models to runs")
@@ -155,8 +147,7 @@ def gammapy_fov_alignment(data_store, obs_id):
     """The FoV alignment that gammapy's ``Observation.bkg`` gives an ALTAZ `~gammapy.irf.Background3D` of a run.
 
     gammapy 2.1 makes it "REVERSE_LON_RADEC" for legacy H.E.S.S. EVENTS headers: asked with a probe model,
-    gammapy's own rule decides ("ALTAZ" for a run gammapy cannot open).
-    """
+    gammapy's own rule decides ("ALTAZ" for a run gammapy cannot open)."""
     axes = [MapAxis.from_edges([1, 10], unit="TeV", name="energy")]
     axes += [MapAxis.from_edges([-1, 1], unit="deg", name=name) for name in ("fov_lon", "fov_lat")]
     try:
@@ -169,17 +160,16 @@ def gammapy_fov_alignment(data_store, obs_id):
 
 
 def sky_aligned(bkg, run, rotation_step=np.deg2rad(1.0)):
-    """An ALTAZ `~gammapy.irf.Background3D` averaged over the field rotation of `RunInfo` ``run``, as REVERSE_LON_RADEC.
-
-    Bin centres are followed in steps in which the field turns by less than ``rotation_step`` (rad).
-    """
+    """An ALTAZ `~gammapy.irf.Background3D` averaged over the field rotation of `RunInfo` ``run``, as
+    REVERSE_LON_RADEC: bin centres followed in steps in which the field turns by less than ``rotation_step`` (rad)."""
     lon, lat = np.meshgrid(*(bkg.axes[name].center.to_value("rad") for name in ("fov_lon", "fov_lat")), indexing="ij")
     energy = bkg.axes["energy"].center[:, None, None]
     rates = []
     for angle in rotation_steps(run, rotation_step):
         # REVERSE_LON_RADEC is gammapy's RADEC frame (FoVICRSFrame) with the longitude not reversed
         lon_altaz, lat_altaz = fov_radec_to_altaz(-lon, lat, angle)
-        rates.append(bkg.evaluate(energy=energy, fov_lon=lon_altaz * u.rad, fov_lat=lat_altaz * u.rad).to_value(RATE_UNIT))
+        rate = bkg.evaluate(energy=energy, fov_lon=lon_altaz * u.rad, fov_lat=lat_altaz * u.rad)
+        rates.append(rate.to_value(RATE_UNIT))
     meta = {**bkg.meta, "FOVROT": f"ALTAZ model averaged over the field rotation of run {run.obs_id}"}
     return Background3D(axes=bkg.axes, data=np.mean(rates, axis=0), unit=RATE_UNIT, meta=meta,
                         fov_alignment="REVERSE_LON_RADEC")
@@ -270,7 +260,8 @@ def _check_output_dir(output_dir, input_dir, overwrite):
     if _exists(output_dir) and not output_dir.is_dir():
         raise FileExistsError(f"Output path {output_dir} exists and is not a folder: not replaced")
     if overwrite:  # without overwrite, staged_write refuses a non-empty folder
-        check_replaceable(output_dir, CREATOR, STORE_FILES, f"Output folder {output_dir} is not a store written by bkgtemplate")
+        what = f"Output folder {output_dir} is not a store written by bkgtemplate"
+        check_replaceable(output_dir, CREATOR, STORE_FILES, what)
 
 
 def check_replaceable(folder, creator, patterns, what):
