@@ -259,8 +259,9 @@ def read_events(run):
             energy_scale = _scale(data.columns, "ENERGY", path, "TeV", "TeV", run.obs_id)
             angle_scale = _scale(data.columns, "RA", path, "deg", "rad", run.obs_id)
             # each column converted in one pass, and not at all when it is already in TeV
+            energy = data["ENERGY"] if energy_scale == 1 else np.multiply(data["ENERGY"], energy_scale, dtype=float)
             events = {
-                "energy": data["ENERGY"] if energy_scale == 1 else np.multiply(data["ENERGY"], energy_scale, float),
+                "energy": energy,
                 "ra": np.multiply(data["RA"], angle_scale, dtype=float),
                 "dec": np.multiply(data["DEC"], angle_scale, dtype=float),
                 "time": data["TIME"].astype(float),
