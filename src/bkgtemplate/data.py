@@ -22,8 +22,7 @@ __all__ = ["DATASET_NAME", "DataNotFoundError", "RunError", "RunInfo", "check_ob
 
 log = logging.getLogger(__name__)
 
-DATASET_NAME = "hess-dl3-dr1"
-"""Folder of the H.E.S.S. DL3 DR1 release inside ``$GAMMAPY_DATA``."""
+DATASET_NAME = "hess-dl3-dr1"  # folder of the H.E.S.S. DL3 DR1 release inside $GAMMAPY_DATA
 
 INDEX_STEMS = ("hdu-index", "obs-index")
 INDEX_SUFFIXES = (".fits.gz", ".fits")
@@ -176,8 +175,7 @@ def obs_table_rows(data_store, obs_ids):
 
 
 def collect_runs(data_store, obs_ids=None, safe_threshold=True):
-    """The `RunInfo` of the runs ``obs_ids`` (default all; ``SAFE_ENERGY_LO`` read if ``safe_threshold``).
-    Hour angles at the runs' starts come from one vectorised astropy call (site from the obs index, else EVENTS)."""
+    """The `RunInfo` of the runs ``obs_ids`` (default all), their hour angles from one vectorised astropy call."""
     if not isinstance(data_store, DataStore):
         raise TypeError(f"Expected a gammapy DataStore, got {type(data_store).__name__}.")
     obs_ids = check_obs_ids(obs_ids, data_store)
@@ -246,7 +244,9 @@ def _scale(columns, name, path, default, to, obs_id):
 
 def read_events(run):
     """Events ``energy`` (TeV), ``ra``, ``dec`` (rad), ``time`` (s) without NaNs, and the header's pointing (rad).
-    The file must match the run's index rows (OBS_ID, pointing within 0.1 deg, times within TSTART-TSTOP)."""
+
+    The file must match the run's index rows (OBS_ID, pointing within 0.1 deg, times within TSTART-TSTOP).
+    """
     path = Path(run.path)
     if not path.is_file():
         raise RunError(f"Run {run.obs_id}: events file {path} does not exist.")

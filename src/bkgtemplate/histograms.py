@@ -151,8 +151,7 @@ def _extrapolate_ends(rate, log_energy, slopes):
 
 
 def _end_slopes(counts, exposure, log_energy, min_counts=10):
-    """Slopes of the FoV-averaged rate at both ends, never rising away from the data, from the two outermost
-    bins with at least ``min_counts`` events (single events would make the slope arbitrary)."""
+    """Slopes of the FoV-averaged rate at both ends, never rising away, from bins with >= ``min_counts`` events."""
     counts = counts.reshape(len(counts), -1).sum(axis=1)
     exposure = exposure.reshape(len(exposure), -1).sum(axis=1)
     good = np.flatnonzero((counts >= min_counts) & (exposure > 0))
@@ -166,8 +165,9 @@ def _end_slopes(counts, exposure, log_energy, min_counts=10):
 
 @dataclass
 class BackgroundHistograms:
-    """Counts and exposure (ONTIME x dE x dOmega, s MeV sr), shape ``(n_runs, *axes.shape)``, with the runs'
-    obs-index rows and the runs that could not be read (``skipped``); sums on demand, e.g. ``.select(ids).to_irf()``.
+    """Counts and exposure (ONTIME x dE x dOmega, s MeV sr) of each run, with its obs-index row; sums on demand.
+
+    Shape ``(n_runs, *axes.shape)``; ``skipped`` lists unreadable runs; e.g. ``.select(ids).to_irf()``.
     """
 
     axes: MapAxes
