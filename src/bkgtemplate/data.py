@@ -1,9 +1,5 @@
-"""Data: find a DL3 data store, open it, and read what each run contributes.
-
-For each run only the obs-index row and the EVENTS columns are read (a gammapy
-`~gammapy.data.Observation` would also load IRFs), checked against each other: a bad run raises
-`RunError` with one line naming the run and the file.
-"""
+"""Data: find a DL3 data store, open it, and read each run's obs-index row and EVENTS columns (no IRFs),
+checked against each other: a bad run raises `RunError` naming the run and the file."""
 
 import gzip
 import logging
@@ -26,8 +22,7 @@ __all__ = ["DATASET_NAME", "DataNotFoundError", "RunError", "RunInfo", "check_ob
 
 log = logging.getLogger(__name__)
 
-DATASET_NAME = "hess-dl3-dr1"
-"""Folder of the H.E.S.S. DL3 DR1 release inside ``$GAMMAPY_DATA``."""
+DATASET_NAME = "hess-dl3-dr1"  # folder of the H.E.S.S. DL3 DR1 release inside $GAMMAPY_DATA
 
 INDEX_STEMS = ("hdu-index", "obs-index")
 INDEX_SUFFIXES = (".fits.gz", ".fits")
@@ -60,24 +55,19 @@ def _index_files(folder):
 
 
 def find_data_dir(path=None):
-    """Find the folder of a DL3 data store (``obs-index.fits(.gz)`` and ``hdu-index.fits(.gz)``).
+    """Find the folder of a DL3 data store (``obs-index.fits(.gz)`` and ``hdu-index.fits(.gz)``), absolute.
 
     A missing variable, folder or index file raises `DataNotFoundError` naming the path and how to get the data.
 
     Parameters
     ----------
     path : str or `~pathlib.Path`, optional
-        The folder; environment variables and ``~`` are expanded. Default is None, which means
-        ``$GAMMAPY_DATA/hess-dl3-dr1``.
-
-    Returns
-    -------
-    path : `~pathlib.Path`
-        The folder, absolute.
+        The folder; variables and ``~`` are expanded. Default is None, ``$GAMMAPY_DATA/hess-dl3-dr1``.
     """
     if path is None:
         if not os.environ.get("GAMMAPY_DATA"):
-            raise DataNotFoundError(f"H.E.S.S. DL3 DR1 data not found: GAMMAPY_DATA is not set (looked for $GAMMAPY_DATA/{DATASET_NAME}); {_how_to_get()}")
+            raise DataNotFoundError(f"H.E.S.S. DL3 DR1 data not found: GAMMAPY_DATA is not set (looked for "
+                                    f"$GAMMAPY_DATA/{DATASET_NAME}); {_how_to_get()}")
         path = Path(os.environ["GAMMAPY_DATA"]) / DATASET_NAME
     expanded = os.path.expanduser(os.path.expandvars(str(path)))
     if unset := re.findall(r"\$\{?(\w+)", expanded):
@@ -88,7 +78,8 @@ def find_data_dir(path=None):
     if not folder.is_dir():
         raise DataNotFoundError(f"Data not found: folder {folder} does not exist; {_how_to_get()}")
     if missing := [f"{stem}.fits(.gz)" for stem in INDEX_STEMS if stem not in _index_files(folder)]:
-        raise DataNotFoundError(f"Data not found: folder {folder} exists but has no {' and '.join(missing)}; {_how_to_get()}")
+        raise DataNotFoundError(f"Data not found: folder {folder} exists but has no {' and '.join(missing)}; "
+                                f"{_how_to_get()}")
     log.debug(f"Data store found in {folder}")
     return folder
 
@@ -105,10 +96,7 @@ def open_data_store(path=None):
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What the estimator needs from one run, small enough to send to a worker.
-
-    Angles are in rad, times in s (mission elapsed time), energies in TeV.
-    """
+    """What the estimator needs from one run, small enough to send to a worker (rad, s MET, TeV)."""
 
     obs_id: int
     path: str
@@ -125,10 +113,7 @@ class RunInfo:
 
 
 def check_obs_ids(obs_ids, data_store=None):
-    """Run numbers as a list of distinct int; a repeated run is used once, with a warning.
-
-    ``obs_ids`` may be run numbers, a `~gammapy.data.Observations` or None (all runs of ``data_store``).
-    """
+    """Run numbers (a list, `~gammapy.data.Observations` or None: all of ``data_store``) as distinct ints."""
     if obs_ids is None and data_store is not None:
         obs_ids = data_store.obs_table["OBS_ID"]
     elif isinstance(obs_ids, Observations):
@@ -149,10 +134,7 @@ def check_obs_ids(obs_ids, data_store=None):
 
 
 def _column(table, name, unit, obs_ids=None, what=None):
-    """A column in ``unit``, NaN where masked or absent; without a unit the GADF one is assumed, with a warning.
-
-    With ``what``, a missing column or value is an error asking to add ``what``.
-    """
+    """A column in ``unit`` (GADF's, with a warning, if it has none), NaN where masked or absent (error if ``what``)."""
     if name not in table.colnames:
         if what:
             raise KeyError(f"The obs index has no {name} column; add {what} for every run.")
@@ -178,7 +160,7 @@ def _site_and_reference(meta, headers):
             log.warning(f"Neither the obs index nor the EVENTS headers give {key}: assuming {default} (H.E.S.S.).")
             found = [default] * len(headers)
         values[key] = np.array(found, dtype=float)
-    location = EarthLocation(lon=values["GEOLON"] * u.deg, lat=values["GEOLAT"] * u.deg, height=values["ALTITUDE"] * u.m)
+    location = EarthLocation.from_geodetic(values["GEOLON"], values["GEOLAT"], values["ALTITUDE"])
     scale = str(meta.get("TIMESYS", "TT")).lower()
     return location, Time(values["MJDREFI"] + values["MJDREFF"], format="mjd", scale=scale)
 
@@ -186,20 +168,14 @@ def _site_and_reference(meta, headers):
 def obs_table_rows(data_store, obs_ids):
     """Obs-index rows of ``obs_ids`` in that order, as a `~astropy.table.Table`."""
     # one pass over the index: ObservationTable.select_obs_id searches it once per run
-    position = {}
-    for idx, obs_id in enumerate(np.asarray(data_store.obs_table["OBS_ID"]).tolist()):
-        position.setdefault(int(obs_id), idx)
+    position = {obs_id: idx for idx, obs_id in reversed(list(enumerate(data_store.obs_table["OBS_ID"].tolist())))}
     if missing := [obs_id for obs_id in obs_ids if obs_id not in position]:
         raise ValueError(f"Runs {missing} are not in the obs index; drop them from the selection.")
     return Table(data_store.obs_table[[position[obs_id] for obs_id in obs_ids]])
 
 
 def collect_runs(data_store, obs_ids=None, safe_threshold=True):
-    """The `RunInfo` of the runs ``obs_ids`` (default all; ``SAFE_ENERGY_LO`` read if ``safe_threshold``).
-
-    The hour angle at each run's start is computed for all runs in one vectorised astropy call
-    (site and time reference from the obs-index header, else from the runs' EVENTS headers).
-    """
+    """The `RunInfo` of the runs ``obs_ids`` (default all), their hour angles from one vectorised astropy call."""
     if not isinstance(data_store, DataStore):
         raise TypeError(f"Expected a gammapy DataStore, got {type(data_store).__name__}.")
     obs_ids = check_obs_ids(obs_ids, data_store)
@@ -211,7 +187,8 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     tstop = np.where(np.isfinite(tstop := _column(rows, "TSTOP", "s")), tstop, tstart + ontime)
     for name, bad in [("ONTIME <= 0", ontime <= 0), ("ONTIME > TSTOP - TSTART", ontime > tstop - tstart + 1)]:
         if bad.any():
-            raise ValueError(f"Runs {np.array(obs_ids)[bad].tolist()} have {name} in the obs index; fix the units or drop them.")
+            raise ValueError(f"Runs {np.array(obs_ids)[bad].tolist()} have {name} in the obs index; "
+                             "fix the units or drop them.")
     threshold = _column(rows, "SAFE_ENERGY_LO", "TeV") if safe_threshold else np.zeros(len(rows))
     if "SAFE_ENERGY_LO" not in rows.colnames and safe_threshold:
         log.warning("The obs index has no SAFE_ENERGY_LO column: all energy bins are used for every run.")
@@ -221,13 +198,13 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     threshold = np.where(np.isfinite(threshold), threshold, 0.0)
 
     # one pass over the HDU index: its own lookup searches the whole table once per run
-    hdu_table, rows_of = data_store.hdu_table, {}
-    for row, (obs_id, hdu_type) in enumerate(zip(hdu_table["OBS_ID"], np.char.strip(np.asarray(hdu_table["HDU_TYPE"]).astype(str)))):
-        if hdu_type == "events":
-            rows_of.setdefault(int(obs_id), []).append(row)
-    if missing := [obs_id for obs_id in obs_ids if len(rows_of.get(obs_id, [])) != 1]:
+    hdu_table = data_store.hdu_table
+    is_events = np.char.strip(np.asarray(hdu_table["HDU_TYPE"]).astype(str)) == "events"
+    hdu_ids = np.where(is_events, hdu_table["OBS_ID"], -1)
+    rows_of = {obs_id: np.flatnonzero(hdu_ids == obs_id) for obs_id in obs_ids}
+    if missing := [obs_id for obs_id in obs_ids if len(rows_of[obs_id]) != 1]:
         raise RunError(f"Runs {missing} have no or several events rows in the HDU index; fix the index or drop them.")
-    locations = [hdu_table.location_info(rows_of[obs_id][0]) for obs_id in obs_ids]
+    locations = [hdu_table.location_info(int(rows_of[obs_id][0])) for obs_id in obs_ids]
     meta = data_store.obs_table.meta
     headers = [_events_header(hdu) if not all(key in meta for key in HESS_DEFAULTS) else {} for hdu in locations]
     location, reference = _site_and_reference(meta, headers)
@@ -261,16 +238,14 @@ def _scale(columns, name, path, default, to, obs_id):
     try:
         return u.Unit(text).to(to)
     except ValueError:
-        raise RunError(f"Run {obs_id}: unit {text!r} of column {name} in {path} is not a valid unit; fix the file (e.g. '{default}').") from None
+        raise RunError(f"Run {obs_id}: unit {text!r} of column {name} in {path} is not a valid unit; "
+                       f"fix the file (e.g. '{default}').") from None
 
 
 def read_events(run):
-    """Read the event columns the estimator needs, checked against the run's index rows.
+    """Events ``energy`` (TeV), ``ra``, ``dec`` (rad), ``time`` (s) without NaNs, and the header's pointing (rad).
 
-    Units are honoured (GADF units assumed, with a warning, where a column has none); the file
-    must belong to the run (OBS_ID, pointing within 0.1 deg) and its events lie within TSTART-TSTOP.
-    Events with NaN energy or direction are dropped. Returns a dict of arrays ``energy`` (TeV),
-    ``ra``, ``dec`` (rad), ``time`` (s), and the header's (RA_PNT, DEC_PNT) in rad.
+    The file must match the run's index rows (OBS_ID, pointing within 0.1 deg, times within TSTART-TSTOP).
     """
     path = Path(run.path)
     if not path.is_file():
@@ -284,14 +259,16 @@ def read_events(run):
             energy_scale = _scale(data.columns, "ENERGY", path, "TeV", "TeV", run.obs_id)
             angle_scale = _scale(data.columns, "RA", path, "deg", "rad", run.obs_id)
             # each column converted in one pass, and not at all when it is already in TeV
+            energy = data["ENERGY"] if energy_scale == 1 else np.multiply(data["ENERGY"], energy_scale, dtype=float)
             events = {
-                "energy": data["ENERGY"] if energy_scale == 1 else np.multiply(data["ENERGY"], energy_scale, dtype=float),
+                "energy": energy,
                 "ra": np.multiply(data["RA"], angle_scale, dtype=float),
                 "dec": np.multiply(data["DEC"], angle_scale, dtype=float),
                 "time": data["TIME"].astype(float),
             }
             # the header keeps the pointing in double precision, the obs index often in float32
-            pointing = tuple(np.deg2rad(header.get(key, np.rad2deg(v))) for key, v in [("RA_PNT", run.ra_pnt), ("DEC_PNT", run.dec_pnt)])
+            pointing = tuple(np.deg2rad(header.get(key, np.rad2deg(value)))
+                             for key, value in [("RA_PNT", run.ra_pnt), ("DEC_PNT", run.dec_pnt)])
             file_obs_id = header.get("OBS_ID", run.obs_id)
     except RunError:
         raise
@@ -305,8 +282,9 @@ def read_events(run):
                        "fix RA_PNT/DEC_PNT (units?) in one of them.")
     time = events["time"]
     if len(time) and (time.min() < run.tstart - TIME_SLACK or time.max() > run.tstop + TIME_SLACK):
-        raise RunError(f"Run {run.obs_id}: event times in {path} ({time.min():.0f}-{time.max():.0f} s) lie outside "
-                       f"TSTART-TSTOP ({run.tstart:.0f}-{run.tstop:.0f} s); TIME must count from the mission reference.")
+        raise RunError(f"Run {run.obs_id}: event times in {path} ({time.min():.0f}-{time.max():.0f} s) lie "
+                       f"outside TSTART-TSTOP ({run.tstart:.0f}-{run.tstop:.0f} s); "
+                       "TIME must count from the mission reference.")
     finite = np.isfinite(events["energy"]) & np.isfinite(events["ra"]) & np.isfinite(events["dec"])
     if not finite.all():
         log.warning(f"Run {run.obs_id}: {np.sum(~finite)} events with NaN energy or direction dropped.")

@@ -1,17 +1,12 @@
 """Geometry: event coordinates in the field of view, exact bin solid angles, exclusion regions.
 
-The vectorised transforms reproduce gammapy's ``FoVICRSFrame`` and ``FoVAltAzFrame`` (origin at the pointing,
-longitude reversed). They are written by hand because astropy's frame machinery costs milliseconds per call and
-much more per event, which would dominate the estimator; ``tests/test_geometry.py`` checks them against gammapy's
-frames. Exclusion is sky regions or a gammapy exclusion mask; excluded fractions of bins are estimated on equal-area
-points (`ring_points`, `bin_points`).
-"""
+The transforms reproduce gammapy's ``FoVICRSFrame`` and ``FoVAltAzFrame`` by hand: astropy's frames would dominate
+the estimator's time (``tests/test_geometry.py`` checks them against gammapy)."""
 
 import numpy as np
 import astropy.units as u
 from astropy.coordinates import SkyCoord, angular_separation
-from astropy.wcs import WCS
-from gammapy.maps import WcsNDMap
+from gammapy.maps import WcsGeom, WcsNDMap
 from regions import CircleSkyRegion, SkyRegion
 
 __all__ = ["SIDEREAL_RATE", "Exclusion", "bin_points", "fov_altaz_to_radec", "fov_radec_to_altaz",
@@ -72,8 +67,7 @@ def fov_radec_to_sky(fov_lon, fov_lat, ra_pnt, dec_pnt):
 
 
 def fov_radec_to_altaz(fov_lon, fov_lat, parallactic):
-    """RADEC-aligned to ALTAZ-aligned field-of-view coordinates (rad): a rotation by the parallactic angle and,
-    as azimuth and right ascension turn in opposite senses on the sky, a reflection of the longitude."""
+    """RADEC- to ALTAZ-aligned FoV coordinates (rad): rotation by the parallactic angle, longitude reflected."""
     x, y, z = _unit_vector(fov_lon, fov_lat)
     y, z = _rotate(y, z, -parallactic)
     lon, lat = _lon_lat(x, y, z)
@@ -134,8 +128,7 @@ def bin_points(lon_edges, lat_edges, spacing):
 
 
 class Exclusion:
-    """Sky regions (a `~regions.SkyRegion` or a list of them) or a boolean `~gammapy.maps.WcsNDMap`
-    mask (True = kept, as in gammapy) to cut out of the background estimate."""
+    """Sky regions (one or a list) or a boolean `~gammapy.maps.WcsNDMap` mask (True = kept) to cut out."""
 
     def __init__(self, exclusion):
         if isinstance(exclusion, SkyRegion):
@@ -157,28 +150,22 @@ class Exclusion:
     def touches(self, ra_pnt, dec_pnt, radius):
         """Whether the exclusion may overlap a field of view of ``radius`` around the pointing (rad)."""
         pointing = SkyCoord(ra_pnt * u.rad, dec_pnt * u.rad)
-        return self.mask is not None or any(
-            not isinstance(region, CircleSkyRegion) or region.center.separation(pointing) < radius * u.rad + region.radius
-            for region in self.regions
-        )
+        near = [region.center.separation(pointing) < radius * u.rad + region.radius
+                for region in self.regions if isinstance(region, CircleSkyRegion)]
+        return self.mask is not None or len(near) < len(self.regions) or any(near)
 
     def excluded(self, ra, dec, ra_pnt, dec_pnt):
         """Whether sky positions (rad) are excluded; non-circular regions are projected around the pointing."""
+        coords = SkyCoord(ra * u.rad, dec * u.rad, frame="icrs")
         if self.mask is not None:
-            coords = SkyCoord(ra * u.rad, dec * u.rad, frame="icrs")
             return self.mask.get_by_coord({"skycoord": coords}, fill_value=1) == 0
         excluded = np.zeros(np.shape(ra), dtype=bool)
-        coords = None
         for region in self.regions:
             if isinstance(region, CircleSkyRegion):
                 # exact great-circle distance: cheaper than a projection, and exact
                 center = region.center.icrs
                 excluded |= angular_separation(ra, dec, center.ra.rad, center.dec.rad) < region.radius.to_value("rad")
             else:
-                if coords is None:
-                    coords = SkyCoord(ra * u.rad, dec * u.rad, frame="icrs")
-                    ra_deg, dec_deg = np.rad2deg(ra_pnt), np.rad2deg(dec_pnt)
-                    wcs = WCS({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": ra_deg, "CRVAL2": dec_deg,
-                               "CDELT1": -0.01, "CDELT2": 0.01, "CRPIX1": 0.0, "CRPIX2": 0.0})
-                excluded |= region.contains(coords, wcs)
+                skydir = (np.rad2deg(ra_pnt), np.rad2deg(dec_pnt))
+                excluded |= region.contains(coords, WcsGeom.create(skydir=skydir, binsz=0.01, proj="TAN").wcs)
         return excluded

@@ -1,6 +1,5 @@
-"""Counts and exposure run by run: `fill_run` (a pure function, so runs fill in any order and in parallel) for one,
-`BackgroundHistograms` for many, summed on demand: a model of all runs but one costs a sum, not a pass over the events.
-"""
+"""Counts and exposure run by run: `fill_run` (pure, so runs fill in parallel) for one, `BackgroundHistograms` for
+many, summed on demand (a model of all runs but one costs a sum, not a pass over the events)."""
 
 from dataclasses import dataclass, field, replace
 import numpy as np
@@ -36,10 +35,8 @@ def _parallactic(run, time):
 
 
 def _padded_index(values, edges):
-    """Bin index + 1 of each value: 0 below the first edge (or NaN), ``len(edges)`` at or above the last.
-
-    For a few edges, one comparison per edge: several times faster than `numpy.searchsorted` on unsorted values.
-    """
+    """Bin index + 1 of each value: 0 below the first edge (or NaN), ``len(edges)`` at or above the last."""
+    # for a few edges, one comparison per edge: several times faster than numpy.searchsorted on unsorted values
     if len(edges) > MAX_COMPARED_EDGES:
         return np.searchsorted(edges, values, side="right")
     values = np.asarray(values, dtype=float)
@@ -115,12 +112,11 @@ def skipped_table(rows=None):
 
 
 def background_irf(axes, counts, exposure, n_runs, fov_alignment="ALTAZ", smooth_sigma=None):
-    """`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` of counts and exposure (s MeV sr) summed over
-    ``n_runs`` runs; 3D in ``fov_alignment`` (Default is "ALTAZ"), smoothed along the spatial axes by ``smooth_sigma``
-    bins (Default is None). Empty energy bins between measured ones are interpolated by gammapy, those beyond follow
-    the FoV-averaged spectral slope there (a zero would make gammapy's log interpolation collapse next to the data).
-    The meta holds NRUNS, NEVENTS and EMEASMIN, the lowest energy (TeV) with exposure.
+    """`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` of summed counts and exposure (s MeV sr).
+
+    Meta: NRUNS, NEVENTS and EMEASMIN (lowest energy with exposure, TeV). ``smooth_sigma`` is in spatial bins.
     """
+    # empty energy bins beyond the data follow the FoV-averaged slope: a zero would collapse gammapy's log interpolation
     exposure = u.Quantity(exposure, EXPOSURE_UNIT).value
     if smooth_sigma is not None:
         if not smooth_sigma > 0:
@@ -155,8 +151,7 @@ def _extrapolate_ends(rate, log_energy, slopes):
 
 
 def _end_slopes(counts, exposure, log_energy, min_counts=10):
-    """Slopes of the FoV-averaged rate, never rising away from the data, from the two outermost energy bins
-    at each end with at least ``min_counts`` events (single events would make the slope arbitrary)."""
+    """Slopes of the FoV-averaged rate at both ends, never rising away, from bins with >= ``min_counts`` events."""
     counts = counts.reshape(len(counts), -1).sum(axis=1)
     exposure = exposure.reshape(len(exposure), -1).sum(axis=1)
     good = np.flatnonzero((counts >= min_counts) & (exposure > 0))
@@ -170,12 +165,9 @@ def _end_slopes(counts, exposure, log_energy, min_counts=10):
 
 @dataclass
 class BackgroundHistograms:
-    """Counts and exposure of each run, with the runs' obs-index rows; sums on demand.
+    """Counts and exposure (ONTIME x dE x dOmega, s MeV sr) of each run, with its obs-index row; sums on demand.
 
-    ``counts`` and ``exposure`` (ONTIME x dE x dOmega, s MeV sr) have shape ``(n_runs, *axes.shape)``; ``obs_table``
-    holds the runs' rows in the same order; ``fov_alignment`` of 3D coordinates: Default is "ALTAZ"; ``skipped``
-    lists runs that could not be read (OBS_ID, REASON; Default is empty).
-    E.g. ``BackgroundModelEstimator().fill(store, ids).select(ids[1:]).to_irf()``.
+    Shape ``(n_runs, *axes.shape)``; ``skipped`` lists unreadable runs; e.g. ``.select(ids).to_irf()``.
     """
 
     axes: MapAxes
@@ -187,7 +179,8 @@ class BackgroundHistograms:
 
     def __post_init__(self):
         if self.counts.shape != self.exposure.shape or self.counts.shape[1:] != self.axes.shape:
-            raise ValueError(f"Counts {self.counts.shape} and exposure {self.exposure.shape} do not match (n_runs, {self.axes.shape}).")
+            raise ValueError(f"Counts {self.counts.shape} and exposure {self.exposure.shape} do not match "
+                             f"(n_runs, {self.axes.shape}).")
         if len(self.obs_table) != len(self.counts):
             raise ValueError(f"{len(self.obs_table)} obs-table rows for {len(self.counts)} runs.")
 
@@ -242,6 +235,5 @@ class BackgroundHistograms:
             return np.where(counts > 0, 1 / np.sqrt(counts), np.nan)
 
     def to_irf(self, weights=None, smooth_sigma=None):
-        """The model of the summed runs (`background_irf`); ``weights`` multiply each run's exposure (per run,
-        or per run and energy bin: a rate correction), ``smooth_sigma`` in bins (Default is None)."""
+        """The model of the summed runs (`background_irf`); ``weights`` (per run, or run and energy) scale exposure."""
         return background_irf(self.axes, *self.sum(weights), len(self), self.fov_alignment, smooth_sigma)

@@ -1,8 +1,6 @@
 """A seeded simulated GADF DL3 archive with a known background truth (`BackgroundTruth`, `simulate_archive`).
 
-The truth shares no code with the estimator (from the package only the store's safe-writing helpers are
-imported): events become RA/Dec through gammapy's ``FoVAltAzFrame``, and bin averages are numerical integrals.
-"""
+The truth shares no code with the estimator: events go through gammapy's ``FoVAltAzFrame``, bins are integrated."""
 
 import gzip
 import io
@@ -26,11 +24,8 @@ __all__ = ["RATE_UNIT", "SOURCE_POSITION", "BackgroundTruth", "simulate_archive"
 
 log = logging.getLogger(__name__)
 
-RATE_UNIT = u.Unit("s-1 MeV-1 sr-1")
-"""Unit of background rates, as in GADF ``BKG`` HDUs."""
-
-SOURCE_POSITION = SkyCoord(60.0, -30.0, unit="deg", frame="icrs")
-"""Position of the simulated point source observed by the source runs."""
+RATE_UNIT = u.Unit("s-1 MeV-1 sr-1")  # as in GADF BKG HDUs
+SOURCE_POSITION = SkyCoord(60.0, -30.0, unit="deg", frame="icrs")  # the point source of the source runs
 
 HESS_SITE = dict(GEOLON=16.5002222222222, GEOLAT=-23.2717777777778, ALTITUDE=1835.0)  # deg, deg, m
 SITE = EarthLocation.from_geodetic(HESS_SITE["GEOLON"], HESS_SITE["GEOLAT"], HESS_SITE["ALTITUDE"])
@@ -54,7 +49,7 @@ def _nodes(lo, hi, n_panels):
 
 
 def _column(table, name, unit=""):
-    """Column ``name`` of an obs table as floats in ``unit`` (a column without unit is taken to be in it)."""
+    """Column ``name`` of an obs table as floats in ``unit`` (or without unit)."""
     if name not in table.colnames:
         raise KeyError(f"The obs table has no {name} column; it is needed to evaluate the truth.")
     return u.Quantity(table[name], unit).value
@@ -62,16 +57,12 @@ def _column(table, name, unit=""):
 
 @dataclass(frozen=True)
 class BackgroundTruth:
-    """Known background rate of the simulated archive, in s-1 MeV-1 sr-1.
+    """Known background rate of the simulated archive, in s-1 MeV-1 sr-1 (quantities in any convertible unit).
 
-    R = norm (cos z)^-zenith_index MUONEFF^muoneff_index (E / reference_energy)^-index
-    / (1 + (E_th(z) / E)^rolloff_index) exp(-r^2 / (2 radial_width^2)) (1 - altaz_gradient fov_lat), with
-    E_th(z) = threshold_energy (cos z)^-threshold_zenith_index, r the offset and fov_lat in gammapy's
-    ``FoVAltAzFrame`` (positive toward higher altitude). R is zero above ``offset_max`` and outside
-    [``energy_min``, ``energy_max``], and constant during a run (mid-run zenith); |altaz_gradient| must be
-    below 1 / offset_max. SAFE_ENERGY_LO is ``safe_threshold_factor`` x E_th(z), rounded up to a step of 0.03
-    in log10(E / TeV) like the H.E.S.S. DR1 values. Quantities may be given in any unit convertible to those
-    of the defaults below.
+    R = norm (cos z)^-zenith_index MUONEFF^muoneff_index (E / reference_energy)^-index / (1 + (E_th(z) / E)^
+    rolloff_index) exp(-r^2 / (2 radial_width^2)) (1 - altaz_gradient fov_lat), E_th(z) = threshold_energy (cos z)^
+    -threshold_zenith_index, fov_lat in gammapy's ``FoVAltAzFrame``; zero beyond offset_max, energy_min, energy_max.
+    SAFE_ENERGY_LO is safe_threshold_factor x E_th(z), rounded up to 0.03 in log10(E / TeV) like H.E.S.S. DR1.
     """
 
     norm: u.Quantity = field(default_factory=lambda: 1.3e-4 * RATE_UNIT)
@@ -138,8 +129,7 @@ class BackgroundTruth:
         return np.where(offset <= self.offset_max.to_value("rad"), value, 0.0)
 
     def evaluate(self, energy, fov_lon, fov_lat, zenith, muoneff):
-        """Rate (s-1 MeV-1 sr-1) at reconstructed ``energy``, ``FoVAltAzFrame`` (fov_lon, fov_lat),
-        pointing ``zenith`` and ``muoneff``; all inputs broadcast."""
+        """Rate at ``energy``, ``FoVAltAzFrame`` (fov_lon, fov_lat), ``zenith`` and ``muoneff`` (broadcast)."""
         zenith = u.Quantity(zenith, "rad").value
         spectrum = self._spectrum(u.Quantity(energy, "TeV").value, zenith)
         spatial = self._spatial(u.Quantity(fov_lon, "rad").value, u.Quantity(fov_lat, "rad").value)
@@ -181,9 +171,10 @@ class BackgroundTruth:
         return np.sum(inner * np.cos(lat) * w_lat, axis=(-2, -1)), area[..., 0]
 
     def expected_counts(self, obs_table, energy_min=None, energy_max=None):
-        """Expected background events of each run (ONTIME x integral of R) over the whole FoV, between
-        ``energy_min`` and ``energy_max`` (Quantity, default None: the truth's range); ``obs_table`` needs
-        ONTIME, ZEN_PNT and MUONEFF."""
+        """Expected background events of each run (ONTIME x integral of R over the FoV and energy range).
+
+        ``obs_table`` needs ONTIME, ZEN_PNT and MUONEFF; the energy range is the truth's unless given.
+        """
         e_lo = self.energy_min if energy_min is None else u.Quantity(energy_min, "TeV")
         e_hi = self.energy_max if energy_max is None else u.Quantity(energy_max, "TeV")
         zenith = np.deg2rad(_column(obs_table, "ZEN_PNT", "deg"))
@@ -194,12 +185,10 @@ class BackgroundTruth:
 
     def expected_rate(self, obs_table, energy_axis, offset_axis=None, fov_lon_axis=None, fov_lat_axis=None,
                       safe_threshold=True):
-        """Bin-averaged truth of a set of runs, as a template estimator measures it (s-1 MeV-1 sr-1).
+        """Bin-averaged truth of runs as an estimator measures it: sum(ONTIME x integral R) / sum(ONTIME x dE dOmega).
 
-        Per bin, sum_r(ONTIME_r x integral of R_r dE dOmega) / sum_r(ONTIME_r x dE x dOmega), a run entering an
-        energy bin only at or above its SAFE_ENERGY_LO if ``safe_threshold`` (default True); NaN where no run
-        does. Shape (energy, offset) or (energy, fov_lon, fov_lat) (ALTAZ). ``obs_table`` needs ONTIME, ZEN_PNT,
-        MUONEFF (and SAFE_ENERGY_LO).
+        A run enters an energy bin only at or above its SAFE_ENERGY_LO if ``safe_threshold``; NaN where none does.
+        Shape (energy, offset) or (energy, fov_lon, fov_lat) (ALTAZ).
         """
         if (offset_axis is None) == (fov_lon_axis is None or fov_lat_axis is None):
             raise ValueError("Give either offset_axis, or both fov_lon_axis and fov_lat_axis.")
@@ -357,11 +346,10 @@ def _write_gzip(hdus, filename):
 
 
 def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=False, truth=None):
-    """Write a seeded simulated GADF DL3 archive whose background is `BackgroundTruth`.
+    """Write a seeded simulated GADF DL3 archive whose background is `BackgroundTruth`; return its folder.
 
-    Off runs ("Off data") point at zenith 5-55 deg; source runs ("Simulated source") wobble 0.5 deg
-    around `SOURCE_POSITION` and hold a power-law point source (0.1 deg PSF, 10 % energy resolution).
-    Runs last about 28 min, with MUONEFF in 0.85-1.2; no ``bkg`` HDUs. The same seed gives the same bytes.
+    Off runs ("Off data") point at zenith 5-55 deg; source runs ("Simulated source") wobble 0.5 deg around
+    `SOURCE_POSITION` with a power-law point source. Runs last about 28 min; the same seed gives the same bytes.
 
     Parameters
     ----------
@@ -375,11 +363,6 @@ def simulate_archive(path, n_off_runs=24, n_source_runs=6, seed=0, overwrite=Fal
         Replace a non-empty ``path`` that holds nothing but an archive simulated here. Default is False.
     truth : `BackgroundTruth`, optional
         Background truth. Default is None, ``BackgroundTruth()``.
-
-    Returns
-    -------
-    path : `~pathlib.Path`
-        The folder, with ``obs-index.fits.gz``, ``hdu-index.fits.gz`` and ``data/run_XXXXXX.fits.gz``.
     """
     path = Path(path).expanduser().resolve()
     truth = BackgroundTruth() if truth is None else truth

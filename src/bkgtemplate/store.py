@@ -1,9 +1,6 @@
 """Store: a new gammapy data store in which every run has its background model.
 
-The new store holds only what is new (the background models and two index files); its index
-points at the original event and IRF files through relative FILE_DIRs, so nothing is copied and
-the input store is never written to.
-"""
+It holds only the models and two index files pointing at the input files through relative FILE_DIRs."""
 
 import errno
 import logging
@@ -42,11 +39,9 @@ STORE_FILES = {BKG_DIR, f"{BKG_DIR}/{BKG_FILE}", HDU_INDEX_FILE, OBS_INDEX_FILE}
 
 @contextmanager
 def staged_write(path, overwrite=False):
-    """Write a file or folder under a temporary name beside ``path``, then move it into place.
+    """Yield a temporary `~pathlib.Path` beside ``path``, moved into place at the end; on any error nothing changes.
 
-    Yields the temporary `~pathlib.Path`. Without ``overwrite`` (default False) an existing file or
-    non-empty folder is never replaced, not even one that appears while writing (`FileExistsError`).
-    On any error (``KeyboardInterrupt`` included) ``path`` is left as it was and nothing else remains.
+    Without ``overwrite`` an existing file or non-empty folder is never replaced, even one that appears meanwhile.
     """
     path = make_path(path).absolute()
     if _exists(path) and not overwrite and not (path.is_dir() and not any(path.iterdir())):
@@ -99,35 +94,24 @@ def _move_into_place(stage, path, aside, overwrite):
 
 
 def write_background_store(data_store, models, assignment, output_dir, overwrite=False):
-    """Write a new data store in which every run has its background model.
+    """Write a new data store in which every run has its background model; return its folder.
 
-    The new store holds the models in ``bkg/background.fits`` (one HDU per model, named by its key
-    in ``models``), an HDU index (the input one with exactly one ``bkg`` row per run, FILE_DIRs
-    relative so the store works when moved together with the input data) and an obs index (the
-    input one plus the extra columns of ``assignment``). An ALTAZ `~gammapy.irf.Background3D` of a
-    run that gammapy reads as sky-aligned (`gammapy_fov_alignment`) is written as `sky_aligned` for
-    that run. Everything is checked before anything is written, then written through `staged_write`.
+    Models go to ``bkg/background.fits`` (one HDU per model), the HDU index gets one ``bkg`` row per run and
+    relative FILE_DIRs, the obs index the extra columns of ``assignment``. An ALTAZ 3D model of a run that gammapy
+    reads as sky-aligned (`gammapy_fov_alignment`) is written `sky_aligned`. All is checked before anything is written.
 
     Parameters
     ----------
     data_store : `~gammapy.data.DataStore`
         Input data store. Never written to.
     models : dict of {str: `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`}
-        Background models by HDU name (FITS ignores its case): finite, non-negative rates in a unit
-        convertible to s-1 MeV-1 sr-1.
+        Models by HDU name (case-insensitive in FITS): finite rates >= 0 convertible to s-1 MeV-1 sr-1.
     assignment : `~astropy.table.Table`
-        One row per run of the input obs index, with columns OBS_ID and BKG_HDU (the key in
-        ``models`` of the run's model). Other columns (e.g. ZEN_BIN) are added to the obs index.
+        OBS_ID and BKG_HDU (key in ``models``) for every run of the obs index; other columns are added to it.
     output_dir : str or `~pathlib.Path`
-        Folder of the new store. It must not be, be inside, or contain the input folder.
+        Folder of the new store; must not be, be inside, or contain the input folder.
     overwrite : bool, optional
-        Replace an existing non-empty ``output_dir``, only if it holds nothing but a store written
-        by this function (CREATOR = 'bkgtemplate.store' in its obs index). Default is False.
-
-    Returns
-    -------
-    path : `~pathlib.Path`
-        Folder of the new store (resolved), to open with `~gammapy.data.DataStore.from_dir`.
+        Replace a non-empty ``output_dir`` holding only a store written here (CREATOR). Default is False.
     """
     if data_store.obs_table is None:
         raise ValueError("The data store has no obs index: cannot assign models to runs")
@@ -164,9 +148,9 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
 def gammapy_fov_alignment(data_store, obs_id):
     """The FoV alignment that gammapy's ``Observation.bkg`` gives an ALTAZ `~gammapy.irf.Background3D` of a run.
 
-    gammapy 2.1 declares the background of a run with the legacy H.E.S.S. EVENTS header
-    "REVERSE_LON_RADEC"; asked with a probe model, gammapy's own rule decides. A run that gammapy
-    cannot open gets "ALTAZ".
+
+    gammapy 2.1 makes it "REVERSE_LON_RADEC" for legacy H.E.S.S. EVENTS headers: asked with a probe model,
+    gammapy's own rule decides ("ALTAZ" for a run gammapy cannot open).
     """
     axes = [MapAxis.from_edges([1, 10], unit="TeV", name="energy")]
     axes += [MapAxis.from_edges([-1, 1], unit="deg", name=name) for name in ("fov_lon", "fov_lat")]
@@ -182,8 +166,7 @@ def gammapy_fov_alignment(data_store, obs_id):
 def sky_aligned(bkg, run, rotation_step=np.deg2rad(1.0)):
     """An ALTAZ `~gammapy.irf.Background3D` averaged over the field rotation of `RunInfo` ``run``, as REVERSE_LON_RADEC.
 
-    Each sky-aligned bin centre is followed through the run in steps in which the field turns by
-    less than ``rotation_step`` (rad, see `~bkgtemplate.histograms.rotation_steps`).
+    Bin centres are followed in steps in which the field turns by less than ``rotation_step`` (rad).
     """
     lon, lat = np.meshgrid(*(bkg.axes[name].center.to_value("rad") for name in ("fov_lon", "fov_lat")), indexing="ij")
     energy = bkg.axes["energy"].center[:, None, None]
@@ -191,7 +174,8 @@ def sky_aligned(bkg, run, rotation_step=np.deg2rad(1.0)):
     for angle in rotation_steps(run, rotation_step):
         # REVERSE_LON_RADEC is gammapy's RADEC frame (FoVICRSFrame) with the longitude not reversed
         lon_altaz, lat_altaz = fov_radec_to_altaz(-lon, lat, angle)
-        rates.append(bkg.evaluate(energy=energy, fov_lon=lon_altaz * u.rad, fov_lat=lat_altaz * u.rad).to_value(RATE_UNIT))
+        rate = bkg.evaluate(energy=energy, fov_lon=lon_altaz * u.rad, fov_lat=lat_altaz * u.rad)
+        rates.append(rate.to_value(RATE_UNIT))
     meta = {**bkg.meta, "FOVROT": f"ALTAZ model averaged over the field rotation of run {run.obs_id}"}
     return Background3D(axes=bkg.axes, data=np.mean(rates, axis=0), unit=RATE_UNIT, meta=meta,
                         fov_alignment="REVERSE_LON_RADEC")
@@ -282,14 +266,14 @@ def _check_output_dir(output_dir, input_dir, overwrite):
     if _exists(output_dir) and not output_dir.is_dir():
         raise FileExistsError(f"Output path {output_dir} exists and is not a folder: not replaced")
     if overwrite:  # without overwrite, staged_write refuses a non-empty folder
-        check_replaceable(output_dir, CREATOR, STORE_FILES, f"Output folder {output_dir} is not a store written by bkgtemplate")
+        what = f"Output folder {output_dir} is not a store written by bkgtemplate"
+        check_replaceable(output_dir, CREATOR, STORE_FILES, what)
 
 
 def check_replaceable(folder, creator, patterns, what):
-    """Raise `FileExistsError` unless ``folder`` is empty or holds only what this package wrote.
+    """Raise `FileExistsError` (starting with ``what``) unless ``folder`` is empty or holds only what we wrote.
 
-    That is: only files matching the glob ``patterns`` (relative to ``folder``) and an obs index
-    whose header says ``CREATOR = creator``; ``what`` starts the message.
+    That is: only files matching the glob ``patterns`` and an obs index with ``CREATOR = creator``.
     """
     if not (folder.is_dir() and any(folder.iterdir())):
         return
