@@ -200,9 +200,10 @@ def collect_runs(data_store, obs_ids=None, safe_threshold=True):
     # one pass over the HDU index: its own lookup searches the whole table once per run
     hdu_table = data_store.hdu_table
     is_events = np.char.strip(np.asarray(hdu_table["HDU_TYPE"]).astype(str)) == "events"
-    hdu_ids = np.where(is_events, hdu_table["OBS_ID"], -1)
-    rows_of = {obs_id: np.flatnonzero(hdu_ids == obs_id) for obs_id in obs_ids}
-    if missing := [obs_id for obs_id in obs_ids if len(rows_of[obs_id]) != 1]:
+    rows_of = {}
+    for row, obs_id in zip(np.flatnonzero(is_events), np.asarray(hdu_table["OBS_ID"])[is_events].tolist()):
+        rows_of.setdefault(obs_id, []).append(int(row))
+    if missing := [obs_id for obs_id in obs_ids if len(rows_of.get(obs_id, [])) != 1]:
         raise RunError(f"Runs {missing} have no or several events rows in the HDU index; fix the index or drop them.")
     locations = [hdu_table.location_info(int(rows_of[obs_id][0])) for obs_id in obs_ids]
     meta = data_store.obs_table.meta
