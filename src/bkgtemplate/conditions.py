@@ -243,9 +243,8 @@ class BackgroundModelCollection:
         expand = (-1,) + (1,) * (self.models[0].data.ndim - 1)
         models = []
         for i, (run_bins, run_weights) in enumerate(zip(bins, weights)):
-            # Per energy bin, only the models measured there (at or above their EMEASMIN) share the
-            # weight: a high-zenith bin's extrapolated rate near low-zenith thresholds must not
-            # dilute a measured one.
+            # per energy bin, only the models measured there (>= their EMEASMIN) share the weight: a high-zenith
+            # bin's extrapolated rate near low-zenith thresholds must not dilute a measured one
             used = [(self.models[int(b)], w) for b, w in zip(run_bins, run_weights) if w > 0]
             measured = np.array([w * (energy >= m.meta.get("EMEASMIN", 0.0) * (1 - 1e-6)) for m, w in used])
             total = measured.sum(axis=0)
@@ -355,17 +354,15 @@ class ObservingConditionsEstimator(Maker):
     estimator : `~bkgtemplate.BackgroundModelEstimator`, optional
         Axes, exclusion, smoothing and parallel options. Default is ``BackgroundModelEstimator()``.
     bins : dict of {str: list of float or int}, optional
-        Bins per obs-index column: edges in the column's unit (deg for ZEN_PNT), or a number of
-        equal-livetime bins. Several columns make a grid; an empty dict gives one model.
-        Default is ``{"ZEN_PNT": [0, 20, 40, 90]}``.
+        Per obs-index column, edges in its unit (deg for ZEN_PNT) or a number of equal-livetime bins; several
+        columns make a grid, ``{}`` one model. Default is ``{"ZEN_PNT": [0, 20, 40, 90]}``.
     interpolate : tuple of str, optional
         Binned columns interpolated between bin centres. Default is ("ZEN_PNT", "MUONEFF").
     corrections : dict of {str: {"power-law", "cos", "linear"}}, optional
         Fitted rate corrections per column (see `~bkgtemplate.corrections`). Default is
         ``{"ZEN_PNT": "cos", "NORTH_PNT": "linear", "MUONEFF": "power-law"}``; ``{}`` for none.
     merge_empty : bool, optional
-        Merge a bin without runs with its neighbour of less livetime instead of raising
-        `EmptyBinError`. Default is False.
+        Merge a bin without runs into its neighbour of less livetime, not raise `EmptyBinError`. Default is False.
     """
 
     tag = "ObservingConditionsEstimator"
@@ -387,11 +384,6 @@ class ObservingConditionsEstimator(Maker):
             if kind not in CORRECTION_KINDS:
                 raise ValueError(f"Unknown correction {kind!r} for {column}; choose one of {CORRECTION_KINDS}.")
         self.merge_empty = bool(merge_empty)
-
-    def __str__(self):
-        bins = {c: (v if isinstance(v, int) else v.tolist()) for c, v in self.bins.items()}
-        interpolate = [c for c in self.interpolate if c in self.bins]
-        return f"{self.tag}: bins {bins}, interpolate {interpolate}, corrections {self.corrections}"
 
     def run(self, data_store, obs_ids=None):
         """Build the collection from runs of a data store (all runs by default)."""
