@@ -67,8 +67,7 @@ def _condition_values(table, columns):
 
 def _to_x(column, values):
     """The variable a column is interpolated in: cos(zenith) for ZEN_PNT (deg), else the value."""
-    values = np.asarray(values, dtype=float)
-    return np.cos(np.deg2rad(values)) if column == ZENITH else values
+    return ConditionCorrection.transform("cos" if column == ZENITH else "linear", values)
 
 
 def _from_x(column, x):
@@ -155,8 +154,7 @@ class BackgroundModelCollection:
     Parameters
     ----------
     models : list of `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
-        One model per bin, in C order over the bins of the columns. With corrections, each is
-        the rate at the corrections' references.
+        One per bin, in C order over the columns' bins; with corrections, the rate at their references.
     bin_edges : dict of {str: `~numpy.ndarray`}
         Bin edges of each column, in the column's unit (deg for ZEN_PNT). Empty for one model.
     centres : dict of {str: `~numpy.ndarray`}
