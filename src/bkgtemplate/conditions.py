@@ -1,8 +1,5 @@
-"""Background models over observing conditions: bins of obs-index columns, interpolation, corrections.
-
-One model per bin of ZEN_PNT, MUONEFF, any numeric column or the derived NORTH_PNT, interpolated between
-bin centres (in cos(zenith) for ZEN_PNT, never extrapolated) or looked up, times fitted corrections.
-"""
+"""Background models in bins of obs-index columns (or the derived NORTH_PNT), interpolated between bin centres (in
+cos(zenith) for ZEN_PNT, never extrapolated) or looked up, times fitted corrections."""
 
 import logging
 import numpy as np
@@ -25,8 +22,7 @@ log = logging.getLogger(__name__)
 ZENITH, MUONEFF, AZIMUTH, NORTH = "ZEN_PNT", "MUONEFF", "AZ_PNT", "NORTH_PNT"
 TUTORIAL_ZENITH_EDGES = (0.0, 20.0, 40.0, 90.0)  # deg, as the original gammapy tutorial
 DEFAULT_INTERPOLATE = (ZENITH, MUONEFF)
-DEFAULT_CORRECTIONS = {ZENITH: "cos", NORTH: "linear", MUONEFF: "power-law"}
-"""Default corrections, chosen by held-out prediction on the H.E.S.S. DL3 DR1 runs (notebook 3)."""
+DEFAULT_CORRECTIONS = {ZENITH: "cos", NORTH: "linear", MUONEFF: "power-law"}  # best held out on DR1 (notebook 3)
 ENERGY_DEPENDENT = (ZENITH,)  # corrected columns with one coefficient per energy bin
 COLLECTION_KEY = "BKGCOLL"  # FITS keywords have at most 8 characters
 NORM_ENERGY = 1 * u.TeV  # energy at which CORRFAC and BKG_NORM report a correction
@@ -37,13 +33,9 @@ class EmptyBinError(ValueError):
 
 
 def north_component(zenith, azimuth):
-    """North component ``sin(zenith) cos(azimuth)`` of the pointing (angles in deg), 0 at the zenith.
+    """North component ``sin(zenith) cos(azimuth)`` of the pointing (deg), 0 at the zenith.
 
-    With cos(zenith), it gives the angle between the shower axis and the geomagnetic field.
-
-    >>> north_component([30, 30, 0], [0, 180, 90]).round(3)
-    array([ 0.5, -0.5,  0. ])
-    """
+    With cos(zenith), it gives the angle between the shower axis and the geomagnetic field."""
     return np.sin(np.deg2rad(zenith)) * np.cos(np.deg2rad(azimuth))
 
 
@@ -58,12 +50,12 @@ def column_values(table, column):
         raise KeyError(f"The obs table has no column {column!r}; it has {table.colnames}.")
     col = table[column]
     if np.asarray(col).dtype.kind not in "iufb":
-        raise TypeError(f"Column {column} of the obs table holds {np.asarray(col).dtype} values; bin a numeric column.")
+        raise TypeError(f"Column {column} of the obs table holds {col.dtype} values; bin a numeric column.")
     return np.where(np.ma.getmaskarray(col), np.nan, np.asarray(col, dtype=float))
 
 
 def _condition_values(table, columns):
-    """Values of ``columns`` for the runs of ``table``; a run without a finite value is refused by name."""
+    """Values of ``columns`` for the runs of ``table``; runs without a finite value are refused by OBS_ID."""
     values = {column: column_values(table, column) for column in columns}
     obs_ids = np.asarray(table["OBS_ID"] if "OBS_ID" in table.colnames else np.arange(len(table)))
     for column, array in values.items():
@@ -75,8 +67,7 @@ def _condition_values(table, columns):
 
 def _to_x(column, values):
     """The variable a column is interpolated in: cos(zenith) for ZEN_PNT (deg), else the value."""
-    values = np.asarray(values, dtype=float)
-    return np.cos(np.deg2rad(values)) if column == ZENITH else values
+    return ConditionCorrection.transform("cos" if column == ZENITH else "linear", values)
 
 
 def _from_x(column, x):
@@ -93,17 +84,14 @@ def _check_edges(column, spec):
     except (TypeError, ValueError):
         edges = np.array([])
     if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
-        raise ValueError(f"Bin edges of {column} must increase, with at least two (or give a number of bins); got {spec!r}.")
+        raise ValueError(f"Bin edges of {column} must increase, with at least two (or give a number of bins); "
+                         f"got {spec!r}.")
     return edges
 
 
 def assign_bins(values, edges):
     """Bin of each value (bins include their lower edge, the last also its upper edge), and whether it
-    lies outside ``[edges[0], edges[-1]]`` (then: the nearest bin).
-
-    >>> assign_bins([0, 19.9, 20, 40, 90, 95], [0, 20, 40, 90])[0]
-    array([0, 0, 1, 2, 2, 2])
-    """
+    lies outside ``[edges[0], edges[-1]]`` (then: the nearest bin)."""
     values, edges = np.atleast_1d(np.asarray(values, dtype=float)), np.asarray(edges, dtype=float)
     index = np.where(values == edges[-1], len(edges) - 2, np.searchsorted(edges, values, side="right") - 1)
     return np.clip(index, 0, len(edges) - 2), ~((values >= edges[0]) & (values <= edges[-1]))
@@ -140,8 +128,7 @@ def equal_livetime_edges(values, livetime, n_bins):
 
 
 def _bin_weights(edges, values, n, centres=None, interpolate=()):
-    """Flat bins and weights (n, 2 ** n_interpolated) of ``n`` runs (``bins[:, 0]``: the bin holding
-    the run if none is interpolated), and whether each lies outside."""
+    """Flat bins and weights (n, 2 ** n_interpolated; ``bins[:, 0]``: own bin if none interpolated), and outside."""
     bins, weights, outside = np.zeros((n, 1), dtype=int), np.ones((n, 1)), np.zeros(n, dtype=bool)
     for column, column_edges in edges.items():
         partners, out = assign_bins(values[column], column_edges)
@@ -167,8 +154,7 @@ class BackgroundModelCollection:
     Parameters
     ----------
     models : list of `~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`
-        One model per bin, in C order over the bins of the columns. With corrections, each is
-        the rate at the corrections' references.
+        One per bin, in C order over the columns' bins; with corrections, the rate at their references.
     bin_edges : dict of {str: `~numpy.ndarray`}
         Bin edges of each column, in the column's unit (deg for ZEN_PNT). Empty for one model.
     centres : dict of {str: `~numpy.ndarray`}
@@ -178,7 +164,7 @@ class BackgroundModelCollection:
     corrections : list of `~bkgtemplate.corrections.ConditionCorrection`, optional
         Rate corrections. Default is None.
     runs : `~astropy.table.Table`, optional
-        Runs that built the collection: OBS_ID, BKG_BIN, LIVETIME and their conditions. Default is None.
+        Runs that built it: OBS_ID, BKG_BIN, LIVETIME and their conditions. Default is None.
     """
 
     def __init__(self, models, bin_edges, centres, interpolate=None, corrections=None, runs=None):
@@ -191,7 +177,8 @@ class BackgroundModelCollection:
         if any(model.axes != self.models[0].axes or type(model) is not type(self.models[0]) for model in self.models):
             raise ValueError("All models of a collection must have the same kind and axes.")
         self.centres = {column: np.asarray(centres[column], dtype=float) for column in self.columns}
-        self.interpolate = tuple(c for c in self.columns if c in (DEFAULT_INTERPOLATE if interpolate is None else interpolate))
+        interpolate = DEFAULT_INTERPOLATE if interpolate is None else interpolate
+        self.interpolate = tuple(c for c in self.columns if c in interpolate)
         self.corrections = list(corrections or [])
         self.runs = runs
 
@@ -207,7 +194,8 @@ class BackgroundModelCollection:
     @property
     def bin_names(self):
         """HDU name of each bin, e.g. "BKG_ZEN_PNT0" ("BKG_ALL" for a single model)."""
-        return ["BKG_" + ("_".join(f"{c}{i}" for c, i in zip(self.columns, idx)) or "ALL") for idx in np.ndindex(self.shape)]
+        return ["BKG_" + ("_".join(f"{c}{i}" for c, i in zip(self.columns, idx)) or "ALL")
+                for idx in np.ndindex(self.shape)]
 
     @property
     def bin_labels(self):
@@ -233,18 +221,16 @@ class BackgroundModelCollection:
         return factors, factors[:, norm]
 
     def model_for(self, zenith=None, muoneff=None, **values):
-        """The model (with conditions and interpolation weights in its meta) of one set of conditions.
-
-        ``zenith`` (ZEN_PNT) in deg, as a float or Quantity, ``muoneff`` (MUONEFF), and other binned or
-        corrected columns by name (e.g. ``AZ_PNT=180``; NORTH_PNT may be given through its sources).
-        """
+        """The model (conditions and interpolation weights in its meta) of ``zenith`` (deg, float or Quantity),
+        ``muoneff`` and other binned or corrected columns by name (e.g. ``AZ_PNT=180``, a source of NORTH_PNT)."""
         values.update({k: v for k, v in [(ZENITH, zenith), (MUONEFF, muoneff)] if v is not None})
         values = {k: u.Quantity(v).to_value("deg") if isinstance(v, u.Quantity) else v for k, v in values.items()}
-        missing = [c for c in self.condition_columns if c not in values and not all(s in values for s in SOURCES.get(c, (c,)))]
+        given = [c for c in self.condition_columns if c in values or all(s in values for s in SOURCES.get(c, (c,)))]
+        missing = [c for c in self.condition_columns if c not in given]
         if missing:
             raise ValueError(f"Give a value for {missing}: the collection needs {self.condition_columns}.")
         # a table of one row; a single-model collection needs no value, so the row holds no condition
-        table = Table({column: [float(value)] for column, value in values.items()}) if values else Table({"OBS_ID": [0]})
+        table = Table({column: [float(value)] for column, value in values.items()} if values else {"OBS_ID": [0]})
         return self._models(_condition_values(table, self.condition_columns), 1)[0]
 
     def _models(self, values, n):
@@ -255,13 +241,12 @@ class BackgroundModelCollection:
         expand = (-1,) + (1,) * (self.models[0].data.ndim - 1)
         models = []
         for i, (run_bins, run_weights) in enumerate(zip(bins, weights)):
-            # Per energy bin, only the models measured there (at or above their EMEASMIN) share the
-            # weight: a high-zenith bin's extrapolated rate near low-zenith thresholds must not
-            # dilute a measured one.
+            # per energy bin, only the models measured there (>= their EMEASMIN) share the weight: a high-zenith
+            # bin's extrapolated rate near low-zenith thresholds must not dilute a measured one
             used = [(self.models[int(b)], w) for b, w in zip(run_bins, run_weights) if w > 0]
             measured = np.array([w * (energy >= m.meta.get("EMEASMIN", 0.0) * (1 - 1e-6)) for m, w in used])
             total = measured.sum(axis=0)
-            shares = np.where(total > 0, measured / np.where(total > 0, total, 1), np.array([[w] for _, w in used]))
+            shares = np.where(total > 0, measured / np.where(total > 0, total, 1), [[w] for _, w in used])
             data = sum(w.reshape(expand) * m.quantity.to_value(RATE_UNIT) for (m, _), w in zip(used, shares))
             template = self.models[int(run_bins[np.argmax(run_weights)])]
             meta = {k: v for k, v in template.meta.items() if not k.startswith(("BIN", "NRUNS", "NEVENTS"))}
@@ -275,26 +260,22 @@ class BackgroundModelCollection:
         return models
 
     def to_store_inputs(self, obs_table, interpolate=True):
-        """Models by HDU name and an assignment table for `~bkgtemplate.store.write_background_store`.
+        """Models by HDU name and the obs index's new columns for `~bkgtemplate.store.write_background_store`.
 
-        The assignment (the obs index's new columns) has for each run of ``obs_table``: OBS_ID;
-        ``<col>_BIN`` per binned column; ``<col>_LO``, ``<col>_HI`` and ``<col>_W`` (weight of
-        ``_HI``) per interpolated column; BKG_BIN (flat index of the bin holding the run, or the
-        nearest); BKG_NORM (the corrections at 1 TeV) and BKG_HDU: its own model "BKG_<OBS_ID>",
-        interpolated and corrected, or with ``interpolate=False`` its bin's model.
+        Per run: OBS_ID, <col>_BIN, <col>_LO/_HI/_W (weight of _HI, interpolated columns), BKG_BIN (flat bin, or the
+        nearest), BKG_NORM (corrections at 1 TeV), BKG_HDU ("BKG_<OBS_ID>", or the bin's if not ``interpolate``).
         """
         values = _condition_values(obs_table, self.condition_columns)
         obs_ids = np.asarray(obs_table["OBS_ID"], dtype=np.int64)
         bins, _, outside = _bin_weights(self.bin_edges, values, len(obs_table))
         if outside.any():
-            log.warning(f"Runs {obs_ids[outside].tolist()} lie outside the bins of {self.columns}: they get the nearest bin.")
+            log.warning(f"Runs {obs_ids[outside].tolist()} lie outside the bins of {self.columns}: nearest bin used.")
         assignment = Table({"OBS_ID": obs_ids})
         for column in self.columns:
             assignment[f"{column}_BIN"] = assign_bins(values[column], self.bin_edges[column])[0]
             if column in self.interpolate:
-                x, centres = _to_x(column, values[column]), _to_x(column, self.centres[column])
-                lo, hi, w = interpolation_weights(x, centres)
-                assignment[f"{column}_LO"], assignment[f"{column}_HI"], assignment[f"{column}_W"] = lo, hi, w
+                lo_hi_w = interpolation_weights(_to_x(column, values[column]), _to_x(column, self.centres[column]))
+                assignment[f"{column}_LO"], assignment[f"{column}_HI"], assignment[f"{column}_W"] = lo_hi_w
         assignment["BKG_BIN"], assignment["BKG_NORM"] = bins[:, 0], self._factors(values, len(obs_ids))[1]
         if not interpolate:
             if self.corrections or self.interpolate:
@@ -305,12 +286,8 @@ class BackgroundModelCollection:
         return dict(zip(assignment["BKG_HDU"], self._models(values, len(obs_ids)))), assignment
 
     def write(self, filename, overwrite=False):
-        """Write to a FITS file, atomically (never a half-written file).
-
-        The primary header has NBINS, NCORR, and BINCOLi and INTERPi of the i-th binned
-        column; each bin's HDU (its model's ``to_table_hdu``) has BINCOLi, BINIDXi, BINLOi, BINHIi
-        and BINCENi; a CORRECTIONS and a RUNS table follow if there are corrections and known runs.
-        """
+        """Write to a FITS file, atomically: primary header NBINS, NCORR, BINCOLi, INTERPi; one HDU per bin (the
+        model's, with BINCOLi, BINIDXi, BINLOi, BINHIi, BINCENi), then CORRECTIONS and RUNS tables if any."""
         header = fits.Header({COLLECTION_KEY: True, "NBINS": self.n_bins, "NCORR": len(self.corrections)})
         header["NBINCOL"] = len(self.columns)
         for i, c in enumerate(self.columns, start=1):
@@ -340,7 +317,8 @@ class BackgroundModelCollection:
                 hdulist.verify("exception")
                 return cls._from_hdulist(hdulist)
         except (OSError, KeyError, ValueError, fits.VerifyError) as error:
-            raise ValueError(f"Cannot read a background model collection from {filename} ({error}); rewrite it.") from None
+            message = f"Cannot read a background model collection from {filename} ({error}); rewrite it."
+            raise ValueError(message) from None
 
     @classmethod
     def _from_hdulist(cls, hdulist):
@@ -357,39 +335,32 @@ class BackgroundModelCollection:
             by_index = {hdu.header[f"BINIDX{i}"]: hdu.header[f"BINCEN{i}"] for hdu in bin_hdus}
             centres[column] = [by_index[k] for k in sorted(by_index)]
         kinds = [Background3D if hdu.header.get("HDUCLAS4") == "BKG_3D" else Background2D for hdu in bin_hdus]
-        return cls(
-            [kind.from_table(Table.read(hdu)) for kind, hdu in zip(kinds, bin_hdus)],
-            edges,
-            centres,
-            interpolate=[column for i, column in enumerate(columns, start=1) if header[f"INTERP{i}"]],
-            corrections=ConditionCorrection.from_table(Table.read(hdulist["CORRECTIONS"])) if header["NCORR"] else [],
-            runs=Table.read(hdulist["RUNS"]) if "RUNS" in hdulist else None,
-        )
+        corrections = ConditionCorrection.from_table(Table.read(hdulist["CORRECTIONS"])) if header["NCORR"] else []
+        return cls([kind.from_table(Table.read(hdu)) for kind, hdu in zip(kinds, bin_hdus)], edges, centres,
+                   [column for i, column in enumerate(columns, start=1) if header[f"INTERP{i}"]], corrections,
+                   Table.read(hdulist["RUNS"]) if "RUNS" in hdulist else None)
 
 
 class ObservingConditionsEstimator(Maker):
     """Estimate a `BackgroundModelCollection` over observing conditions.
 
-    A bin's model is the estimator's model of its runs (each run is filled once). Corrections are
-    fitted jointly to all runs (`~bkgtemplate.corrections.fit_corrections`); a ZEN_PNT correction
-    has one coefficient per energy bin.
+    A bin's model is the estimator's model of its runs (each run filled once); corrections are fitted jointly to
+    all runs (`~bkgtemplate.corrections.fit_corrections`), a ZEN_PNT one per energy bin.
 
     Parameters
     ----------
     estimator : `~bkgtemplate.BackgroundModelEstimator`, optional
         Axes, exclusion, smoothing and parallel options. Default is ``BackgroundModelEstimator()``.
     bins : dict of {str: list of float or int}, optional
-        Bins per obs-index column: edges in the column's unit (deg for ZEN_PNT), or a number of
-        equal-livetime bins. Several columns make a grid; an empty dict gives one model.
-        Default is ``{"ZEN_PNT": [0, 20, 40, 90]}``.
+        Per obs-index column, edges in its unit (deg for ZEN_PNT) or a number of equal-livetime bins; several
+        columns make a grid, ``{}`` one model. Default is ``{"ZEN_PNT": [0, 20, 40, 90]}``.
     interpolate : tuple of str, optional
         Binned columns interpolated between bin centres. Default is ("ZEN_PNT", "MUONEFF").
     corrections : dict of {str: {"power-law", "cos", "linear"}}, optional
         Fitted rate corrections per column (see `~bkgtemplate.corrections`). Default is
         ``{"ZEN_PNT": "cos", "NORTH_PNT": "linear", "MUONEFF": "power-law"}``; ``{}`` for none.
     merge_empty : bool, optional
-        Merge a bin without runs with its neighbour of less livetime instead of raising
-        `EmptyBinError`. Default is False.
+        Merge a bin without runs into its neighbour of less livetime, not raise `EmptyBinError`. Default is False.
     """
 
     tag = "ObservingConditionsEstimator"
@@ -412,11 +383,6 @@ class ObservingConditionsEstimator(Maker):
                 raise ValueError(f"Unknown correction {kind!r} for {column}; choose one of {CORRECTION_KINDS}.")
         self.merge_empty = bool(merge_empty)
 
-    def __str__(self):
-        bins = {c: (v if isinstance(v, int) else v.tolist()) for c, v in self.bins.items()}
-        interpolate = [c for c in self.interpolate if c in self.bins]
-        return f"{self.tag}: bins {bins}, interpolate {interpolate}, corrections {self.corrections}"
-
     def run(self, data_store, obs_ids=None):
         """Build the collection from runs of a data store (all runs by default)."""
         return self.make_collection(self.estimator.fill(data_store, obs_ids))
@@ -426,10 +392,7 @@ class ObservingConditionsEstimator(Maker):
         return self._build(histograms, self._edges(histograms), self.merge_empty)
 
     def leave_one_out(self, histograms, obs_ids=None):
-        """Collections each built without one run (corrections refitted; a bin left empty is merged).
-
-        Yields ``(obs_id, collection)`` for each run of ``obs_ids`` (default: every run).
-        """
+        """Yield ``(obs_id, collection)`` without each run of ``obs_ids`` (default all; empty bins merged)."""
         edges = self._edges(histograms)  # equal-livetime edges from all runs
         for obs_id in histograms.obs_ids if obs_ids is None else obs_ids:
             others = [i for i in histograms.obs_ids if i != int(obs_id)]
@@ -440,7 +403,8 @@ class ObservingConditionsEstimator(Maker):
         edges = dict(self.bins)
         for column, n in self.bins.items():
             if isinstance(n, int):
-                edges[column] = equal_livetime_edges(column_values(histograms.obs_table, column), histograms.livetime, n)
+                values = column_values(histograms.obs_table, column)
+                edges[column] = equal_livetime_edges(values, histograms.livetime, n)
         return edges
 
     def _build(self, histograms, edges, merge_empty):
@@ -448,7 +412,7 @@ class ObservingConditionsEstimator(Maker):
         values = _condition_values(table, dict.fromkeys(list(edges) + list(self.corrections)))
         edges, cells, outside = self._fill_bins(edges, values, livetime, merge_empty)
         if np.any(outside):
-            log.warning(f"Runs {obs_ids[outside].tolist()} lie outside the bins of {list(edges)}: they are put in the nearest bin.")
+            log.warning(f"Runs {obs_ids[outside].tolist()} lie outside the bins of {list(edges)}: nearest bin used.")
         centres = {}
         for column, column_edges in edges.items():
             index, x = assign_bins(values[column], column_edges)[0], _to_x(column, values[column])
@@ -458,7 +422,8 @@ class ObservingConditionsEstimator(Maker):
         matrix = np.zeros((len(obs_ids), int(np.prod([len(e) - 1 for e in edges.values()]))))
         np.add.at(matrix, (np.arange(len(obs_ids))[:, None], bins), weights)
         counts, exposure = histograms.counts, histograms.exposure.value
-        corrections = fit_corrections(self.corrections, values, livetime, counts, exposure, cells, matrix, ENERGY_DEPENDENT)
+        corrections = fit_corrections(self.corrections, values, livetime, counts, exposure, cells, matrix,
+                                      ENERGY_DEPENDENT)
         factors = _correction_factors(corrections, values, *counts.shape[:2])
         models = []
         for cell in range(matrix.shape[1]):
@@ -470,8 +435,7 @@ class ObservingConditionsEstimator(Maker):
 
     @staticmethod
     def _fill_bins(edges, values, livetime, merge_empty):
-        """Edges, each run's flat bin and whether it lies outside; an empty bin is merged with its
-        neighbour of less livetime if ``merge_empty``, else an `EmptyBinError`."""
+        """Edges, each run's flat bin and outside flag; empty bins merged into a neighbour or EmptyBinError."""
         while True:
             shape = tuple(len(e) - 1 for e in edges.values())
             bins, _, outside = _bin_weights(edges, values, len(livetime))
@@ -483,13 +447,13 @@ class ObservingConditionsEstimator(Maker):
             label = ", ".join(f"{c} [{edges[c][i]:g}, {edges[c][i + 1]:g}]" for c, i in zip(edges, index))
             if not merge_empty:
                 spans = ", ".join(f"{c} {np.min(values[c]):.4g}-{np.max(values[c]):.4g}" for c in edges)
-                raise EmptyBinError(
-                    f"Bin {label} has no runs (the {len(livetime)} runs span {spans}); change the bin edges or use merge_empty=True."
-                )
+                raise EmptyBinError(f"Bin {label} has no runs (the {len(livetime)} runs span {spans}); change the bin "
+                                    "edges or use merge_empty=True.")
             # merge along the last column with several bins (every run has a bin, so one has several)
             k = max(k for k, n in enumerate(shape) if n > 1)
             column = list(edges)[k]
             per_bin = np.bincount(np.unravel_index(cells, shape)[k], livetime, minlength=shape[k])
-            partner = min((j for j in (index[k] - 1, index[k] + 1) if 0 <= j < shape[k]), key=lambda j: (per_bin[j], j))
+            neighbours = [j for j in (index[k] - 1, index[k] + 1) if 0 <= j < shape[k]]
+            partner = min(neighbours, key=lambda j: (per_bin[j], j))
             log.info(f"Bin {label} has no runs: merged with {column} bin {partner}.")
             edges = {**edges, column: np.delete(edges[column], max(index[k], partner))}

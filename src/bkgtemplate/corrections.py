@@ -1,11 +1,4 @@
-"""Rate corrections for observing conditions, and their joint likelihood fit.
-
-A `ConditionCorrection` multiplies the rate by ``exp(coefficient x g(value))``: ``"power-law"``
-``g = log(value / reference)``, ``"cos"`` ``g = cos(value) - reference`` (value in deg), ``"linear"``
-``g = value - reference``. The coefficient is one number, or one per energy bin. The transformed value
-is clipped to the range of the runs that built the correction (at each energy, those with exposure
-there): a correction is never extrapolated.
-"""
+"""Rate corrections ``exp(coefficient x g(value))`` for observing conditions, and their joint likelihood fit."""
 
 import logging
 from dataclasses import dataclass, replace
@@ -23,17 +16,10 @@ NUMBERS = ("reference", "coefficient", "clip_min", "clip_max")  # one each, or o
 
 @dataclass(frozen=True, eq=False)
 class ConditionCorrection:
-    """A multiplicative correction of the rate by the value of an obs-index ``column``.
+    """A rate correction ``exp(coefficient x g)`` by the value of an obs-index ``column``.
 
-    Parameters
-    ----------
-    column : str
-        Obs-index column, e.g. "MUONEFF".
-    kind : {"power-law", "cos", "linear"}
-        How g depends on the value (see the module).
-    reference, coefficient, clip_min, clip_max : float or `~numpy.ndarray`
-        Where g is 0 (the value for "power-law", cos(value) for "cos"); the coefficient (default 0);
-        the range of log(value), cos(value) or the value (default: no clipping). One, or one per energy bin.
+    g: log(value / reference) ("power-law"), cos(value) - reference ("cos", deg) or value - reference ("linear"), the
+    value clipped to [clip_min, clip_max] (the runs' range: never extrapolated); numbers: one, or one per energy bin.
     """
 
     column: str
@@ -45,7 +31,8 @@ class ConditionCorrection:
 
     def __post_init__(self):
         if self.kind not in CORRECTION_KINDS:
-            raise ValueError(f"Unknown correction kind {self.kind!r} for {self.column}; choose one of {CORRECTION_KINDS}.")
+            raise ValueError(f"Unknown correction kind {self.kind!r} for {self.column}; choose one of "
+                             f"{CORRECTION_KINDS}.")
 
     @property
     def energy_dependent(self):
@@ -121,23 +108,18 @@ def _template(column, kind, values, livetime, measured):
 
 
 def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_matrix, energy_dependent=()):
-    """Corrections (`ConditionCorrection` list, in the order of ``kinds``) of largest Poisson likelihood
-    of the runs' counts, fitted jointly with each bin's rate profiled out (its counts over its corrected exposure).
+    """Corrections (in the order of ``kinds``) of largest Poisson likelihood, each bin's rate profiled out.
 
-    ``kinds`` maps each corrected column to its kind, ``values`` each column to its value per run;
-    ``livetime`` is in s; ``counts`` and ``exposure`` (s MeV sr) are (n_runs, n_energy, spatial...);
-    ``cells`` is the flat bin of each run, ``weights_matrix`` (n_runs, n_bins) its interpolation weight
-    on each bin. Columns in ``energy_dependent`` get one coefficient per energy bin.
+    ``counts``, ``exposure`` (s MeV sr): (n_runs, n_energy, spatial...); ``cells``: each run's flat bin;
+    ``weights_matrix`` (n_runs, n_bins): its interpolation weights; ``energy_dependent`` columns: one per energy bin.
     """
     if not kinds:
         return []
     n_runs, n_energy = counts.shape[:2]
     exposure = exposure.reshape(n_runs, n_energy, -1)
     measured, everywhere = exposure.sum(axis=2) > 0, np.ones((n_runs, 1), dtype=bool)
-    template = [
-        _template(column, kind, values[column], livetime, measured if column in energy_dependent else everywhere)
-        for column, kind in kinds.items()
-    ]
+    template = [_template(c, kind, values[c], livetime, measured if c in energy_dependent else everywhere)
+                for c, kind in kinds.items()]
     # g of each parameter for each run and energy bin: an energy-dependent correction has one
     # parameter per energy bin, whose g is zero in the other energy bins
     g = []
@@ -170,7 +152,8 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
         ratio = np.where(good & has_data, mu, 1) / np.where(has_data, counts_flat, 1)
         value = float(np.sum((mu - counts_flat - counts_flat * np.log(ratio))[good]))
         residual = np.where(good, 1 - counts_flat / np.where(good, mu, 1), 0.0)
-        b = np.where(filled, rate / np.where(filled, exposure_cell, 1), 0.0) * (weights_matrix.T @ (residual * corrected))
+        b = np.where(filled, rate / np.where(filled, exposure_cell, 1), 0.0)
+        b *= weights_matrix.T @ (residual * corrected)
         h = (residual * mu - (one_hot.T @ b) * corrected).reshape(n_runs, n_energy, -1).sum(axis=2)
         return value, np.einsum("ne,pne->p", h, g)
 
@@ -179,7 +162,5 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
         log.warning(f"The correction fit did not converge ({result.message}); using its last values.")
     sizes = [n_energy if correction.energy_dependent else 1 for correction in template]
     parameters = np.split(result.x * scale, np.cumsum(sizes)[:-1])
-    return [
-        replace(correction, coefficient=p.copy() if correction.energy_dependent else float(p[0]))
-        for correction, p in zip(template, parameters)
-    ]
+    return [replace(correction, coefficient=p.copy() if correction.energy_dependent else float(p[0]))
+            for correction, p in zip(template, parameters)]

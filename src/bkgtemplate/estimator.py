@@ -44,7 +44,7 @@ def _check_nbin(nbin, name):
 
 
 def make_energy_axis(energy_min, energy_max, nbin):
-    """Log-spaced energy axis named "energy" (bounds as quantities or floats in TeV); errors name the parameter."""
+    """Log-spaced energy axis named "energy" (bounds as quantities or floats in TeV)."""
     energy_min, energy_max = u.Quantity(energy_min, "TeV"), u.Quantity(energy_max, "TeV")
     if not 0 < energy_min < energy_max:
         raise ValueError(f"Need 0 < energy_min < energy_max, got energy_min={energy_min}, energy_max={energy_max}.")
@@ -53,7 +53,7 @@ def make_energy_axis(energy_min, energy_max, nbin):
 
 
 def make_offset_axis(offset_max, nbin):
-    """Offset axis named "offset", 0 to ``offset_max`` (quantity or float in deg) in equal bins; errors name the parameter."""
+    """Offset axis named "offset", 0 to ``offset_max`` (quantity or float in deg) in equal bins."""
     offset_max = u.Quantity(offset_max, "deg")
     if not 0 * u.deg < offset_max <= MAX_FOV_RADIUS:
         raise ValueError(f"offset_max must be in (0, {MAX_FOV_RADIUS}] (an IACT field of view), got {offset_max}.")
@@ -69,7 +69,8 @@ def _check_axis(axis, name, unit):
     if not axis.unit.is_equivalent(unit):
         raise u.UnitsError(f"The {name} axis has unit {axis.unit}, expected a unit of {unit}.")
     if name != "energy" and np.abs(axis.edges).max() > MAX_FOV_RADIUS:
-        raise ValueError(f"The {name} axis reaches {np.abs(axis.edges).max()}, beyond any IACT field of view ({MAX_FOV_RADIUS}).")
+        raise ValueError(f"The {name} axis reaches {np.abs(axis.edges).max()}, beyond an IACT field of view "
+                         f"({MAX_FOV_RADIUS}).")
     if name == "offset" and axis.edges.min() < 0:
         raise ValueError(f"The offset axis starts at {axis.edges.min()}; offsets are >= 0.")
     return axis
@@ -99,10 +100,9 @@ def _fill_chunk(runs, estimator, summed):
 class BackgroundModelEstimator(Maker, ParallelMixin):
     """Estimate a template background model from runs without strong gamma-ray sources.
 
-    The rate is counts / (ONTIME x dE x dOmega) in s-1 MeV-1 sr-1, summed over runs, with ONTIME (not dead-time
-    corrected, as gammapy predicts background with it) and exact bin solid angles. A run adds to energy bins above its
-    ``SAFE_ENERGY_LO``; exclusion removes events and the excluded fraction of each bin's solid angle, following the
-    field rotation for ALTAZ 3D models.
+    The rate is counts / (ONTIME x dE x dOmega) in s-1 MeV-1 sr-1 summed over runs, with ONTIME (gammapy predicts
+    background with it) and exact solid angles; a run adds to energy bins above its ``SAFE_ENERGY_LO``; exclusion
+    removes events and the excluded fraction of each bin's solid angle (following the field rotation for ALTAZ).
 
     Parameters
     ----------
@@ -139,7 +139,8 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         if fov_lon_axis is None:
             self.spatial_axes = (_check_axis(offset_axis or default_offset_axis(), "offset", "deg"),)
         else:
-            self.spatial_axes = (_check_axis(fov_lon_axis, "fov_lon", "deg"), _check_axis(fov_lat_axis, "fov_lat", "deg"))
+            self.spatial_axes = tuple(_check_axis(axis, name, "deg") for axis, name in
+                                      [(fov_lon_axis, "fov_lon"), (fov_lat_axis, "fov_lat")])
         if str(fov_alignment).upper() not in FOV_ALIGNMENTS:
             raise ValueError(f"Unknown fov_alignment {fov_alignment!r}; choose one of {FOV_ALIGNMENTS}.")
         if on_error not in ON_ERROR:
@@ -186,7 +187,8 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         if exclusion is not None and not (isinstance(exclusion, (list, tuple)) and not exclusion):
             added = Exclusion(exclusion)  # checks the kind: a SkyCoord or pixel region is a TypeError
             if added.mask is not None or (self.exclusion is not None and self.exclusion.mask is not None):
-                raise ValueError("Cannot combine an exclusion mask with other regions; give all regions to the estimator.")
+                raise ValueError("Cannot combine an exclusion mask with other regions; give all regions to the "
+                                 "estimator.")
             estimator = copy(self)
             estimator.exclusion = Exclusion([*(self.exclusion.regions if self.exclusion else []), *added.regions])
         runs = collect_runs(data_store, obs_ids, safe_threshold=self.safe_threshold)
@@ -204,19 +206,17 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
         if not any(np.any(array > 0) for _, _, exposure, _ in results for array in exposure):
             low, high = min(run.safe_energy_lo for run in runs), max(run.safe_energy_lo for run in runs)
             edges = self.energy_axis.edges
-            raise ValueError(f"No exposure kept: the runs' SAFE_ENERGY_LO ({low:.3g}-{high:.3g} TeV) lie above the energy axis "
-                             f"({edges[0]:.3g}-{edges[-1]:.3g}; check the threshold unit), or the exclusion covers the field.")
+            raise ValueError(f"No exposure kept: the runs' SAFE_ENERGY_LO ({low:.3g}-{high:.3g} TeV) lie above the "
+                             f"energy axis ({edges[0]:.3g}-{edges[-1]:.3g}; check the threshold unit), "
+                             "or the exclusion covers the field.")
         if not any(np.any(array > 0) for _, counts, _, _ in results for array in counts):
-            raise ValueError(f"No event kept in {len(runs) - len(skipped)} runs: the runs hold no events inside the axes "
+            raise ValueError(f"No event kept in {len(runs) - len(skipped)} runs: no event lies inside the axes "
                              "(energy range, field of view) outside the exclusion; check the axes and the event files.")
         return runs, results, skipped
 
     def fill(self, data_store, obs_ids=None, exclusion=None):
-        """Counts and exposure of each run (`~bkgtemplate.histograms.BackgroundHistograms`), read in parallel.
-
-        ``obs_ids`` are run numbers or `~gammapy.data.Observations` (default all runs of ``data_store``);
-        ``exclusion`` adds sky regions to the estimator's own (e.g. the targets of source-field runs).
-        """
+        """Counts and exposure of each run (`~bkgtemplate.histograms.BackgroundHistograms`), read in parallel, of
+        ``obs_ids`` (run numbers or Observations; default all), ``exclusion`` regions added (e.g. field targets)."""
         runs, results, skipped = self._fill(data_store, obs_ids, exclusion, summed=False)
         skipped_ids = {row[0] for row in skipped}
         position = {obs_id: i for i, obs_id in enumerate(run.obs_id for run in runs if run.obs_id not in skipped_ids)}
@@ -231,11 +231,8 @@ class BackgroundModelEstimator(Maker, ParallelMixin):
                                     obs_table_rows(data_store, [*position]), self.fov_alignment, skipped_table(skipped))
 
     def run(self, data_store, obs_ids=None):
-        """The background model (`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`) of runs of a store.
-
-        ``obs_ids`` as in `fill`. Runs are summed as they are filled, so the memory does not grow with
-        their number; the model has no NaN or inf (see `~bkgtemplate.histograms.background_irf`).
-        """
+        """The background model (`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D`) of runs of a store
+        (``obs_ids`` as in `fill`); runs are summed as they are filled: the memory does not grow with their number."""
         runs, results, skipped = self._fill(data_store, obs_ids, None, summed=True)
         counts, exposure = (np.sum([array for chunk in results for array in chunk[k]], axis=0) for k in (1, 2))
         return background_irf(self.axes, counts, exposure * EXPOSURE_UNIT, len(runs) - len(skipped), self.fov_alignment,

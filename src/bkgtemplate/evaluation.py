@@ -1,9 +1,6 @@
-"""Held-out evaluation: observed over predicted counts for runs a model was not built from.
-
-``N_pred`` is the sum of rate x ONTIME x dE x dOmega x kept fraction (outside exclusion) over the bins above the run's
-safe threshold and ``e_min`` and within ``offset_max``; ``N_obs`` the events in them. Per run ``RATIO = N_obs / N_pred``
-and ``ERR = sqrt(N_obs) / N_pred``; over runs, bias ``|median(RATIO) - 1|`` and scatter ``1.4826 x MAD(RATIO)``.
-"""
+"""Held-out evaluation: per run ``RATIO = N_obs / N_pred`` (``ERR = sqrt(N_obs) / N_pred``) of the events in, and the
+rate x exposure summed over, the bins above the safe threshold and ``e_min`` and within ``offset_max``, for runs a model
+was not built from; over runs, bias ``|median(RATIO) - 1|`` and scatter ``1.4826 x MAD(RATIO)``."""
 
 import numpy as np
 import astropy.units as u
@@ -32,7 +29,7 @@ def target_regions(obs_table, radii):
     names = np.asarray(obs_table["TARGET_NAME"]).astype(str)
     unknown = sorted(set(radii) - set(names))
     if unknown:
-        raise ValueError(f"Targets {unknown} are not in the obs table's TARGET_NAME; the names are {sorted(set(names))}.")
+        raise ValueError(f"Targets {unknown} are not in the obs table's TARGET_NAME; names: {sorted(set(names))}.")
     livetime = column_values(obs_table, "LIVETIME" if "LIVETIME" in obs_table.colnames else "ONTIME")
     ra, dec = column_values(obs_table, "RA_OBJ"), column_values(obs_table, "DEC_OBJ")
     regions = {}
@@ -62,7 +59,8 @@ def evaluation_mask(axes, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX):
 def predicted_counts(model, exposure, mask):
     """Background counts a model predicts: the sum of rate x exposure (s MeV sr) over the masked bins."""
     if exposure.shape != model.data.shape:
-        raise ValueError(f"Exposure {exposure.shape} does not match the model's axes {model.axes.names} {model.data.shape}.")
+        raise ValueError(f"Exposure {exposure.shape} does not match the model's axes {model.axes.names} "
+                         f"{model.data.shape}.")
     return float(np.sum((model.quantity.to_value(RATE_UNIT) * exposure.to_value(EXPOSURE_UNIT))[mask]))
 
 
@@ -98,7 +96,8 @@ def summarize(table, by="SAMPLE"):
     """N_RUNS, MEDIAN, BIAS and SCATTER of the RATIO column per value of ``by`` (None: all runs)."""
     values = np.full(len(table), "all") if by is None else np.asarray(table[by]).astype(str)
     rows = [[value, *robust_summary(table["RATIO"][values == value]).values()] for value in dict.fromkeys(values)]
-    return Table(rows=rows or None, names=[by or "GROUP", "N_RUNS", "MEDIAN", "BIAS", "SCATTER"], dtype=[str, int, float, float, float])
+    names = [by or "GROUP", "N_RUNS", "MEDIAN", "BIAS", "SCATTER"]
+    return Table(rows=rows or None, names=names, dtype=[str, int, float, float, float])
 
 
 def held_out_evaluation(maker, histograms, off_ids, field_ids=None, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX):
@@ -125,7 +124,8 @@ def held_out_evaluation(maker, histograms, off_ids, field_ids=None, e_min=DEFAUL
     return table
 
 
-def evaluate_models(data_store, models, obs_ids, exclusion=None, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX, sample=""):
+def evaluate_models(data_store, models, obs_ids, exclusion=None, e_min=DEFAULT_E_MIN, offset_max=DEFAULT_OFFSET_MAX,
+                    sample=""):
     """Observed / predicted counts of runs, each filled in the axes and alignment of its own model, as in
     `held_out_evaluation`; ``models`` is a dict or a function of OBS_ID (e.g. the released models:
     ``lambda obs_id: data_store.obs(obs_id, required_irf="all-optional").bkg``).

@@ -26,8 +26,9 @@ def peek_histograms(histograms, figsize=(12, 8)):
     if "offset" not in histograms.axes.names:
         raise ValueError("Only 2D (energy, offset) histograms are drawn here; for 3D use histograms.to_irf().peek().")
     (energy_axis, offset_axis), (counts, exposure) = histograms.axes, histograms.sum()
-    panels = [("Counts", u.Quantity(counts), "viridis"), ("Exposure", exposure, "cividis"), ("Background rate", histograms.rate,
-              "GnBu"), ("Relative error 1/$\\sqrt{N}$", u.Quantity(histograms.relative_error), "magma_r")]
+    panels = [("Counts", u.Quantity(counts), "viridis"), ("Exposure", exposure, "cividis"),
+              ("Background rate", histograms.rate, "GnBu"),
+              ("Relative error 1/$\\sqrt{N}$", u.Quantity(histograms.relative_error), "magma_r")]
     fig, axes = plt.subplots(2, 2, figsize=figsize, layout="tight")
     for ax, (name, values, cmap) in zip(axes.flat, panels):
         mesh = ax.pcolormesh(energy_axis.edges.value, offset_axis.edges.value, values.value.T, cmap=cmap, norm="log")
@@ -43,7 +44,8 @@ def plot_models_comparison(models, labels=None, ax=None, offset="0.5 deg", **kwa
     models = list(models)
     labels = [f"model {i}" for i in range(len(models))] if labels is None else list(labels)
     if not models or len(labels) != len(models) or not all(isinstance(m, (Background2D, Background3D)) for m in models):
-        raise ValueError(f"Expected Background2D/3D models, one label each; got {[type(m).__name__ for m in models]}, {labels}.")
+        kinds = [type(m).__name__ for m in models]
+        raise ValueError(f"Expected Background2D/3D models, one label each; got {kinds}, {labels}.")
     ax, offset = plt.gca() if ax is None else ax, u.Quantity(offset, "deg")
     unit, energy_unit = models[0].unit, models[0].axes["energy"].unit
     kwargs.setdefault("marker", "o")
@@ -88,19 +90,23 @@ def plot_ratio_per_run(table, ax=None, group=None, **kwargs):
     """Observed / predicted counts (RATIO, ERR) per OBS_ID of an evaluation table, ordered by the column ``group``
     (Default is None) and OBS_ID; a band shows each group's mean +- std; groups that share runs are side by side."""
     if len(table) == 0 or {"OBS_ID", "RATIO", "ERR", group or "OBS_ID"} - set(table.colnames):
-        raise ValueError(f"Expected rows with OBS_ID, RATIO, ERR and group {group!r}; got {len(table)} of {table.colnames}.")
+        raise ValueError(f"Expected rows with OBS_ID, RATIO, ERR and group {group!r}; got {len(table)} of "
+                         f"{table.colnames}.")
     ax = plt.gca() if ax is None else ax
     groups = np.array([str(value) for value in table[group]]) if group else np.full(len(table), "runs")
     names = list(dict.fromkeys(groups))
-    obs_id, ratio, error = (np.asarray(table[name], dtype=t) for name, t in [("OBS_ID", int), ("RATIO", float), ("ERR", float)])
+    obs_id = np.asarray(table["OBS_ID"], dtype=int)
+    ratio, error = np.asarray(table["RATIO"], dtype=float), np.asarray(table["ERR"], dtype=float)
     runs = list(dict.fromkeys(obs_id[np.lexsort((obs_id, [names.index(name) for name in groups]))]))
     width = 0.6 / len(names) if len(runs) < len(table) else 0.0
     kwargs.setdefault("fmt", "o")
     for i, name in enumerate(names):
         rows = groups == name
         x = np.array([runs.index(run) for run in obs_id[rows]]) + (i - (len(names) - 1) / 2) * width
-        mean, std = np.nanmean(ratio[rows]), np.nanstd(ratio[rows], ddof=1) if np.isfinite(ratio[rows]).sum() > 1 else 0.0
-        ax.errorbar(x, ratio[rows], error[rows], label=f"{name}: {mean:.2f} $\\pm$ {std:.2f}", **{"color": f"C{i}", **kwargs})
+        finite = ratio[rows][np.isfinite(ratio[rows])]
+        mean, std = np.mean(finite), np.std(finite, ddof=1) if len(finite) > 1 else 0.0
+        label = f"{name}: {mean:.2f} $\\pm$ {std:.2f}"
+        ax.errorbar(x, ratio[rows], error[rows], label=label, **{"color": f"C{i}", **kwargs})
         ax.fill_between([x.min() - 0.5, x.max() + 0.5], mean - std, mean + std, color=f"C{i}", alpha=0.15, linewidth=0)
     ax.axhline(1, color="k", linestyle="--", linewidth=1)
     ax.set_xticks(np.arange(len(runs)), [str(run) for run in runs], rotation=90, fontsize="x-small")
