@@ -315,7 +315,8 @@ def test_hess_default_collection_store_round_trip(hess_store, tutorial_off, tmp_
 
     table = hess_store.obs_table
     # same estimator axes as the tutorial maker: its run histograms serve the default too
-    collection = ObservingConditionsEstimator().make_collection(tutorial_off[1])
+    corrections = {"ZEN_PNT": "cos", "NORTH_PNT": "linear", "MUONEFF": "power-law"}
+    collection = ObservingConditionsEstimator(corrections=corrections).make_collection(tutorial_off[1])
     zenith, north, muoneff = collection.corrections
     assert [c.column for c in collection.corrections] == ["ZEN_PNT", "NORTH_PNT", "MUONEFF"]
     # at a fixed energy above threshold the rate rises with zenith (falls with cos(zenith)):

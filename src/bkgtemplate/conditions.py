@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 ZENITH, MUONEFF, AZIMUTH, NORTH = "ZEN_PNT", "MUONEFF", "AZ_PNT", "NORTH_PNT"
 TUTORIAL_ZENITH_EDGES = (0.0, 20.0, 40.0, 90.0)  # deg, as the original gammapy tutorial
 DEFAULT_INTERPOLATE = (ZENITH, MUONEFF)
-DEFAULT_CORRECTIONS = {ZENITH: "cos", NORTH: "linear", MUONEFF: "power-law"}  # best held out on DR1 (notebook 3)
+DEFAULT_CORRECTIONS = {ZENITH: "cos", MUONEFF: "power-law"}  # best held out on DR1 off runs and fields (notebook 3)
 ENERGY_DEPENDENT = (ZENITH,)  # corrected columns with one coefficient per energy bin
 COLLECTION_KEY = "BKGCOLL"  # FITS keywords have at most 8 characters
 NORM_ENERGY = 1 * u.TeV  # energy at which CORRFAC and BKG_NORM report a correction
@@ -358,7 +358,7 @@ class ObservingConditionsEstimator(Maker):
         Binned columns interpolated between bin centres. Default is ("ZEN_PNT", "MUONEFF").
     corrections : dict of {str: {"power-law", "cos", "linear"}}, optional
         Fitted rate corrections per column (see `~bkgtemplate.corrections`). Default is
-        ``{"ZEN_PNT": "cos", "NORTH_PNT": "linear", "MUONEFF": "power-law"}``; ``{}`` for none.
+        ``{"ZEN_PNT": "cos", "MUONEFF": "power-law"}``; ``{}`` for none.
     merge_empty : bool, optional
         Merge a bin without runs into its neighbour of less livetime, not raise `EmptyBinError`. Default is False.
     """
