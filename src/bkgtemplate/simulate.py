@@ -48,13 +48,6 @@ def gauss_legendre_nodes(lo, hi, n_panels):
     return lo[..., None] + width * t, width * np.tile(GL_W, n_panels) / (2 * n_panels)
 
 
-def _column(table, name, unit=""):
-    """Column ``name`` of an obs table as floats in ``unit`` (or without unit)."""
-    if name not in table.colnames:
-        raise KeyError(f"The obs table has no {name} column; it is needed to evaluate the truth.")
-    return u.Quantity(table[name], unit).value
-
-
 @dataclass(frozen=True)
 class BackgroundTruth:
     """Known background rate of the simulated archive, in s-1 MeV-1 sr-1 (quantities in any convertible unit).
@@ -156,11 +149,11 @@ class BackgroundTruth:
         """
         e_lo = self.energy_min if energy_min is None else u.Quantity(energy_min, "TeV")
         e_hi = self.energy_max if energy_max is None else u.Quantity(energy_max, "TeV")
-        zenith = np.deg2rad(_column(obs_table, "ZEN_PNT", "deg"))
+        zenith = np.deg2rad(u.Quantity(obs_table["ZEN_PNT"], "deg").value)
         energy = self.energy_integral(e_lo.to_value("TeV") * np.ones_like(zenith), e_hi.to_value("TeV"), zenith)
         solid_angle = self.ring_integrals(np.array([0, self.offset_max.to_value("rad")]))[0]
-        norm = self.norm_at(zenith, _column(obs_table, "MUONEFF"))
-        return _column(obs_table, "ONTIME", "s") * norm * energy * 1e6 * solid_angle
+        norm = self.norm_at(zenith, obs_table["MUONEFF"])
+        return u.Quantity(obs_table["ONTIME"], "s").value * norm * energy * 1e6 * solid_angle
 
 
 def _plan_runs(rng, n_off, n_source, truth):
