@@ -200,12 +200,12 @@ def _plan_runs(rng, n_off, n_source, truth):
     return table
 
 
-def _sample_energy(rng, n, index, e_th, truth):
-    """``n`` energies (TeV) from E^-index / (1 + (e_th / E)^k): power law by inverse CDF, then rejection."""
+def _sample_energy(rng, n, index, zenith, truth):
+    """``n`` energies (TeV) from E^-index x `BackgroundTruth.efficiency`: power law by inverse CDF, then rejection."""
     g, e_min, e_max, samples = 1 - index, truth.energy_min.value, truth.energy_max.value, [np.zeros(0)]
     while n > 0:
         energy = (e_min**g + rng.uniform(0, 1, max(2 * n, 1000) * 4) * (e_max**g - e_min**g)) ** (1 / g)
-        samples.append(energy[rng.uniform(0, 1, energy.size) < 1 / (1 + (e_th / energy) ** truth.rolloff_index)][:n])
+        samples.append(energy[rng.uniform(0, 1, energy.size) < truth.efficiency(energy * u.TeV, zenith)][:n])
         n -= samples[-1].size
     return np.concatenate(samples)
 
@@ -239,14 +239,14 @@ def _irfs(truth, zenith):
     return aeff, edisp, psf
 
 
-def _source_events(rng, run, aeff, e_th, truth):
+def _source_events(rng, run, aeff, zenith, truth):
     """Time, RA, Dec (deg) and energy of the point source's events: power law x AEFF x LIVETIME, smeared."""
     e_axis = MapAxis.from_energy_bounds(truth.energy_min, truth.energy_max, nbin=600, name="energy_true")
     flux = SOURCE_AMPLITUDE * (e_axis.center / u.TeV).to_value("") ** -SOURCE_INDEX
     offset = SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg").separation(SOURCE_POSITION)
     area = aeff.evaluate(energy_true=e_axis.center, offset=offset)
     n = rng.poisson((np.sum(flux * area * e_axis.bin_width) * run["LIVETIME"] * u.s).to_value(""))
-    energy = _sample_energy(rng, n, SOURCE_INDEX, e_th, truth) * (1 + EDISP_SIGMA * rng.standard_normal(n))
+    energy = _sample_energy(rng, n, SOURCE_INDEX, zenith, truth) * (1 + EDISP_SIGMA * rng.standard_normal(n))
     separation = PSF_SIGMA * np.sqrt(-2 * np.log1p(-rng.uniform(0, 1, n)))
     sky = SOURCE_POSITION.directional_offset_by(rng.uniform(0, 360, n) * u.deg, separation)
     keep = (energy >= truth.energy_min.value) & (energy <= truth.energy_max.value)
@@ -257,9 +257,8 @@ def _source_events(rng, run, aeff, e_th, truth):
 def _run_hdus(rng, run, n, truth):
     """{HDU_CLASS: HDU} of a run: EVENTS (``n`` background events, plus the source's in a source run), GTI, IRFs."""
     zenith, pointing = run["ZEN_PNT"] * u.deg, SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg")
-    e_th = truth.rolloff_energy(zenith).to_value("TeV")
     irfs = _irfs(truth, zenith)
-    energy = _sample_energy(rng, n, truth.index, e_th, truth)
+    energy = _sample_energy(rng, n, truth.index, zenith, truth)
     fov_lon, fov_lat = _sample_fov(rng, n, truth)
     time = rng.uniform(run["TSTART"], run["TSTOP"], n)
     with erfa_astrom.set(ErfaAstromInterpolator(300 * u.s)):  # error far below a milliarcsecond
@@ -269,7 +268,7 @@ def _run_hdus(rng, run, n, truth):
         sky = SkyCoord(fov_lon=fov_lon * u.rad, fov_lat=fov_lat * u.rad, frame=frame).icrs
     columns = [time, sky.ra.deg, sky.dec.deg, energy]
     if run["TARGET_NAME"] == "Simulated source":
-        columns = [np.concatenate(pair) for pair in zip(columns, _source_events(rng, run, irfs[0], e_th, truth))]
+        columns = [np.concatenate(pair) for pair in zip(columns, _source_events(rng, run, irfs[0], zenith, truth))]
     time, ra, dec, energy = (column[np.argsort(columns[0], kind="stable")] for column in columns)
     times = dict(TSTART=float(run["TSTART"]), TSTOP=float(run["TSTOP"]), **TIME_META)
     meta = dict(EXTNAME="EVENTS", **GADF, HDUVERS="0.3", HDUCLAS1="EVENTS", OBS_ID=int(run["OBS_ID"]), **times,
