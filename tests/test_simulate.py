@@ -305,6 +305,15 @@ def test_module_imports_nothing_of_the_estimator():
     }
 
 
+def test_bin_averages_import_nothing_of_the_estimator():
+    """tests/truth.py averages the truth over bins with the truth's own functions: of the package, only simulate."""
+    tree = ast.parse(open(os.path.join(os.path.dirname(__file__), "truth.py")).read())
+    modules = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    modules += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert {name for name in modules if name.startswith("bkgtemplate")} == {"bkgtemplate.simulate"}
+    assert {name.split(".")[0] for name in modules} <= {"numpy", "astropy", "bkgtemplate"}
+
+
 def test_obs_index(data_store):
     table = data_store.obs_table
     assert len(table) == 30
