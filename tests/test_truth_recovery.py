@@ -2,7 +2,7 @@
 
 Pulls (estimate - truth) / error over bins with at least 20 expected counts must have a mean
 within 0.1 of zero and a standard deviation between 0.85 and 1.15. The truth is the bin average
-of the injected rate over the same runs (`BackgroundTruth.expected_rate`); the error is the
+of the injected rate over the same runs (`expected_rate`, tests/truth.py); the error is the
 estimate's statistical error at the expected counts, truth / sqrt(mu). Selecting bins on the
 observed counts, or dividing by sqrt(N), would bias the pulls by themselves (by about
 +-1 / (2 sqrt(mu))); `test_reported_error_is_the_statistical_error` checks sqrt(N) separately.
@@ -28,6 +28,7 @@ from bkgtemplate import BackgroundModelEstimator
 from bkgtemplate.conditions import ObservingConditionsEstimator, column_values
 from bkgtemplate.evaluation import evaluation_mask, predicted_counts, robust_summary
 from bkgtemplate.simulate import BackgroundTruth, simulate_archive
+from truth import expected_rate
 
 TRUTH = BackgroundTruth(norm=4 * BackgroundTruth().norm)
 ENERGY = MapAxis.from_energy_bounds("0.3 TeV", "30 TeV", nbin=30, name="energy")
@@ -74,13 +75,13 @@ def off_table(store):
 def test_2d_recovers_truth(store, off_table):
     estimator = BackgroundModelEstimator(energy_axis=ENERGY, offset_axis=OFFSET)
     histograms = estimator.fill(store, off_table["OBS_ID"])
-    truth = TRUTH.expected_rate(off_table, ENERGY, offset_axis=OFFSET)
+    truth = expected_rate(TRUTH, off_table, ENERGY, offset_axis=OFFSET)
     assert_pulls(pulls(histograms, truth), min_bins=600)
 
 
 def test_reported_error_is_the_statistical_error(store, off_table):
     histograms = BackgroundModelEstimator(energy_axis=ENERGY, offset_axis=OFFSET).fill(store, off_table["OBS_ID"])
-    truth = TRUTH.expected_rate(off_table, ENERGY, offset_axis=OFFSET)
+    truth = expected_rate(TRUTH, off_table, ENERGY, offset_axis=OFFSET)
     mu = expected_counts(histograms, truth)
     use = mu >= MIN_COUNTS
     error = histograms.relative_error * histograms.rate
@@ -91,7 +92,7 @@ def test_reported_error_is_the_statistical_error(store, off_table):
 def test_3d_altaz_recovers_truth(store, off_table):
     estimator = BackgroundModelEstimator(energy_axis=ENERGY, fov_lon_axis=FOV[0], fov_lat_axis=FOV[1])
     histograms = estimator.fill(store, off_table["OBS_ID"])
-    truth = TRUTH.expected_rate(off_table, ENERGY, fov_lon_axis=FOV[0], fov_lat_axis=FOV[1])
+    truth = expected_rate(TRUTH, off_table, ENERGY, fov_lon_axis=FOV[0], fov_lat_axis=FOV[1])
     assert_pulls(pulls(histograms, truth), min_bins=1500)
 
 
@@ -113,7 +114,7 @@ def test_source_runs_with_exclusion_recover_truth(store, off_table):
     position = SkyCoord(source_table["RA_OBJ"][0], source_table["DEC_OBJ"][0], unit="deg")
     exclusion = [CircleSkyRegion(position, 0.4 * u.deg)]
     runs = vstack([off_table, source_table])
-    truth = TRUTH.expected_rate(runs, ENERGY, offset_axis=OFFSET)
+    truth = expected_rate(TRUTH, runs, ENERGY, offset_axis=OFFSET)
 
     estimator = BackgroundModelEstimator(energy_axis=ENERGY, offset_axis=OFFSET, exclusion=exclusion)
     histograms = estimator.fill(store, runs["OBS_ID"])
@@ -139,7 +140,7 @@ def test_3d_altaz_with_exclusion_recovers_truth(store):
         exclusion=[CircleSkyRegion(position, 0.4 * u.deg)],
     )
     histograms = estimator.fill(store, source_table["OBS_ID"])
-    truth = TRUTH.expected_rate(source_table, ENERGY, fov_lon_axis=FOV[0], fov_lat_axis=FOV[1])
+    truth = expected_rate(TRUTH, source_table, ENERGY, fov_lon_axis=FOV[0], fov_lat_axis=FOV[1])
     assert_pulls(pulls(histograms, truth), min_bins=300)
 
 
@@ -148,7 +149,7 @@ def test_smoothing_lowers_error_without_bias(store, off_table):
     offset = MapAxis.from_bounds(0, 2.5, nbin=20, unit="deg", name="offset")
     estimator = BackgroundModelEstimator(energy_axis=energy, offset_axis=offset, smooth_sigma=1.0)
     histograms = estimator.fill(store, off_table["OBS_ID"])
-    truth = TRUTH.expected_rate(off_table, energy, offset_axis=offset)
+    truth = expected_rate(TRUTH, off_table, energy, offset_axis=offset)
     smoothed = histograms.to_irf(smooth_sigma=estimator.smooth_sigma).quantity
 
     use = (histograms.sum()[0] >= MIN_COUNTS) & np.isfinite(truth)
@@ -170,7 +171,7 @@ def test_zenith_bin_models_recover_the_truth_of_their_runs(store, off_table):
         members = [int(i) for i in collection.runs["OBS_ID"][collection.runs["BKG_BIN"] == cell]]
         histograms = runs.select(members)
         members_table = off_table[np.isin(off_table["OBS_ID"], members)]
-        truth = TRUTH.expected_rate(members_table, ENERGY, offset_axis=OFFSET)
+        truth = expected_rate(TRUTH, members_table, ENERGY, offset_axis=OFFSET)
         values.append(pulls(histograms, truth, rate=model.quantity))
     assert [len(v) > 100 for v in values] == [True] * 3
     assert_pulls(np.concatenate(values), min_bins=600)
@@ -183,7 +184,7 @@ def held_out_over_true(maker, runs):
     for i, (_, collection) in enumerate(maker.leave_one_out(runs)):
         row = runs.obs_table[i]
         model = collection.model_for(**{c: float(column_values(row, c)) for c in collection.condition_columns})
-        truth = TRUTH.expected_rate(runs.obs_table[i : i + 1], runs.axes["energy"], offset_axis=runs.axes["offset"])
+        truth = expected_rate(TRUTH, runs.obs_table[i : i + 1], runs.axes["energy"], offset_axis=runs.axes["offset"])
         true_counts = np.nan_to_num((truth * runs.exposure[i]).to_value(""))[mask].sum()
         ratios.append(predicted_counts(model, runs.exposure[i], mask) / true_counts)
     return robust_summary(ratios)

@@ -1,6 +1,6 @@
 """A seeded simulated GADF DL3 archive with a known background truth (`BackgroundTruth`, `simulate_archive`).
 
-The truth shares no code with the estimator: events go through gammapy's ``FoVAltAzFrame``, bins are integrated."""
+The truth shares no code with the estimator: events go through gammapy's ``FoVAltAzFrame``, integrals by quadrature."""
 
 import gzip
 import io
@@ -20,7 +20,7 @@ from gammapy.utils.coordinates import FoVAltAzFrame
 # for safe writing only: nothing of the estimator's geometry, so that the truth is independent
 from .store import check_replaceable, staged_write
 
-__all__ = ["RATE_UNIT", "SOURCE_POSITION", "BackgroundTruth", "simulate_archive"]
+__all__ = ["RATE_UNIT", "SOURCE_POSITION", "BackgroundTruth", "gauss_legendre_nodes", "simulate_archive"]
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +40,12 @@ GADF = dict(HDUCLASS="GADF", HDUDOC="https://github.com/open-gamma-ray-astro/gam
 GL_X, GL_W = np.polynomial.legendre.leggauss(8)
 
 
-def _nodes(lo, hi, n_panels):
+def gauss_legendre_nodes(lo, hi, n_panels):
     """Composite 8-point Gauss-Legendre nodes and weights on [lo, hi] along a new last axis."""
     lo, hi = np.broadcast_arrays(np.asarray(lo, float), np.asarray(hi, float))
     t = ((np.arange(n_panels)[:, None] + 0.5 * (1 + GL_X)) / n_panels).ravel()
     width = np.maximum(hi - lo, 0)[..., None]
     return lo[..., None] + width * t, width * np.tile(GL_W, n_panels) / (2 * n_panels)
-
-
-def _column(table, name, unit=""):
-    """Column ``name`` of an obs table as floats in ``unit`` (or without unit)."""
-    if name not in table.colnames:
-        raise KeyError(f"The obs table has no {name} column; it is needed to evaluate the truth.")
-    return u.Quantity(table[name], unit).value
 
 
 @dataclass(frozen=True)
@@ -110,7 +103,7 @@ class BackgroundTruth:
         log_e = np.log10(self.safe_threshold_factor * self.rolloff_energy(zenith).to_value("TeV"))
         return 10 ** (np.ceil(np.round(log_e / 0.03, 9)) * 0.03) * u.TeV
 
-    def _norm(self, zenith, muoneff):
+    def norm_at(self, zenith, muoneff):
         """Rate (RATE_UNIT) at E0 and the FoV centre without roll-off; zenith in rad."""
         return self.norm.value * np.cos(zenith) ** -self.zenith_index * np.asarray(muoneff, float) ** self.muoneff_index
 
@@ -120,7 +113,7 @@ class BackgroundTruth:
         power = (energy / self.reference_energy.value) ** -self.index
         return np.where(inside, power * self.efficiency(energy * u.TeV, zenith * u.rad), 0.0)
 
-    def _spatial(self, fov_lon, fov_lat):
+    def spatial(self, fov_lon, fov_lat):
         """Dimensionless FoV factor; coordinates in rad, offset by the haversine formula."""
         hav = np.sin(fov_lat / 2) ** 2 + np.cos(fov_lat) * np.sin(fov_lon / 2) ** 2
         offset = 2 * np.arcsin(np.sqrt(np.clip(hav, 0, 1)))
@@ -132,43 +125,22 @@ class BackgroundTruth:
         """Rate at ``energy``, ``FoVAltAzFrame`` (fov_lon, fov_lat), ``zenith`` and ``muoneff`` (broadcast)."""
         zenith = u.Quantity(zenith, "rad").value
         spectrum = self._spectrum(u.Quantity(energy, "TeV").value, zenith)
-        spatial = self._spatial(u.Quantity(fov_lon, "rad").value, u.Quantity(fov_lat, "rad").value)
-        return self._norm(zenith, muoneff) * spectrum * spatial * RATE_UNIT
+        spatial = self.spatial(u.Quantity(fov_lon, "rad").value, u.Quantity(fov_lat, "rad").value)
+        return self.norm_at(zenith, muoneff) * spectrum * spatial * RATE_UNIT
 
-    def _energy_integral(self, lo, hi, zenith):
-        """Integral of `_spectrum` over [lo, hi] (TeV), in TeV: Gauss-Legendre in ln E, panels <= 0.1."""
+    def energy_integral(self, lo, hi, zenith):
+        """Integral of the energy factor over [lo, hi] (TeV), in TeV: Gauss-Legendre in ln E, panels <= 0.1."""
         lo, hi = (np.log(np.clip(e, self.energy_min.value, self.energy_max.value)) for e in (lo, hi))
-        log_e, w = _nodes(lo, hi, max(1, int(np.ceil(np.max(hi - lo, initial=0) / 0.1))))
+        log_e, w = gauss_legendre_nodes(lo, hi, max(1, int(np.ceil(np.max(hi - lo, initial=0) / 0.1))))
         return np.sum(self._spectrum(np.exp(log_e), np.asarray(zenith)[..., None]) * np.exp(log_e) * w, axis=-1)
 
-    def _ring_integrals(self, edges):
-        """Integrals (sr) of `_spatial` (sin r dr dphi) and of 1 over the rings between offset ``edges`` (rad)."""
-        r_lo, r_hi = edges[:-1], edges[1:]
-        phi, w_phi = _nodes(0.0, 2 * np.pi, 8)
-        r, w_r = (x[..., None] for x in _nodes(r_lo, np.minimum(r_hi, self.offset_max.to_value("rad")), 16))
-        value = self._spatial(np.arctan2(np.sin(r) * np.cos(phi), np.cos(r)), np.arcsin(np.sin(r) * np.sin(phi)))
+    def ring_integrals(self, edges):
+        """Integrals (sr) of `spatial` (sin r dr dphi) and of 1 over the rings between offset ``edges`` (rad)."""
+        r_lo, r_hi, r_max = edges[:-1], edges[1:], self.offset_max.to_value("rad")
+        phi, w_phi = gauss_legendre_nodes(0.0, 2 * np.pi, 8)
+        r, w_r = (x[..., None] for x in gauss_legendre_nodes(r_lo, np.minimum(r_hi, r_max), 16))
+        value = self.spatial(np.arctan2(np.sin(r) * np.cos(phi), np.cos(r)), np.arcsin(np.sin(r) * np.sin(phi)))
         return np.sum(value * np.sin(r) * w_r * w_phi, axis=(-2, -1)), 2 * np.pi * (np.cos(r_lo) - np.cos(r_hi))
-
-    def _box_integrals(self, lon_edges, lat_edges):
-        """Integrals (sr) of `_spatial` (cos lat dlon dlat) and of 1 over (fov_lon, fov_lat) bins (rad)."""
-        lon_lo, lon_hi, lat_lo, lat_hi = np.broadcast_arrays(lon_edges[:-1, None, None], lon_edges[1:, None, None],
-                                                             lat_edges[None, :-1, None], lat_edges[None, 1:, None])
-        # Inside the disk a row spans |lon| <= h(lat); the lon integral kinks where h crosses a
-        # lon edge and ends as a square root at |lat| = r_max: split there, lat = r_max sin(theta).
-        r_max = self.offset_max.to_value("rad")
-        with np.errstate(invalid="ignore"):
-            cross = [np.where(abs(e) < r_max, np.arccos(np.cos(r_max) / np.cos(e)), 0) for e in (lon_lo, lon_hi)]
-        cuts = np.concatenate([lat_lo, lat_hi, *cross, -cross[0], -cross[1]], axis=-1)
-        cuts = np.sort(np.clip(cuts, np.maximum(lat_lo, -r_max), np.minimum(lat_hi, r_max)), axis=-1)
-        theta = np.arcsin(np.clip(cuts / r_max, -1, 1))
-        theta, w_theta = _nodes(theta[..., :-1], theta[..., 1:], 2)
-        lat, w_lat = r_max * np.sin(theta), r_max * np.cos(theta) * w_theta
-        with np.errstate(invalid="ignore"):
-            half = np.nan_to_num(np.arccos(np.clip(np.cos(r_max) / np.cos(lat), -1, 1)))
-        lon, w_lon = _nodes(np.maximum(lon_lo[..., None], -half), np.minimum(lon_hi[..., None], half), 2)
-        inner = np.sum(self._spatial(lon, lat[..., None]) * w_lon, axis=-1)
-        area = (lon_hi - lon_lo) * (np.sin(lat_hi) - np.sin(lat_lo))
-        return np.sum(inner * np.cos(lat) * w_lat, axis=(-2, -1)), area[..., 0]
 
     def expected_counts(self, obs_table, energy_min=None, energy_max=None):
         """Expected background events of each run (ONTIME x integral of R over the FoV and energy range).
@@ -177,38 +149,11 @@ class BackgroundTruth:
         """
         e_lo = self.energy_min if energy_min is None else u.Quantity(energy_min, "TeV")
         e_hi = self.energy_max if energy_max is None else u.Quantity(energy_max, "TeV")
-        zenith = np.deg2rad(_column(obs_table, "ZEN_PNT", "deg"))
-        energy = self._energy_integral(e_lo.to_value("TeV") * np.ones_like(zenith), e_hi.to_value("TeV"), zenith)
-        solid_angle = self._ring_integrals(np.array([0, self.offset_max.to_value("rad")]))[0]
-        norm = self._norm(zenith, _column(obs_table, "MUONEFF"))
-        return _column(obs_table, "ONTIME", "s") * norm * energy * 1e6 * solid_angle
-
-    def expected_rate(self, obs_table, energy_axis, offset_axis=None, fov_lon_axis=None, fov_lat_axis=None,
-                      safe_threshold=True):
-        """Bin-averaged truth of runs as an estimator measures it: sum(ONTIME x integral R) / sum(ONTIME x dE dOmega).
-
-        A run enters an energy bin only at or above its SAFE_ENERGY_LO if ``safe_threshold``; NaN where none does.
-        Shape (energy, offset) or (energy, fov_lon, fov_lat) (ALTAZ).
-        """
-        if (offset_axis is None) == (fov_lon_axis is None or fov_lat_axis is None):
-            raise ValueError("Give either offset_axis, or both fov_lon_axis and fov_lat_axis.")
-        if len(obs_table) == 0:
-            raise ValueError("The obs table is empty: no run to average the truth over.")
-        ontime, zenith = _column(obs_table, "ONTIME", "s"), np.deg2rad(_column(obs_table, "ZEN_PNT", "deg"))
-        norm = self._norm(zenith, _column(obs_table, "MUONEFF"))
-        edges = energy_axis.edges.to_value("TeV")
-        weight = ontime[:, None] * np.ones(len(edges) - 1)
-        if safe_threshold:
-            weight *= edges[None, :-1] >= _column(obs_table, "SAFE_ENERGY_LO", "TeV")[:, None] * (1 - 1e-6)
-        energy = self._energy_integral(edges[None, :-1], edges[None, 1:], zenith[:, None])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            spectrum = np.sum(weight * norm[:, None] * energy, axis=0) / (np.sum(weight, axis=0) * np.diff(edges))
-        if offset_axis is not None:
-            integral, solid_angle = self._ring_integrals(offset_axis.edges.to_value("rad"))
-        else:
-            fov_edges = [axis.edges.to_value("rad") for axis in (fov_lon_axis, fov_lat_axis)]
-            integral, solid_angle = self._box_integrals(*fov_edges)
-        return spectrum.reshape((-1,) + (1,) * integral.ndim) * (integral / solid_angle) * RATE_UNIT
+        zenith = np.deg2rad(u.Quantity(obs_table["ZEN_PNT"], "deg").value)
+        energy = self.energy_integral(e_lo.to_value("TeV") * np.ones_like(zenith), e_hi.to_value("TeV"), zenith)
+        solid_angle = self.ring_integrals(np.array([0, self.offset_max.to_value("rad")]))[0]
+        norm = self.norm_at(zenith, obs_table["MUONEFF"])
+        return u.Quantity(obs_table["ONTIME"], "s").value * norm * energy * 1e6 * solid_angle
 
 
 def _plan_runs(rng, n_off, n_source, truth):
@@ -255,12 +200,12 @@ def _plan_runs(rng, n_off, n_source, truth):
     return table
 
 
-def _sample_energy(rng, n, index, e_th, truth):
-    """``n`` energies (TeV) from E^-index / (1 + (e_th / E)^k): power law by inverse CDF, then rejection."""
+def _sample_energy(rng, n, index, zenith, truth):
+    """``n`` energies (TeV) from E^-index x `BackgroundTruth.efficiency`: power law by inverse CDF, then rejection."""
     g, e_min, e_max, samples = 1 - index, truth.energy_min.value, truth.energy_max.value, [np.zeros(0)]
     while n > 0:
         energy = (e_min**g + rng.uniform(0, 1, max(2 * n, 1000) * 4) * (e_max**g - e_min**g)) ** (1 / g)
-        samples.append(energy[rng.uniform(0, 1, energy.size) < 1 / (1 + (e_th / energy) ** truth.rolloff_index)][:n])
+        samples.append(energy[rng.uniform(0, 1, energy.size) < truth.efficiency(energy * u.TeV, zenith)][:n])
         n -= samples[-1].size
     return np.concatenate(samples)
 
@@ -274,7 +219,7 @@ def _sample_fov(rng, n, truth):
         cos_r = 1 - rng.uniform(0, 1, size) * (1 - np.cos(r_max))
         phi, sin_r = rng.uniform(0, 2 * np.pi, size), np.sqrt(1 - cos_r**2)
         lon, lat = np.arctan2(sin_r * np.cos(phi), cos_r), np.arcsin(sin_r * np.sin(phi))
-        keep = rng.uniform(0, 1, size) < truth._spatial(lon, lat) / bound
+        keep = rng.uniform(0, 1, size) < truth.spatial(lon, lat) / bound
         samples.append(np.stack([lon[keep], lat[keep]])[:, :n])
         n -= samples[-1].shape[1]
     return np.concatenate(samples, axis=1)
@@ -294,14 +239,14 @@ def _irfs(truth, zenith):
     return aeff, edisp, psf
 
 
-def _source_events(rng, run, aeff, e_th, truth):
+def _source_events(rng, run, aeff, zenith, truth):
     """Time, RA, Dec (deg) and energy of the point source's events: power law x AEFF x LIVETIME, smeared."""
     e_axis = MapAxis.from_energy_bounds(truth.energy_min, truth.energy_max, nbin=600, name="energy_true")
     flux = SOURCE_AMPLITUDE * (e_axis.center / u.TeV).to_value("") ** -SOURCE_INDEX
     offset = SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg").separation(SOURCE_POSITION)
     area = aeff.evaluate(energy_true=e_axis.center, offset=offset)
     n = rng.poisson((np.sum(flux * area * e_axis.bin_width) * run["LIVETIME"] * u.s).to_value(""))
-    energy = _sample_energy(rng, n, SOURCE_INDEX, e_th, truth) * (1 + EDISP_SIGMA * rng.standard_normal(n))
+    energy = _sample_energy(rng, n, SOURCE_INDEX, zenith, truth) * (1 + EDISP_SIGMA * rng.standard_normal(n))
     separation = PSF_SIGMA * np.sqrt(-2 * np.log1p(-rng.uniform(0, 1, n)))
     sky = SOURCE_POSITION.directional_offset_by(rng.uniform(0, 360, n) * u.deg, separation)
     keep = (energy >= truth.energy_min.value) & (energy <= truth.energy_max.value)
@@ -312,9 +257,8 @@ def _source_events(rng, run, aeff, e_th, truth):
 def _run_hdus(rng, run, n, truth):
     """{HDU_CLASS: HDU} of a run: EVENTS (``n`` background events, plus the source's in a source run), GTI, IRFs."""
     zenith, pointing = run["ZEN_PNT"] * u.deg, SkyCoord(run["RA_PNT"], run["DEC_PNT"], unit="deg")
-    e_th = truth.rolloff_energy(zenith).to_value("TeV")
     irfs = _irfs(truth, zenith)
-    energy = _sample_energy(rng, n, truth.index, e_th, truth)
+    energy = _sample_energy(rng, n, truth.index, zenith, truth)
     fov_lon, fov_lat = _sample_fov(rng, n, truth)
     time = rng.uniform(run["TSTART"], run["TSTOP"], n)
     with erfa_astrom.set(ErfaAstromInterpolator(300 * u.s)):  # error far below a milliarcsecond
@@ -324,7 +268,7 @@ def _run_hdus(rng, run, n, truth):
         sky = SkyCoord(fov_lon=fov_lon * u.rad, fov_lat=fov_lat * u.rad, frame=frame).icrs
     columns = [time, sky.ra.deg, sky.dec.deg, energy]
     if run["TARGET_NAME"] == "Simulated source":
-        columns = [np.concatenate(pair) for pair in zip(columns, _source_events(rng, run, irfs[0], e_th, truth))]
+        columns = [np.concatenate(pair) for pair in zip(columns, _source_events(rng, run, irfs[0], zenith, truth))]
     time, ra, dec, energy = (column[np.argsort(columns[0], kind="stable")] for column in columns)
     times = dict(TSTART=float(run["TSTART"]), TSTOP=float(run["TSTOP"]), **TIME_META)
     meta = dict(EXTNAME="EVENTS", **GADF, HDUVERS="0.3", HDUCLAS1="EVENTS", OBS_ID=int(run["OBS_ID"]), **times,
