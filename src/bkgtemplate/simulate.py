@@ -14,13 +14,14 @@ from astropy.coordinates.erfa_astrom import ErfaAstromInterpolator, erfa_astrom
 from astropy.io import fits
 from astropy.table import Table
 from astropy.time import Time
+from scipy.integrate import quad
 from gammapy.irf import PSF3D, EffectiveAreaTable2D, EnergyDispersion2D
 from gammapy.maps import MapAxis
 from gammapy.utils.coordinates import FoVAltAzFrame
 # for safe writing only: nothing of the estimator's geometry, so that the truth is independent
 from .store import check_replaceable, staged_write
 
-__all__ = ["RATE_UNIT", "SOURCE_POSITION", "BackgroundTruth", "gauss_legendre_nodes", "simulate_archive"]
+__all__ = ["RATE_UNIT", "SOURCE_POSITION", "BackgroundTruth", "simulate_archive"]
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,6 @@ TIME_META = dict(MJDREFI=MJDREF[0], MJDREFF=MJDREF[1], TIMEUNIT="s", TIMESYS="TT
 RUN_KEYS = ("ONTIME", "LIVETIME", "DEADC", "RA_PNT", "DEC_PNT", "ALT_PNT", "AZ_PNT", "RA_OBJ", "DEC_OBJ", "MUONEFF")
 CREATOR = "bkgtemplate.simulate"  # marks the archives simulated here: overwrite=True replaces nothing else
 GADF = dict(HDUCLASS="GADF", HDUDOC="https://github.com/open-gamma-ray-astro/gamma-astro-data-formats")
-GL_X, GL_W = np.polynomial.legendre.leggauss(8)
-
-
-def gauss_legendre_nodes(lo, hi, n_panels):
-    """Composite 8-point Gauss-Legendre nodes and weights on [lo, hi] along a new last axis."""
-    lo, hi = np.broadcast_arrays(np.asarray(lo, float), np.asarray(hi, float))
-    t = ((np.arange(n_panels)[:, None] + 0.5 * (1 + GL_X)) / n_panels).ravel()
-    width = np.maximum(hi - lo, 0)[..., None]
-    return lo[..., None] + width * t, width * np.tile(GL_W, n_panels) / (2 * n_panels)
-
-
 @dataclass(frozen=True)
 class BackgroundTruth:
     """Known background rate of the simulated archive, in s-1 MeV-1 sr-1 (quantities in any convertible unit).
@@ -107,7 +97,7 @@ class BackgroundTruth:
         """Rate (RATE_UNIT) at E0 and the FoV centre without roll-off; zenith in rad."""
         return self.norm.value * np.cos(zenith) ** -self.zenith_index * np.asarray(muoneff, float) ** self.muoneff_index
 
-    def _spectrum(self, energy, zenith):
+    def spectrum(self, energy, zenith):
         """Dimensionless energy factor; energy in TeV, zenith in rad."""
         inside = (energy >= self.energy_min.value) & (energy <= self.energy_max.value)
         power = (energy / self.reference_energy.value) ** -self.index
@@ -124,36 +114,25 @@ class BackgroundTruth:
     def evaluate(self, energy, fov_lon, fov_lat, zenith, muoneff):
         """Rate at ``energy``, ``FoVAltAzFrame`` (fov_lon, fov_lat), ``zenith`` and ``muoneff`` (broadcast)."""
         zenith = u.Quantity(zenith, "rad").value
-        spectrum = self._spectrum(u.Quantity(energy, "TeV").value, zenith)
+        spectrum = self.spectrum(u.Quantity(energy, "TeV").value, zenith)
         spatial = self.spatial(u.Quantity(fov_lon, "rad").value, u.Quantity(fov_lat, "rad").value)
         return self.norm_at(zenith, muoneff) * spectrum * spatial * RATE_UNIT
-
-    def energy_integral(self, lo, hi, zenith):
-        """Integral of the energy factor over [lo, hi] (TeV), in TeV: Gauss-Legendre in ln E, panels <= 0.1."""
-        lo, hi = (np.log(np.clip(e, self.energy_min.value, self.energy_max.value)) for e in (lo, hi))
-        log_e, w = gauss_legendre_nodes(lo, hi, max(1, int(np.ceil(np.max(hi - lo, initial=0) / 0.1))))
-        return np.sum(self._spectrum(np.exp(log_e), np.asarray(zenith)[..., None]) * np.exp(log_e) * w, axis=-1)
-
-    def ring_integrals(self, edges):
-        """Integrals (sr) of `spatial` (sin r dr dphi) and of 1 over the rings between offset ``edges`` (rad)."""
-        r_lo, r_hi, r_max = edges[:-1], edges[1:], self.offset_max.to_value("rad")
-        phi, w_phi = gauss_legendre_nodes(0.0, 2 * np.pi, 8)
-        r, w_r = (x[..., None] for x in gauss_legendre_nodes(r_lo, np.minimum(r_hi, r_max), 16))
-        value = self.spatial(np.arctan2(np.sin(r) * np.cos(phi), np.cos(r)), np.arcsin(np.sin(r) * np.sin(phi)))
-        return np.sum(value * np.sin(r) * w_r * w_phi, axis=(-2, -1)), 2 * np.pi * (np.cos(r_lo) - np.cos(r_hi))
 
     def expected_counts(self, obs_table, energy_min=None, energy_max=None):
         """Expected background events of each run (ONTIME x integral of R over the FoV and energy range).
 
         ``obs_table`` needs ONTIME, ZEN_PNT and MUONEFF; the energy range is the truth's unless given.
         """
-        e_lo = self.energy_min if energy_min is None else u.Quantity(energy_min, "TeV")
-        e_hi = self.energy_max if energy_max is None else u.Quantity(energy_max, "TeV")
         zenith = np.deg2rad(u.Quantity(obs_table["ZEN_PNT"], "deg").value)
-        energy = self.energy_integral(e_lo.to_value("TeV") * np.ones_like(zenith), e_hi.to_value("TeV"), zenith)
-        solid_angle = self.ring_integrals(np.array([0, self.offset_max.to_value("rad")]))[0]
-        norm = self.norm_at(zenith, obs_table["MUONEFF"])
-        return u.Quantity(obs_table["ONTIME"], "s").value * norm * energy * 1e6 * solid_angle
+        norm = self.norm_at(zenith, obs_table["MUONEFF"]) * u.Quantity(obs_table["ONTIME"], "s").value
+        bounds = (self.energy_min.value, self.energy_max.value)
+        e_lo, e_hi = (np.clip(u.Quantity(default if e is None else e, "TeV").value, *bounds)
+                      for e, default in [(energy_min, self.energy_min), (energy_max, self.energy_max)])
+        # in ln E; over the disk the alt-az gradient integrates to zero, leaving the radial profile
+        energy = [quad(lambda x: self.spectrum(np.exp(x), z) * np.exp(x), *np.log([e_lo, e_hi]))[0] for z in zenith]
+        sigma, r_max = self.radial_width.to_value("rad"), self.offset_max.to_value("rad")
+        solid_angle = 2 * np.pi * quad(lambda r: np.exp(-0.5 * (r / sigma) ** 2) * np.sin(r), 0, r_max)[0]
+        return norm * np.array(energy) * 1e6 * solid_angle
 
 
 def _plan_runs(rng, n_off, n_source, truth):
