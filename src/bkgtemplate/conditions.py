@@ -20,6 +20,7 @@ __all__ = ["BackgroundModelCollection", "EmptyBinError", "ObservingConditionsEst
 log = logging.getLogger(__name__)
 
 ZENITH, MUONEFF, AZIMUTH, NORTH = "ZEN_PNT", "MUONEFF", "AZ_PNT", "NORTH_PNT"
+UNITS = {ZENITH: "deg", AZIMUTH: "deg"}  # of the binned columns in labels; the others have none
 TUTORIAL_ZENITH_EDGES = (0.0, 20.0, 40.0, 90.0)  # deg, as the original gammapy tutorial
 DEFAULT_INTERPOLATE = (ZENITH, MUONEFF)
 DEFAULT_CORRECTIONS = {ZENITH: "cos", MUONEFF: "power-law"}  # best held out on DR1 off runs and fields (notebook 3)
@@ -72,10 +73,6 @@ def _to_x(column, values):
 
 def _from_x(column, x):
     return np.rad2deg(np.arccos(np.clip(x, -1, 1))) if column == ZENITH else np.asarray(x, dtype=float)
-
-
-def _unit(column):
-    return "deg" if column in (ZENITH, AZIMUTH) else ""
 
 
 def _check_edges(column, spec):
@@ -200,13 +197,13 @@ class BackgroundModelCollection:
     @property
     def bin_labels(self):
         """Readable label of each bin, e.g. "ZEN_PNT 0-20 deg" (for plot legends)."""
-        return [", ".join(f"{c} {self.bin_edges[c][i]:g}-{self.bin_edges[c][i + 1]:g} {_unit(c)}".strip()
+        return [", ".join(f"{c} {self.bin_edges[c][i]:g}-{self.bin_edges[c][i + 1]:g} {UNITS.get(c, '')}".strip()
                           for c, i in zip(self.columns, idx)) or "all runs" for idx in np.ndindex(self.shape)]
 
     def __str__(self):
         lines = [f"BackgroundModelCollection: {self.n_bins} {type(self.models[0]).__name__} models"]
         for c in self.columns:
-            how, unit = "interpolated" if c in self.interpolate else "looked up", f" {_unit(c)}".rstrip()
+            how, unit = "interpolated" if c in self.interpolate else "looked up", f" {UNITS.get(c, '')}".rstrip()
             edges, centres = np.round(self.bin_edges[c], 4).tolist(), np.round(self.centres[c], 4).tolist()
             lines.append(f"  {c}: edges {edges}{unit}, centres {centres}{unit} ({how})")
         return "\n".join(lines + [f"  correction: {correction}" for correction in self.corrections])

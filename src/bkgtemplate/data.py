@@ -253,10 +253,12 @@ def read_events(run):
         raise RunError(f"Run {run.obs_id}: events file {path} does not exist.")
     try:
         with fits.open(path, memmap=False) as hdulist:
-            if run.hdu not in hdulist:
+            try:  # not `in hdulist`, which reads (and decompresses) every HDU of the file
+                hdu = hdulist[run.hdu]
+            except KeyError:
                 _check_complete(path, run)
-                raise RunError(f"Run {run.obs_id}: {path} has no {run.hdu} HDU.")
-            header, data = hdulist[run.hdu].header, hdulist[run.hdu].data
+                raise RunError(f"Run {run.obs_id}: {path} has no {run.hdu} HDU.") from None
+            header, data = hdu.header, hdu.data
             energy_scale = _scale(data.columns, "ENERGY", path, "TeV", "TeV", run.obs_id)
             angle_scale = _scale(data.columns, "RA", path, "deg", "rad", run.obs_id)
             # each column converted in one pass, and not at all when it is already in TeV
