@@ -89,11 +89,12 @@ def _fill_chunk(runs, estimator, summed):
             skipped.append((run.obs_id, str(error)))
             continue
         obs_ids.append(run.obs_id)
-        counts.append(run_counts)
-        exposure.append(run_exposure)
-        if summed:
-            # one sum per group: run()'s memory does not grow with the number of runs
-            counts, exposure = [sum(counts)], [sum(exposure)]
+        if summed and counts:  # one sum per group, added in place: run()'s memory does not grow with the runs
+            counts[0] += run_counts
+            exposure[0] += run_exposure
+        else:
+            counts.append(run_counts)
+            exposure.append(run_exposure)
     return obs_ids, counts, exposure, skipped
 
 
