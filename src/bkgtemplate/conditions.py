@@ -256,12 +256,16 @@ class BackgroundModelCollection:
             models.append(type(template)(template.axes, data=data, unit=RATE_UNIT, meta=meta, fov_alignment=alignment))
         return models
 
-    def to_store_inputs(self, obs_table, interpolate=True):
+    def to_store_inputs(self, obs_table, interpolate=True, fov_axes=None):
         """Models by HDU name and the obs index's new columns for `~bkgtemplate.store.write_background_store`.
 
         Per run: OBS_ID, <col>_BIN, <col>_LO/_HI/_W (weight of _HI, interpolated columns), BKG_BIN (flat bin, or the
         nearest), BKG_NORM (corrections at 1 TeV), BKG_HDU ("BKG_<OBS_ID>", or the bin's if not ``interpolate``).
+        With ``fov_axes`` (fov_lon, fov_lat), each run's model is an ALTAZ `~gammapy.irf.Background3D` whose every
+        fov_lat row is the 2D model at that row's own zenith angle.
         """
+        if fov_axes is not None and not interpolate:
+            raise ValueError("fov_axes needs interpolate=True: the zenith gradient is made around each run's zenith.")
         values = _condition_values(obs_table, self.condition_columns)
         obs_ids = np.asarray(obs_table["OBS_ID"], dtype=np.int64)
         bins, _, outside = _bin_weights(self.bin_edges, values, len(obs_table))
@@ -280,7 +284,31 @@ class BackgroundModelCollection:
             assignment["BKG_HDU"] = np.array(self.bin_names)[bins[:, 0]]
             return dict(zip(self.bin_names, self.models)), assignment
         assignment["BKG_HDU"] = [f"BKG_{obs_id}" for obs_id in obs_ids]
-        return dict(zip(assignment["BKG_HDU"], self._models(values, len(obs_ids)))), assignment
+        models = self._models(values, len(obs_ids)) if fov_axes is None else self._zenith_gradient(values, fov_axes)
+        return dict(zip(assignment["BKG_HDU"], models)), assignment
+
+    def _zenith_gradient(self, values, fov_axes):
+        """ALTAZ 3D model of each run (condition ``values``): fov_lat row j is the 2D model at zenith ZEN_PNT - lat_j.
+
+        The lower half of the field looks through more atmosphere than the upper half: the zenith dependence the
+        collection measured, applied across the field of view, makes the gradient between them without noise.
+        """
+        if isinstance(self.models[0], Background3D) or ZENITH not in self.condition_columns:
+            raise ValueError(f"A zenith gradient needs 2D models that depend on {ZENITH}; these are "
+                             f"{type(self.models[0]).__name__} models of {self.condition_columns}.")
+        energy, (lon, lat) = self.models[0].axes["energy"], (axis.center.to("deg") for axis in fov_axes)
+        n, m = len(values[ZENITH]), len(lat)
+        # the point at fov_lat (towards the zenith) lies at zenith ZEN_PNT - fov_lat, to first order in the offset
+        rows = {column: np.repeat(value, m) for column, value in values.items()}
+        rows[ZENITH] = rows[ZENITH] - np.tile(lat.value, n)
+        shifted, offset = self._models(rows, n * m), np.hypot(lon[:, None], lat[None, :])
+        models = []
+        for i, centre in enumerate(self._models(values, n)):
+            data = np.stack([shifted[i * m + j].evaluate(energy=energy.center[:, None], offset=offset[:, j])
+                             .to_value(RATE_UNIT) for j in range(m)], axis=-1)
+            meta = {**centre.meta, "FOVSHAPE": "2D model, each fov_lat row at zenith ZEN_PNT - fov_lat"}
+            models.append(Background3D([energy, *fov_axes], data=data, unit=RATE_UNIT, meta=meta, fov_alignment="ALTAZ"))
+        return models
 
     def write(self, filename, overwrite=False):
         """Write to a FITS file, atomically: primary header NBINS, NCORR, BINCOLi, INTERPi; one HDU per bin (the
