@@ -201,8 +201,7 @@ class BackgroundHistograms:
     def select(self, obs_ids):
         """The histograms of some runs, in the given order."""
         position = {obs_id: i for i, obs_id in enumerate(self.obs_ids)}
-        missing = [int(obs_id) for obs_id in obs_ids if int(obs_id) not in position]
-        if missing:
+        if missing := [int(obs_id) for obs_id in obs_ids if int(obs_id) not in position]:
             raise KeyError(f"Runs {missing} are not in these histograms.")
         if not len(obs_ids):
             raise ValueError("The run selection is empty.")
