@@ -38,10 +38,8 @@ STORE_FILES = {BKG_DIR, f"{BKG_DIR}/{BKG_FILE}", HDU_INDEX_FILE, OBS_INDEX_FILE}
 
 @contextmanager
 def staged_write(path, overwrite=False):
-    """Yield a temporary `~pathlib.Path` beside ``path``, moved into place at the end; on any error nothing changes.
-
-    Without ``overwrite`` an existing file or non-empty folder is never replaced, even one that appears meanwhile.
-    """
+    """Yield a temporary `~pathlib.Path` beside ``path``, moved into place at the end; on any error nothing changes, and
+    without ``overwrite`` an existing file or non-empty folder is never replaced, even one that appears meanwhile."""
     path = make_path(path).absolute()
     if _exists(path) and not overwrite and not (path.is_dir() and not any(path.iterdir())):
         raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
