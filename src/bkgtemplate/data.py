@@ -57,8 +57,6 @@ def _index_files(folder):
 def find_data_dir(path=None):
     """Find the folder of a DL3 data store (``obs-index.fits(.gz)`` and ``hdu-index.fits(.gz)``), absolute.
 
-    A missing variable, folder or index file raises `DataNotFoundError` naming the path and how to get the data.
-
     Parameters
     ----------
     path : str or `~pathlib.Path`, optional
