@@ -193,8 +193,7 @@ class BackgroundHistograms:
         """LIVETIME of each run (ONTIME if there is no LIVETIME column), in s."""
         name = "LIVETIME" if "LIVETIME" in self.obs_table.colnames else "ONTIME"
         livetime = u.Quantity(self.obs_table[name], "s").to_value("s").astype(float)
-        bad = ~(livetime > 0)
-        if bad.any():
+        if np.any(bad := ~(livetime > 0)):
             raise ValueError(f"Runs {np.array(self.obs_ids)[bad].tolist()} have {name} <= 0 or NaN; fix or drop them.")
         return livetime
 
