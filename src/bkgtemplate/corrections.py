@@ -19,8 +19,7 @@ class ConditionCorrection:
     """A rate correction ``exp(coefficient x g)`` by the value of an obs-index ``column``.
 
     g: log(value / reference) ("power-law"), cos(value) - reference ("cos", deg) or value - reference ("linear"), the
-    value clipped to [clip_min, clip_max] (the runs' range: never extrapolated); numbers: one, or one per energy bin.
-    """
+    value clipped to [clip_min, clip_max] (the runs' range: never extrapolated); numbers: one, or one per energy bin."""
 
     column: str
     kind: str
@@ -111,8 +110,7 @@ def fit_corrections(kinds, values, livetime, counts, exposure, cells, weights_ma
     """Corrections (in the order of ``kinds``) of largest Poisson likelihood, each bin's rate profiled out.
 
     ``counts``, ``exposure`` (s MeV sr): (n_runs, n_energy, spatial...); ``cells``: each run's flat bin;
-    ``weights_matrix`` (n_runs, n_bins): its interpolation weights; ``energy_dependent`` columns: one per energy bin.
-    """
+    ``weights_matrix`` (n_runs, n_bins): its interpolation weights; ``energy_dependent`` columns: one per energy bin."""
     if not kinds:
         return []
     n_runs, n_energy = counts.shape[:2]

@@ -57,8 +57,6 @@ def _index_files(folder):
 def find_data_dir(path=None):
     """Find the folder of a DL3 data store (``obs-index.fits(.gz)`` and ``hdu-index.fits(.gz)``), absolute.
 
-    A missing variable, folder or index file raises `DataNotFoundError` naming the path and how to get the data.
-
     Parameters
     ----------
     path : str or `~pathlib.Path`, optional
@@ -244,10 +242,8 @@ def _scale(columns, name, path, default, to, obs_id):
 
 
 def read_events(run):
-    """Events ``energy`` (TeV), ``ra``, ``dec`` (rad), ``time`` (s) without NaNs, and the header's pointing (rad).
-
-    The file must match the run's index rows (OBS_ID, pointing within 0.1 deg, times within TSTART-TSTOP).
-    """
+    """Events ``energy`` (TeV), ``ra``, ``dec`` (rad), ``time`` (s) without NaNs, and the header's pointing (rad), of a
+    file that must match the run's index rows (OBS_ID, pointing within 0.1 deg, times within TSTART-TSTOP)."""
     path = Path(run.path)
     if not path.is_file():
         raise RunError(f"Run {run.obs_id}: events file {path} does not exist.")
@@ -263,12 +259,8 @@ def read_events(run):
             angle_scale = _scale(data.columns, "RA", path, "deg", "rad", run.obs_id)
             # each column converted in one pass, and not at all when it is already in TeV
             energy = data["ENERGY"] if energy_scale == 1 else np.multiply(data["ENERGY"], energy_scale, dtype=float)
-            events = {
-                "energy": energy,
-                "ra": np.multiply(data["RA"], angle_scale, dtype=float),
-                "dec": np.multiply(data["DEC"], angle_scale, dtype=float),
-                "time": data["TIME"].astype(float),
-            }
+            events = {"energy": energy, "ra": np.multiply(data["RA"], angle_scale, dtype=float),
+                      "dec": np.multiply(data["DEC"], angle_scale, dtype=float), "time": data["TIME"].astype(float)}
             # the header keeps the pointing in double precision, the obs index often in float32
             pointing = tuple(np.deg2rad(header.get(key, np.rad2deg(value)))
                              for key, value in [("RA_PNT", run.ra_pnt), ("DEC_PNT", run.dec_pnt)])

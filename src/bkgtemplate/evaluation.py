@@ -21,14 +21,11 @@ DEFAULT_OFFSET_MAX = 2.0 * u.deg
 
 
 def target_regions(obs_table, radii):
-    """A `~regions.CircleSkyRegion` around the target of each field named in ``radii`` (TARGET_NAME: radius in deg).
-
-    The target is the field's most frequent (RA_OBJ, DEC_OBJ), weighted by LIVETIME (else ONTIME): a few runs
-    may carry their own pointing as RA_OBJ. Fields of one target (e.g. steady and flare samples) give one circle.
-    """
+    """A `~regions.CircleSkyRegion` around the target of each field named in ``radii`` (TARGET_NAME: radius in deg), at
+    the field's most frequent (RA_OBJ, DEC_OBJ) by LIVETIME (else ONTIME), as a few runs carry their own pointing as
+    RA_OBJ; fields of one target (e.g. steady and flare samples) give one circle."""
     names = np.asarray(obs_table["TARGET_NAME"]).astype(str)
-    unknown = sorted(set(radii) - set(names))
-    if unknown:
+    if unknown := sorted(set(radii) - set(names)):
         raise ValueError(f"Targets {unknown} are not in the obs table's TARGET_NAME; names: {sorted(set(names))}.")
     livetime = column_values(obs_table, "LIVETIME" if "LIVETIME" in obs_table.colnames else "ONTIME")
     ra, dec = column_values(obs_table, "RA_OBJ"), column_values(obs_table, "DEC_OBJ")
@@ -106,8 +103,7 @@ def held_out_evaluation(maker, histograms, off_ids, field_ids=None, e_min=DEFAUL
     ``histograms`` hold the off runs ``off_ids`` and the source-field runs ``field_ids`` (Default is None), targets
     cut out. Each off run is predicted by the collection of the other off runs (SAMPLE "off (leave-one-out)"), each
     source-field run by that of all off runs (SAMPLE = its TARGET_NAME); cuts as in `evaluation_mask`. Returns one
-    row per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF, AZ_PNT, N_OBS, N_PRED, RATIO, ERR, SAMPLE (see `summarize`).
-    """
+    row per run: OBS_ID, TARGET_NAME, ZEN_PNT, MUONEFF, AZ_PNT, N_OBS, N_PRED, RATIO, ERR, SAMPLE (see `summarize`)."""
     off = histograms.select(off_ids)
     held_out = zip(progress_bar(off.obs_ids, desc="Leave-one-out"), maker.leave_one_out(off))
     predicted = [(off.select([obs_id]), collection) for _, (obs_id, collection) in held_out]
@@ -128,8 +124,7 @@ def evaluate_models(data_store, models, obs_ids, exclusion=None, e_min=DEFAULT_E
                     sample=""):
     """Observed / predicted counts of runs, each filled in the axes and alignment of its own model, as in
     `held_out_evaluation`; ``models`` is a dict or a function of OBS_ID (e.g. the released models:
-    ``lambda obs_id: data_store.obs(obs_id, required_irf="all-optional").bkg``).
-    """
+    ``lambda obs_id: data_store.obs(obs_id, required_irf="all-optional").bkg``)."""
     runs = collect_runs(data_store, obs_ids)
     n_obs, n_pred = [], []
     for run in progress_bar(runs, desc="Runs"):

@@ -141,8 +141,7 @@ class Exclusion:
         if not isinstance(exclusion, (list, tuple)) or not exclusion:
             raise TypeError(f"exclusion must be a sky region, a list of sky regions or a boolean WcsNDMap, "
                             f"got {type(exclusion).__name__}.")
-        bad = [type(region).__name__ for region in exclusion if not isinstance(region, SkyRegion)]
-        if bad:
+        if bad := [type(region).__name__ for region in exclusion if not isinstance(region, SkyRegion)]:
             raise TypeError(f"exclusion must hold sky regions (regions.SkyRegion), got {bad[0]}; "
                             "convert pixel regions with .to_sky(wcs) and give a SkyCoord as a CircleSkyRegion.")
         self.mask, self.regions = None, list(exclusion)

@@ -112,10 +112,8 @@ def skipped_table(rows=None):
 
 
 def background_irf(axes, counts, exposure, n_runs, fov_alignment="ALTAZ", smooth_sigma=None):
-    """`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` of summed counts and exposure (s MeV sr).
-
-    Meta: NRUNS, NEVENTS and EMEASMIN (lowest energy with exposure, TeV). ``smooth_sigma`` is in spatial bins.
-    """
+    """`~gammapy.irf.Background2D` or `~gammapy.irf.Background3D` of summed counts and exposure (s MeV sr), with meta
+    NRUNS, NEVENTS and EMEASMIN (lowest energy with exposure, TeV); ``smooth_sigma`` is in spatial bins."""
     # empty energy bins beyond the data follow the FoV-averaged slope: a zero would collapse gammapy's log interpolation
     exposure = u.Quantity(exposure, EXPOSURE_UNIT).value
     if smooth_sigma is not None:
@@ -130,9 +128,11 @@ def background_irf(axes, counts, exposure, n_runs, fov_alignment="ALTAZ", smooth
     bkg.interp_missing_data(axis_name="energy")
     filled = np.nan_to_num(bkg.data, nan=0.0, posinf=0.0, neginf=0.0)
     log_energy = np.log(axes["energy"].center.to_value("TeV"))
-    bkg.data = np.apply_along_axis(_extrapolate_ends, 0, filled, log_energy, _end_slopes(counts, exposure, log_energy))
+    fov_counts, fov_exposure = (array.reshape(len(array), -1).sum(axis=1) for array in (counts, exposure))
+    slopes = _end_slopes(fov_counts, fov_exposure, log_energy)
+    bkg.data = np.apply_along_axis(_extrapolate_ends, 0, filled, log_energy, slopes)
     bkg.meta.update({"NRUNS": n_runs, "NEVENTS": int(counts.sum())})
-    measured = exposure.reshape(len(exposure), -1).sum(axis=1) > 0
+    measured = fov_exposure > 0
     if measured.any():
         bkg.meta["EMEASMIN"] = float(axes["energy"].edges[:-1][measured][0].to_value("TeV"))
     return bkg
@@ -151,9 +151,7 @@ def _extrapolate_ends(rate, log_energy, slopes):
 
 
 def _end_slopes(counts, exposure, log_energy, min_counts=10):
-    """Slopes of the FoV-averaged rate at both ends, never rising away, from bins with >= ``min_counts`` events."""
-    counts = counts.reshape(len(counts), -1).sum(axis=1)
-    exposure = exposure.reshape(len(exposure), -1).sum(axis=1)
+    """Slopes of the FoV-averaged rate (counts and exposure summed over the FoV) at both ends, never rising away."""
     good = np.flatnonzero((counts >= min_counts) & (exposure > 0))
     if len(good) < 2:
         return 0.0, 0.0
@@ -165,10 +163,8 @@ def _end_slopes(counts, exposure, log_energy, min_counts=10):
 
 @dataclass
 class BackgroundHistograms:
-    """Counts and exposure (ONTIME x dE x dOmega, s MeV sr) of each run, with its obs-index row; sums on demand.
-
-    Shape ``(n_runs, *axes.shape)``; ``skipped`` lists unreadable runs; e.g. ``.select(ids).to_irf()``.
-    """
+    """Counts and exposure (ONTIME x dE x dOmega, s MeV sr), shape ``(n_runs, *axes.shape)``, of each run, with its
+    obs-index row; ``skipped`` lists unreadable runs; sums on demand, e.g. ``.select(ids).to_irf()``."""
 
     axes: MapAxes
     counts: np.ndarray
@@ -197,16 +193,14 @@ class BackgroundHistograms:
         """LIVETIME of each run (ONTIME if there is no LIVETIME column), in s."""
         name = "LIVETIME" if "LIVETIME" in self.obs_table.colnames else "ONTIME"
         livetime = u.Quantity(self.obs_table[name], "s").to_value("s").astype(float)
-        bad = ~(livetime > 0)
-        if bad.any():
+        if np.any(bad := ~(livetime > 0)):
             raise ValueError(f"Runs {np.array(self.obs_ids)[bad].tolist()} have {name} <= 0 or NaN; fix or drop them.")
         return livetime
 
     def select(self, obs_ids):
         """The histograms of some runs, in the given order."""
         position = {obs_id: i for i, obs_id in enumerate(self.obs_ids)}
-        missing = [int(obs_id) for obs_id in obs_ids if int(obs_id) not in position]
-        if missing:
+        if missing := [int(obs_id) for obs_id in obs_ids if int(obs_id) not in position]:
             raise KeyError(f"Runs {missing} are not in these histograms.")
         if not len(obs_ids):
             raise ValueError("The run selection is empty.")

@@ -1,6 +1,5 @@
-"""A seeded simulated GADF DL3 archive with a known background truth (`BackgroundTruth`, `simulate_archive`).
-
-The truth shares no code with the estimator: events go through gammapy's ``FoVAltAzFrame``, integrals by quadrature."""
+"""A seeded simulated GADF DL3 archive with a known background truth (`BackgroundTruth`, `simulate_archive`); the truth
+shares no code with the estimator: events go through gammapy's ``FoVAltAzFrame``, integrals by quadrature."""
 
 import gzip
 import io
@@ -38,6 +37,8 @@ TIME_META = dict(MJDREFI=MJDREF[0], MJDREFF=MJDREF[1], TIMEUNIT="s", TIMESYS="TT
 RUN_KEYS = ("ONTIME", "LIVETIME", "DEADC", "RA_PNT", "DEC_PNT", "ALT_PNT", "AZ_PNT", "RA_OBJ", "DEC_OBJ", "MUONEFF")
 CREATOR = "bkgtemplate.simulate"  # marks the archives simulated here: overwrite=True replaces nothing else
 GADF = dict(HDUCLASS="GADF", HDUDOC="https://github.com/open-gamma-ray-astro/gamma-astro-data-formats")
+
+
 @dataclass(frozen=True)
 class BackgroundTruth:
     """Known background rate of the simulated archive, in s-1 MeV-1 sr-1 (quantities in any convertible unit).
@@ -45,8 +46,7 @@ class BackgroundTruth:
     R = norm (cos z)^-zenith_index MUONEFF^muoneff_index (E / reference_energy)^-index / (1 + (E_th(z) / E)^
     rolloff_index) exp(-r^2 / (2 radial_width^2)) (1 - altaz_gradient fov_lat), E_th(z) = threshold_energy (cos z)^
     -threshold_zenith_index, fov_lat in gammapy's ``FoVAltAzFrame``; zero beyond offset_max, energy_min, energy_max.
-    SAFE_ENERGY_LO is safe_threshold_factor x E_th(z), rounded up to 0.03 in log10(E / TeV) like H.E.S.S. DR1.
-    """
+    SAFE_ENERGY_LO is safe_threshold_factor x E_th(z), rounded up to 0.03 in log10(E / TeV) like H.E.S.S. DR1."""
 
     norm: u.Quantity = field(default_factory=lambda: 1.3e-4 * RATE_UNIT)
     reference_energy: u.Quantity = field(default_factory=lambda: 1.0 * u.TeV)
@@ -119,10 +119,8 @@ class BackgroundTruth:
         return self.norm_at(zenith, muoneff) * spectrum * spatial * RATE_UNIT
 
     def expected_counts(self, obs_table, energy_min=None, energy_max=None):
-        """Expected background events of each run (ONTIME x integral of R over the FoV and energy range).
-
-        ``obs_table`` needs ONTIME, ZEN_PNT and MUONEFF; the energy range is the truth's unless given.
-        """
+        """Expected background events of each run (ONTIME x integral of R over the FoV and energy range, the truth's
+        unless given); ``obs_table`` needs ONTIME, ZEN_PNT and MUONEFF."""
         zenith = np.deg2rad(u.Quantity(obs_table["ZEN_PNT"], "deg").value)
         norm = self.norm_at(zenith, obs_table["MUONEFF"]) * u.Quantity(obs_table["ONTIME"], "s").value
         bounds = (self.energy_min.value, self.energy_max.value)

@@ -1,6 +1,5 @@
-"""Store: a new gammapy data store in which every run has its background model.
-
-It holds only the models and two index files pointing at the input files through relative FILE_DIRs."""
+"""Store: a new gammapy data store in which every run has its background model; it holds only the models and two
+index files pointing at the input files through relative FILE_DIRs."""
 
 import errno
 import logging
@@ -39,10 +38,8 @@ STORE_FILES = {BKG_DIR, f"{BKG_DIR}/{BKG_FILE}", HDU_INDEX_FILE, OBS_INDEX_FILE}
 
 @contextmanager
 def staged_write(path, overwrite=False):
-    """Yield a temporary `~pathlib.Path` beside ``path``, moved into place at the end; on any error nothing changes.
-
-    Without ``overwrite`` an existing file or non-empty folder is never replaced, even one that appears meanwhile.
-    """
+    """Yield a temporary `~pathlib.Path` beside ``path``, moved into place at the end; on any error nothing changes, and
+    without ``overwrite`` an existing file or non-empty folder is never replaced, even one that appears meanwhile."""
     path = make_path(path).absolute()
     if _exists(path) and not overwrite and not (path.is_dir() and not any(path.iterdir())):
         raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
@@ -146,12 +143,8 @@ def write_background_store(data_store, models, assignment, output_dir, overwrite
 
 
 def gammapy_fov_alignment(data_store, obs_id):
-    """The FoV alignment that gammapy's ``Observation.bkg`` gives an ALTAZ `~gammapy.irf.Background3D` of a run.
-
-
-    gammapy 2.1 makes it "REVERSE_LON_RADEC" for legacy H.E.S.S. EVENTS headers: asked with a probe model,
-    gammapy's own rule decides ("ALTAZ" for a run gammapy cannot open).
-    """
+    """The FoV alignment that gammapy's ``Observation.bkg`` gives an ALTAZ `~gammapy.irf.Background3D` of a run: its own
+    rule, asked with a probe model ("REVERSE_LON_RADEC" for legacy H.E.S.S. headers, "ALTAZ" if it cannot open it)."""
     axes = [MapAxis.from_edges([1, 10], unit="TeV", name="energy")]
     axes += [MapAxis.from_edges([-1, 1], unit="deg", name=name) for name in ("fov_lon", "fov_lat")]
     try:
@@ -164,10 +157,8 @@ def gammapy_fov_alignment(data_store, obs_id):
 
 
 def sky_aligned(bkg, run, rotation_step=np.deg2rad(1.0)):
-    """An ALTAZ `~gammapy.irf.Background3D` averaged over the field rotation of `RunInfo` ``run``, as REVERSE_LON_RADEC.
-
-    Bin centres are followed in steps in which the field turns by less than ``rotation_step`` (rad).
-    """
+    """An ALTAZ `~gammapy.irf.Background3D` averaged over the field rotation of `RunInfo` ``run``, as REVERSE_LON_RADEC
+    (bin centres followed in steps in which the field turns by less than ``rotation_step``, rad)."""
     lon, lat = np.meshgrid(*(bkg.axes[name].center.to_value("rad") for name in ("fov_lon", "fov_lat")), indexing="ij")
     energy = bkg.axes["energy"].center[:, None, None]
     rates = []
@@ -271,10 +262,8 @@ def _check_output_dir(output_dir, input_dir, overwrite):
 
 
 def check_replaceable(folder, creator, patterns, what):
-    """Raise `FileExistsError` (starting with ``what``) unless ``folder`` is empty or holds only what we wrote.
-
-    That is: only files matching the glob ``patterns`` and an obs index with ``CREATOR = creator``.
-    """
+    """Raise `FileExistsError` (starting with ``what``) unless ``folder`` is empty or holds only files matching the
+    glob ``patterns`` and an obs index with ``CREATOR = creator``."""
     if not (folder.is_dir() and any(folder.iterdir())):
         return
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
