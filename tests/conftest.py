@@ -6,6 +6,12 @@ is absent. With ``BKGTEMPLATE_REQUIRE_HESS=1`` (set by ``.ci/run`` when the data
 skip is turned into a failure, so CI cannot pass without the real-data tests having run.
 Likewise, tests marked ``ci`` need an optional piece (ray, chromium) and skip, with the reason,
 where it is absent; with ``CI=true`` (set by ``.ci/run``, which installs them) such a skip fails.
+
+Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``) the notebook cells that nbval
+collects form one group, so one worker runs them in collection order: each notebook reads the
+previous one's files from ``notebooks/output``. A skip becomes a failure in the worker that ran
+the test (``pytest_runtest_makereport``); the real-data tests are counted from the reports the
+controller receives (``pytest_runtest_logreport``), so the count covers all workers.
 """
 
 import os
@@ -20,7 +26,7 @@ import pytest  # noqa: E402
 HESS_FIXTURES = {"hess_dir", "hess_store"}
 REQUIRE_HESS_ENV = "BKGTEMPLATE_REQUIRE_HESS"
 CI_ENV = "CI"
-HESS_RAN = pytest.StashKey[dict]()
+NOTEBOOK_GROUP = "notebooks"
 
 
 def _require_hess():
@@ -36,7 +42,7 @@ def _skip_reason(report):
 
 
 def pytest_configure(config):
-    config.stash[HESS_RAN] = {"ran": 0, "skipped": 0}
+    config.pluginmanager.register(HessCount(), "bkgtemplate-hess-count")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,42 +51,67 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.hess)
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown where xdist is not installed
+def pytest_xdist_make_scheduler(config, log):
+    """With ``--dist loadgroup``: xdist's loadgroup scheduling, in which all notebook cells
+    (node ids ``<notebook>.ipynb::Cell <n>``) are one group. Not an ``xdist_group`` mark added to
+    them: pytest-xdist 3.8 applies those by rewriting node ids, which pytest 9.2 ignores, so the
+    cells would go to both workers (pytest-xdist issue 1386)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class NotebooksInOneGroup(LoadGroupScheduling):
+        def _split_scope(self, nodeid):
+            if nodeid.split("::", 1)[0].endswith(".ipynb"):
+                return NOTEBOOK_GROUP
+            return super()._split_scope(nodeid)
+
+    return NotebooksInOneGroup(config, log)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
+    """Turns skips into failures where they are not allowed; runs where the test runs (an xdist
+    worker), and marks the report (``turned_skip``, which xdist passes on) for the count."""
     report = yield
-    if hasattr(report, "wasxfail"):
+    if not report.skipped or hasattr(report, "wasxfail"):
         return report
     # a ci test that also needs the real data may skip for its absence where that is allowed
-    hess_optional = item.get_closest_marker("hess") is not None and not _require_hess()
-    if report.skipped and item.get_closest_marker("ci") is not None and _in_ci() and not hess_optional:
-        report.outcome = "failed"
-        report.longrepr = (
-            f"{CI_ENV}={os.environ[CI_ENV]} but this test (marked ci) was skipped: {_skip_reason(report)}"
-        )
+    hess = item.get_closest_marker("hess") is not None
+    if item.get_closest_marker("ci") is not None and _in_ci() and not (hess and not _require_hess()):
+        message = f"{CI_ENV}={os.environ[CI_ENV]} but this test (marked ci) was skipped"
+    elif hess and _require_hess():
+        message = f"{REQUIRE_HESS_ENV} is set but this real-data (hess) test was skipped"
+    else:
         return report
-    if item.get_closest_marker("hess") is None:
-        return report
-    counts = item.config.stash[HESS_RAN]
-    if report.skipped:
-        counts["skipped"] += 1
-        if _require_hess():
-            report.outcome = "failed"
-            report.longrepr = (
-                f"{REQUIRE_HESS_ENV} is set but this real-data (hess) test was skipped: "
-                f"{_skip_reason(report)}"
-            )
-    elif report.when == "call":
-        counts["ran"] += 1
+    report.outcome = "failed"
+    report.longrepr = f"{message}: {_skip_reason(report)}"
+    report.turned_skip = True
     return report
 
 
-def pytest_terminal_summary(terminalreporter, config):
-    counts = config.stash[HESS_RAN]
-    required = "required" if _require_hess() else "not required"
-    terminalreporter.write_line(
-        f"bkgtemplate: real-data (hess) tests ran={counts['ran']} "
-        f"skipped={counts['skipped']} ({required})"
-    )
+class HessCount:
+    """Counts the real-data (hess) tests that ran and those skipped (failures where required),
+    from the reports of the process that reports them: the controller under xdist, which gets
+    every worker's reports, else the only process."""
+
+    def __init__(self):
+        self.ran = self.skipped = 0
+
+    def pytest_runtest_logreport(self, report):
+        if "hess" not in report.keywords or hasattr(report, "wasxfail"):
+            return
+        if report.skipped or getattr(report, "turned_skip", False):
+            self.skipped += 1
+        elif report.when == "call":
+            self.ran += 1
+
+    def pytest_terminal_summary(self, terminalreporter):
+        required = "required" if _require_hess() else "not required"
+        terminalreporter.write_line(
+            f"bkgtemplate: real-data (hess) tests ran={self.ran} skipped={self.skipped} ({required})"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -106,28 +106,48 @@ def test_missing_earlier_output_names_the_notebook(hess_dir, tmp_path):
 
 
 MODEL_FILES = ["bkg_2d_all.fits", "bkg_2d_zenith.fits", "bkg_3d_altaz.fits", "bkg_2d_source_runs.fits", "store"]
+# the notebooks that write them (each reads the earlier ones' files, which a first run leaves)
+MODEL_NOTEBOOKS = [
+    "02_estimate_background.ipynb",
+    "03_zenith_dependence.ipynb",
+    "04_write_index_tables.ipynb",
+    "06_3d_models_and_source_runs.ipynb",
+]
+
+
+def model_hashes(folder):
+    return {name: tree_hashes(folder / name) if (folder / name).is_dir() else tree_hashes(folder)[name] for name in MODEL_FILES}
 
 
 @pytest.mark.slow
 def test_main_job_runs_on_the_simulated_archive(tmp_path):
     """What `make run` does without data: every notebook, end to end, on the simulated archive;
-    run twice into the same folder, it writes the same model files."""
+    the notebooks that write the model files, run again into the same folder with the same
+    parameters, write the same files."""
     command = [sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--simulated", "--output-dir", str(tmp_path)]
-    models = []
-    for _ in range(2):
-        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "SIMULATED archive" in result.stderr
-        summary = result.stdout.split("\nSummary\n")[1]  # the data said again at the end
-        assert f"Data: the SIMULATED archive at {tmp_path / 'simulated-archive'}" in summary
-        assert f"{tmp_path / 'store'}/" in summary and f"{tmp_path / 'bkg_2d_zenith.fits'}" in summary
-        models.append({name: tree_hashes(tmp_path / name) if (tmp_path / name).is_dir() else tree_hashes(tmp_path)[name] for name in MODEL_FILES})
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SIMULATED archive" in result.stderr
+    summary = result.stdout.split("\nSummary\n")[1]  # the data said again at the end
+    assert f"Data: the SIMULATED archive at {tmp_path / 'simulated-archive'}" in summary
+    assert f"{tmp_path / 'store'}/" in summary and f"{tmp_path / 'bkg_2d_zenith.fits'}" in summary
 
     executed = sorted(path.name for path in (tmp_path / "executed").glob("*.ipynb"))
     assert executed == sorted(path.name for path in NOTEBOOKS.glob("0*.ipynb"))
     assert (tmp_path / "validation.ecsv").exists()
     assert (tmp_path / "store" / "hdu-index.fits.gz").exists()
-    assert models[0] == models[1]
+
+    # the parameters the script gave these notebooks (the simulated archive's data_dir,
+    # source_targets, exclusion_radii_deg), as papermill recorded them
+    parameters = {}
+    for name in MODEL_NOTEBOOKS:
+        parameters |= nbformat.read(tmp_path / "executed" / name, as_version=4).metadata["papermill"]["parameters"]
+    assert parameters["data_dir"] == str(tmp_path / "simulated-archive")
+    assert parameters["source_targets"] == ["Simulated source"]
+    first = model_hashes(tmp_path)
+    run_notebooks = runpy.run_path(str(REPO / "scripts" / "run_notebooks.py"))["run_notebooks"]
+    run_notebooks([NOTEBOOKS / name for name in MODEL_NOTEBOOKS], tmp_path, parameters)
+    assert model_hashes(tmp_path) == first
 
 
 def readme_rerun_example():
