@@ -49,6 +49,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if HESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.hess)
+    # the slow tests first (a stable sort: the notebook cells keep their order), so that under xdist the worker
+    # without the notebooks starts them at once and the run does not end on one long test
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown where xdist is not installed
