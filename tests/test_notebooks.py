@@ -261,7 +261,7 @@ def test_help_notebook_shows_types_and_help(notebook):
         ("03_zenith_dependence.ipynb", {"zenith_edges_deg": 30}, "zenith_edges_deg must be a list of bin edges in deg, got 30"),
         ("03_zenith_dependence.ipynb", {"zenith_edges_deg": "0,20,40"}, "zenith_edges_deg must be a list of bin edges in deg"),
         ("04_write_index_tables.ipynb", {"model_dimension": "3D model"}, "model_dimension must be '2d' or '3d', got '3D model'"),
-        ("04_write_index_tables.ipynb", {"zenith_interpolation": False}, "zenith_gradient=True needs zenith_interpolation=True"),
+        ("04_write_index_tables.ipynb", {"zenith_interpolation": False, "zenith_gradient": True}, "zenith_gradient=True needs zenith_interpolation=True"),
         ("04_write_index_tables.ipynb", {"zenith_gradient": "yes"}, "zenith_gradient must be True or False, got 'yes'"),
     ],
 )
