@@ -290,8 +290,8 @@ class BackgroundModelCollection:
     def _zenith_gradient(self, values, fov_axes):
         """ALTAZ 3D model of each run (condition ``values``): fov_lat row j is the 2D model at zenith ZEN_PNT - lat_j.
 
-        The lower half of the field looks through more atmosphere than the upper half: the zenith dependence the
-        collection measured, applied across the field of view, makes the gradient between them without noise.
+        The lower half of the field looks through more atmosphere than the upper half. The assumption: the two halves
+        differ as runs at those zenith angles do (notebook 6 measures the difference between them, energy by energy).
         """
         if isinstance(self.models[0], Background3D) or ZENITH not in self.condition_columns:
             raise ValueError(f"A zenith gradient needs 2D models that depend on {ZENITH}; these are "
