@@ -19,6 +19,7 @@ from bkgtemplate.conditions import (
     equal_livetime_edges,
     interpolation_weights,
     north_component,
+    with_fov_lat_slope,
 )
 from bkgtemplate.corrections import ConditionCorrection
 
@@ -273,40 +274,34 @@ def test_store_inputs():
     assert_allclose(models["BKG_8"].data, collection.model_for(zenith=35, muoneff=1.05, AZ_PNT=0).data, rtol=1e-12)
 
 
-def test_zenith_gradient_rows_follow_the_zenith_dependence():
-    """With fov_axes each run gets an ALTAZ 3D model whose fov_lat row is the 2D model at zenith ZEN_PNT - fov_lat,
-    by hand: a rate exp(-offset / 0.5 deg) (gammapy's log interpolation in offset is exact for it) times a
-    cos-zenith correction, and a linear interpolation in cos(zenith) between two bins."""
+def test_store_inputs_with_a_fov_lat_slope():
+    """With fov_lat_slope each model becomes an ALTAZ 3D model: the 2D rate at each offset x exp(slope x fov_lat), by
+    hand for a rate exp(-offset / 0.5 deg) (gammapy's log interpolation in offset is exact for it); per run (times
+    the run's correction) and per bin; 3D models and a slope per wrong number of energy bins are refused."""
     energy = MapAxis.from_energy_bounds("1 TeV", "10 TeV", nbin=2, name="energy")
     offset = MapAxis.from_bounds(0, 3, nbin=12, unit="deg", name="offset")
     profile = np.exp(-offset.center.to_value("deg") / 0.5)
     model = Background2D(axes=[energy, offset], data=np.outer([1.0, 0.1], profile), unit=RATE)
-    reference, coefficient = np.cos(np.radians(30)), -6.0
-    correction = ConditionCorrection("ZEN_PNT", "cos", reference, coefficient, clip_min=0.0, clip_max=1.0)
+    correction = ConditionCorrection("ZEN_PNT", "cos", np.cos(np.radians(30)), -6.0, clip_min=0.0, clip_max=1.0)
+    collection = BackgroundModelCollection([model], {}, {}, corrections=[correction])
     fov = [MapAxis.from_bounds(-2, 2, nbin=8, unit="deg", name=name) for name in ("fov_lon", "fov_lat")]
     lon, lat = np.meshgrid(fov[0].center.value, fov[1].center.value, indexing="ij")
-    radial = np.exp(-np.hypot(lon, lat) / 0.5)
+    slope = [-0.05, 0.02]
+    expected = [k * np.exp(-np.hypot(lon, lat) / 0.5) * np.exp(s * lat) for k, s in zip([1.0, 0.1], slope)]
     table = Table({"OBS_ID": [1], "ZEN_PNT": [40.0]})
 
-    corrected = BackgroundModelCollection([model], {}, {}, corrections=[correction])
-    bkg = corrected.to_store_inputs(table, fov_axes=fov)[0]["BKG_1"]
-    expected = radial * np.exp(coefficient * (np.cos(np.radians(40 - lat)) - reference))
+    bkg = collection.to_store_inputs(table, fov_lat_slope=slope, fov_axes=fov)[0]["BKG_1"]
+    factor = np.exp(-6.0 * (np.cos(np.radians(40)) - np.cos(np.radians(30))))
     assert isinstance(bkg, Background3D) and bkg.fov_alignment.value == "ALTAZ"
-    assert_allclose(bkg.data, [expected, 0.1 * expected], rtol=1e-6)
-    assert bkg.data[:, :, :4].sum() > 1.05 * bkg.data[:, :, 4:].sum()  # the lower half, at larger zenith, is brighter
+    assert_allclose(bkg.data, factor * np.array(expected), rtol=1e-6)
+    assert bkg.data[0, :, :4].sum() > 1.05 * bkg.data[0, :, 4:].sum()  # a negative slope: the lower half brighter
+    per_bin = collection.to_store_inputs(table, interpolate=False, fov_lat_slope=slope, fov_axes=fov)[0]["BKG_ALL"]
+    assert_allclose(per_bin.data, expected, rtol=1e-6)
 
-    # two bins, centres 30 and 50 deg, rates 1 and 2 times the profile: linear in cos(zenith) between them
-    models = [Background2D(axes=[energy, offset], data=np.outer([1, 1], profile) * k, unit=RATE) for k in (1, 2)]
-    binned = BackgroundModelCollection(models, {"ZEN_PNT": [0, 40, 90]}, {"ZEN_PNT": [30, 50]})
-    bkg = binned.to_store_inputs(table, fov_axes=fov)[0]["BKG_1"]
-    cos = np.cos(np.radians([30, 50]))
-    weight = (cos[0] - np.cos(np.radians(40 - lat))) / (cos[0] - cos[1])
-    assert_allclose(bkg.data[0], radial * (1 + weight), rtol=1e-6)
-
-    with pytest.raises(ValueError, match="fov_axes needs interpolate=True"):
-        binned.to_store_inputs(table, interpolate=False, fov_axes=fov)
-    with pytest.raises(ValueError, match="A zenith gradient needs 2D models that depend on ZEN_PNT"):
-        BackgroundModelCollection([model], {}, {}).to_store_inputs(table, fov_axes=fov)
+    with pytest.raises(ValueError, match="one slope per energy bin"):
+        collection.to_store_inputs(table, fov_lat_slope=[0.1, 0.2, 0.3], fov_axes=fov)
+    with pytest.raises(ValueError, match="needs 2D models"):
+        with_fov_lat_slope(bkg, slope, fov)
 
 
 def test_bad_maker_and_collection_configuration():

@@ -259,3 +259,23 @@ def test_smoothing_keeps_a_flat_rate_and_spreads_a_peak():
     assert np.all(data[:, 0] > 0) and np.all(data[:, 1] < 100e-9)
     with pytest.raises(ValueError, match="smooth_sigma must be positive"):
         runs.to_irf(smooth_sigma=-1)
+
+
+def test_fov_lat_slope_by_hand():
+    """log(upper / lower half's rate) over the distance of their mean fov_lat, by hand for expected counts of a
+    rate exp(g x fov_lat); a bin without events takes its neighbours' slope; only ALTAZ 3D histograms have one."""
+    energy = MapAxis.from_energy_bounds("1 TeV", "10 TeV", nbin=5, name="energy")
+    lon_axis, lat_axis = (MapAxis.from_bounds(-2.5, 2.5, 10, unit="deg", name=name) for name in ("fov_lon", "fov_lat"))
+    lon, lat = np.meshgrid(lon_axis.center.value, lat_axis.center.value, indexing="ij")
+    g = -0.04  # per deg: the lower half brighter
+    exposure = np.ones((5, 10, 10)) * np.arange(1, 6)[:, None, None]
+    counts = 1e6 * exposure * np.exp(g * lat)
+    counts[2] = 0  # no event in the middle energy bin
+    slope = one_run(MapAxes([energy, lon_axis, lat_axis]), counts, exposure).fov_lat_slope(offset_max=2.0)
+    inner = np.hypot(lon, lat) < 2.0
+    lower, upper = inner & (lat < 0), inner & (lat > 0)
+    expected = np.log(np.exp(g * lat[upper]).sum() / np.exp(g * lat[lower]).sum()) / (lat[upper].mean() - lat[lower].mean())
+    assert_allclose(slope, expected, rtol=1e-9)  # the same in every bin, the empty one included
+    assert abs(expected - g) < 0.002  # the definition measures the slope
+    with pytest.raises(ValueError, match="fov_lat_slope needs ALTAZ 3D histograms"):
+        three_runs().fov_lat_slope()

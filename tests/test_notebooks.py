@@ -52,14 +52,14 @@ def tree_hashes(folder):
 @pytest.mark.slow
 def test_chain_with_other_parameters(hess_dir, tmp_path):
     """zenith_edges_deg=[0, 30, 60] and energy_bins=12 reach the files; notebooks 5 and 6 analyse other fields;
-    notebook 4 writes the zenith gradient (zenith_gradient=True) in 3D; with model_dimension="3d" it
+    notebook 4 writes its 2D models with the off runs' fov_lat gradient in 3D; with model_dimension="3d" it
     writes a store in which every run has a finite, non-negative Background3D; the input is untouched."""
     before = tree_hashes(hess_dir)
     data = str(hess_dir)
     execute("01_select_off_runs.ipynb", tmp_path, data_dir=data)
     execute("02_estimate_background.ipynb", tmp_path, data_dir=data, energy_bins=12)
     execute("03_zenith_dependence.ipynb", tmp_path, data_dir=data, zenith_edges_deg=[0, 30, 60])
-    execute("04_write_index_tables.ipynb", tmp_path, data_dir=data, zenith_gradient=True)
+    execute("04_write_index_tables.ipynb", tmp_path, data_dir=data)
     execute("04_write_index_tables.ipynb", tmp_path, data_dir=data, model_dimension="3d")
     # one field each, other than the defaults' (their runs are the notebooks' costliest part)
     execute("05_validate_background.ipynb", tmp_path, data_dir=data, pixel_size_deg=0.04, source_targets=["Crab"])
@@ -77,7 +77,7 @@ def test_chain_with_other_parameters(hess_dir, tmp_path):
 
     store = DataStore.from_dir(tmp_path / "store")
     bkg = store.obs(off_runs["OBS_ID"][0], required_irf="all-optional").bkg
-    assert isinstance(bkg, Background3D) and bkg.axes["energy"].nbin == 12  # the zenith gradient, written in 3D
+    assert isinstance(bkg, Background3D) and bkg.axes["energy"].nbin == 12  # the gradient, written in 3D
     store_3d = DataStore.from_dir(tmp_path / "store-3d")
     assert len(store_3d.obs_table) == len(DataStore.from_dir(hess_dir).obs_table) == 105
     for obs_id in store_3d.obs_table["OBS_ID"]:
@@ -261,8 +261,7 @@ def test_help_notebook_shows_types_and_help(notebook):
         ("03_zenith_dependence.ipynb", {"zenith_edges_deg": 30}, "zenith_edges_deg must be a list of bin edges in deg, got 30"),
         ("03_zenith_dependence.ipynb", {"zenith_edges_deg": "0,20,40"}, "zenith_edges_deg must be a list of bin edges in deg"),
         ("04_write_index_tables.ipynb", {"model_dimension": "3D model"}, "model_dimension must be '2d' or '3d', got '3D model'"),
-        ("04_write_index_tables.ipynb", {"zenith_interpolation": False, "zenith_gradient": True}, "zenith_gradient=True needs zenith_interpolation=True"),
-        ("04_write_index_tables.ipynb", {"zenith_gradient": "yes"}, "zenith_gradient must be True or False, got 'yes'"),
+        ("04_write_index_tables.ipynb", {"fov_gradient": "yes"}, "fov_gradient must be True or False, got 'yes'"),
     ],
 )
 def test_wrong_parameter_type_names_the_parameter(tmp_path, notebook, parameters, message):

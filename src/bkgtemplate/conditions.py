@@ -10,12 +10,12 @@ from gammapy.irf import Background2D, Background3D
 from gammapy.makers import Maker
 from gammapy.utils.scripts import make_path
 from .corrections import CORRECTION_KINDS, ConditionCorrection, fit_corrections
-from .estimator import BackgroundModelEstimator
+from .estimator import BackgroundModelEstimator, default_fov_axes
 from .histograms import RATE_UNIT
 from .store import staged_write
 
 __all__ = ["BackgroundModelCollection", "EmptyBinError", "ObservingConditionsEstimator", "assign_bins",
-    "column_values", "equal_livetime_edges", "interpolation_weights", "north_component"]
+    "column_values", "equal_livetime_edges", "interpolation_weights", "north_component", "with_fov_lat_slope"]
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,14 @@ def _check_edges(column, spec):
 
 
 def assign_bins(values, edges):
-    """Bin of each value (bins include their lower edge, the last also its upper edge), and whether it
-    lies outside ``[edges[0], edges[-1]]`` (then: the nearest bin)."""
+    """Bin of each value (with its lower edge; the last with both) and whether it lies outside (then: the nearest)."""
     values, edges = np.atleast_1d(np.asarray(values, dtype=float)), np.asarray(edges, dtype=float)
     index = np.where(values == edges[-1], len(edges) - 2, np.searchsorted(edges, values, side="right") - 1)
     return np.clip(index, 0, len(edges) - 2), ~((values >= edges[0]) & (values <= edges[-1]))
 
 
 def interpolation_weights(x, centres):
-    """Linear interpolation partners ``lo <= hi`` and the weight of ``hi``, clipped at the end
-    ``centres`` (strictly increasing or decreasing)."""
+    """Linear interpolation partners ``lo <= hi`` and the weight of ``hi``, clipped at the end ``centres``."""
     x, centres = np.atleast_1d(np.asarray(x, dtype=float)), np.asarray(centres, dtype=float)
     sign = 1.0 if centres[-1] >= centres[0] else -1.0
     if np.any(np.diff(sign * centres) <= 0):
@@ -137,6 +135,19 @@ def _bin_weights(edges, values, n, centres=None, interpolate=()):
         bins = (bins[:, :, None] * (len(column_edges) - 1) + partners[:, None, :]).reshape(n, -1)
         weights = (weights[:, :, None] * shares[:, None, :]).reshape(n, -1)
     return bins, weights, outside
+
+
+def with_fov_lat_slope(model, slope, fov_axes):
+    """ALTAZ `~gammapy.irf.Background3D` on ``fov_axes``: the 2D ``model``'s rate at each offset x exp(slope x fov_lat)
+    (``slope`` in 1/deg, one per energy bin)."""
+    slope, energy = np.asarray(slope, dtype=float), model.axes["energy"]
+    if not isinstance(model, Background2D) or slope.shape != (energy.nbin,):
+        raise ValueError(f"A fov_lat slope needs 2D models and one slope per energy bin ({energy.nbin}); got a "
+                         f"{type(model).__name__} and slopes of shape {slope.shape}.")
+    lon, lat = np.meshgrid(*(axis.center.to_value("deg") for axis in fov_axes), indexing="ij")
+    rate = model.evaluate(energy=energy.center[:, None, None], offset=np.hypot(lon, lat) * u.deg).to_value(RATE_UNIT)
+    data, meta = rate * np.exp(slope[:, None, None] * lat), {**model.meta, "FOVSHAPE": "2D x exp(slope x fov_lat)"}
+    return Background3D([energy, *fov_axes], data=data, unit=RATE_UNIT, meta=meta, fov_alignment="ALTAZ")
 
 
 def _correction_factors(corrections, values, n_runs, n_energy):
@@ -256,16 +267,14 @@ class BackgroundModelCollection:
             models.append(type(template)(template.axes, data=data, unit=RATE_UNIT, meta=meta, fov_alignment=alignment))
         return models
 
-    def to_store_inputs(self, obs_table, interpolate=True, fov_axes=None):
+    def to_store_inputs(self, obs_table, interpolate=True, fov_lat_slope=None, fov_axes=None):
         """Models by HDU name and the obs index's new columns for `~bkgtemplate.store.write_background_store`.
 
         Per run: OBS_ID, <col>_BIN, <col>_LO/_HI/_W (weight of _HI, interpolated columns), BKG_BIN (flat bin, or the
         nearest), BKG_NORM (corrections at 1 TeV), BKG_HDU ("BKG_<OBS_ID>", or the bin's if not ``interpolate``).
-        With ``fov_axes`` (fov_lon, fov_lat), each run's model is an ALTAZ `~gammapy.irf.Background3D` whose every
-        fov_lat row is the 2D model at that row's own zenith angle.
+        With ``fov_lat_slope`` (1/deg per energy bin, e.g. the off runs' `BackgroundHistograms.fov_lat_slope`), each
+        model is `with_fov_lat_slope` on ``fov_axes`` (default `default_fov_axes`): 3D, the lower/upper gradient added.
         """
-        if fov_axes is not None and not interpolate:
-            raise ValueError("fov_axes needs interpolate=True: the zenith gradient is made around each run's zenith.")
         values = _condition_values(obs_table, self.condition_columns)
         obs_ids = np.asarray(obs_table["OBS_ID"], dtype=np.int64)
         bins, _, outside = _bin_weights(self.bin_edges, values, len(obs_table))
@@ -282,33 +291,13 @@ class BackgroundModelCollection:
             if self.corrections or self.interpolate:
                 log.warning("One model per bin: the interpolation and the corrections are not applied to the runs.")
             assignment["BKG_HDU"] = np.array(self.bin_names)[bins[:, 0]]
-            return dict(zip(self.bin_names, self.models)), assignment
-        assignment["BKG_HDU"] = [f"BKG_{obs_id}" for obs_id in obs_ids]
-        models = self._models(values, len(obs_ids)) if fov_axes is None else self._zenith_gradient(values, fov_axes)
-        return dict(zip(assignment["BKG_HDU"], models)), assignment
-
-    def _zenith_gradient(self, values, fov_axes):
-        """ALTAZ 3D model of each run (condition ``values``): fov_lat row j is the 2D model at zenith ZEN_PNT - lat_j.
-
-        The lower half of the field looks through more atmosphere than the upper half. The assumption: the two halves
-        differ as runs at those zenith angles do (notebook 6 measures the difference between them, energy by energy).
-        """
-        if isinstance(self.models[0], Background3D) or ZENITH not in self.condition_columns:
-            raise ValueError(f"A zenith gradient needs 2D models that depend on {ZENITH}; these are "
-                             f"{type(self.models[0]).__name__} models of {self.condition_columns}.")
-        energy, (lon, lat) = self.models[0].axes["energy"], (axis.center.to("deg") for axis in fov_axes)
-        n, m = len(values[ZENITH]), len(lat)
-        # the point at fov_lat (towards the zenith) lies at zenith ZEN_PNT - fov_lat, to first order in the offset
-        rows = {column: np.repeat(value, m) for column, value in values.items()}
-        rows[ZENITH] = rows[ZENITH] - np.tile(lat.value, n)
-        shifted, offset = self._models(rows, n * m), np.hypot(lon[:, None], lat[None, :])
-        models = []
-        for i, centre in enumerate(self._models(values, n)):
-            data = np.stack([shifted[i * m + j].evaluate(energy=energy.center[:, None], offset=offset[:, j])
-                             .to_value(RATE_UNIT) for j in range(m)], axis=-1)
-            meta = {**centre.meta, "FOVSHAPE": "2D model, each fov_lat row at zenith ZEN_PNT - fov_lat"}
-            models.append(Background3D([energy, *fov_axes], data=data, unit=RATE_UNIT, meta=meta, fov_alignment="ALTAZ"))
-        return models
+            names, models = self.bin_names, self.models
+        else:
+            assignment["BKG_HDU"] = names = [f"BKG_{obs_id}" for obs_id in obs_ids]
+            models = self._models(values, len(obs_ids))
+        if fov_lat_slope is not None:
+            models = [with_fov_lat_slope(model, fov_lat_slope, fov_axes or default_fov_axes()) for model in models]
+        return dict(zip(names, models)), assignment
 
     def write(self, filename, overwrite=False):
         """Write to a FITS file, atomically: primary header NBINS, NCORR, BINCOLi, INTERPi; one HDU per bin (the

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import astropy.units as u
 from astropy.table import Table
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
 from gammapy.irf import Background2D, Background3D
 from gammapy.maps import MapAxes
 from .data import read_events
@@ -227,6 +227,24 @@ class BackgroundHistograms:
         counts = self.counts.sum(axis=0)
         with np.errstate(divide="ignore"):
             return np.where(counts > 0, 1 / np.sqrt(counts), np.nan)
+
+    def fov_lat_slope(self, offset_max=2.0, smooth_bins=2.0):
+        """d ln(rate) / d fov_lat per energy bin (1/deg) of ALTAZ histograms: log(upper / lower half's rate within
+        ``offset_max`` deg) over the distance of their mean fov_lat, averaged over neighbouring energy bins (Gaussian
+        of ``smooth_bins``) with inverse-variance weights: where few events measure it, it follows its neighbours."""
+        if "fov_lat" not in self.axes.names or self.fov_alignment != "ALTAZ":
+            raise ValueError(f"fov_lat_slope needs ALTAZ 3D histograms, not {self.axes.names} ({self.fov_alignment}).")
+        counts, exposure = self.sum()
+        lon, lat = np.meshgrid(*(self.axes[c].center.to_value("deg") for c in ("fov_lon", "fov_lat")), indexing="ij")
+        halves = [(np.hypot(lon, lat) < offset_max) & side for side in (lat < 0, lat > 0)]
+        (n_low, n_up), (x_low, x_up) = ([a[:, half].sum(axis=1) for half in halves] for a in (counts, exposure.value))
+        distance = lat[halves[1]].mean() - lat[halves[0]].mean()
+        measured = (n_low > 0) & (n_up > 0) & (x_low * x_up > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = np.where(measured, np.log(n_up * x_low / (n_low * x_up)) / distance, 0.0)
+            weight = np.where(measured, distance**2 / (1 / n_low + 1 / n_up), 0.0)  # 1 / variance (Poisson)
+        smoothed = [gaussian_filter1d(a, smooth_bins, mode="nearest") for a in (weight * slope, weight)]
+        return np.divide(*smoothed, out=np.zeros(len(weight)), where=smoothed[1] > 0)
 
     def to_irf(self, weights=None, smooth_sigma=None):
         """The model of the summed runs (`background_irf`); ``weights`` (per run, or run and energy) scale exposure."""
