@@ -138,8 +138,7 @@ def _bin_weights(edges, values, n, centres=None, interpolate=()):
 
 
 def with_fov_lat_slope(model, slope, fov_axes):
-    """ALTAZ `~gammapy.irf.Background3D` on ``fov_axes``: the 2D ``model``'s rate at each offset x exp(slope x fov_lat)
-    (``slope`` in 1/deg, one per energy bin)."""
+    """ALTAZ `Background3D` on ``fov_axes``: the 2D ``model``'s rate x exp(slope x fov_lat), slope per energy, 1/deg."""
     slope, energy = np.asarray(slope, dtype=float), model.axes["energy"]
     if not isinstance(model, Background2D) or slope.shape != (energy.nbin,):
         raise ValueError(f"A fov_lat slope needs 2D models and one slope per energy bin ({energy.nbin}); got a "
@@ -296,7 +295,8 @@ class BackgroundModelCollection:
             assignment["BKG_HDU"] = names = [f"BKG_{obs_id}" for obs_id in obs_ids]
             models = self._models(values, len(obs_ids))
         if fov_lat_slope is not None:
-            models = [with_fov_lat_slope(model, fov_lat_slope, fov_axes or default_fov_axes()) for model in models]
+            fov_axes = fov_axes or default_fov_axes()  # once, not per model
+            models = [with_fov_lat_slope(model, fov_lat_slope, fov_axes) for model in models]
         return dict(zip(names, models)), assignment
 
     def write(self, filename, overwrite=False):
